@@ -1,0 +1,154 @@
+"""Adapter configuration dataclasses and the config registry.
+
+Every config keeps Hugging Face PEFT's field names, defaults and meanings, and reads/writes
+PEFT's ``adapter_config.json``. Keys this version does not know are kept in ``extra`` and written
+back unchanged, so a config from a newer PEFT survives a round trip.
+
+A method registers its config class with :func:`register_config` under PEFT's ``peft_type``
+string ("LORA", "IA3", "PROMPT_TUNING", ...); :func:`config_from_dict` picks the class from that
+field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+_CONFIG_REGISTRY: dict[str, type] = {}
+
+
+def register_config(cls):
+    """Class decorator: register ``cls`` under its ``PEFT_TYPE`` for :func:`config_from_dict`."""
+    _CONFIG_REGISTRY[cls.PEFT_TYPE] = cls
+    return cls
+
+
+def registered_peft_types() -> list[str]:
+    return sorted(_CONFIG_REGISTRY)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter config has (PEFT's ``PeftConfig``)."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # Keys read from a file that this class does not define; written back as they were.
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def peft_type(self) -> str:
+        return self.PEFT_TYPE
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict:
+        """The ``adapter_config.json`` content: PEFT's keys plus any kept unknown keys."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, set):
+                v = sorted(v)
+            out[f.name] = v
+        out["peft_type"] = self.PEFT_TYPE
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k != "peft_type"}
+        cfg = cls(**known)
+        cfg.extra = extra
+        return cfg
+
+    def save(self, directory: str) -> str:
+        """Write ``adapter_config.json`` into ``directory`` atomically; return its path."""
+        from .formats.peft import atomic_write_bytes
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        return path
+
+    def copy(self, **changes) -> "AdapterConfig":
+        c = dataclasses.replace(self, **changes)
+        c.extra = dict(self.extra)
+        return c
+
+
+def config_from_dict(d: dict) -> AdapterConfig:
+    """Build the registered config class named by ``d["peft_type"]``.
+
+    Raises:
+        ValueError: the ``peft_type`` is missing or not one deltatune implements.
+    """
+    # Importing the methods registers their configs.
+    from . import methods  # noqa: F401
+
+    pt = d.get("peft_type")
+    if pt not in _CONFIG_REGISTRY:
+        raise ValueError(
+            f"adapter config has peft_type {pt!r}; deltatune reads {', '.join(registered_peft_types())}"
+        )
+    return _CONFIG_REGISTRY[pt].from_dict(d)
+
+
+def load_config(directory: str) -> AdapterConfig:
+    """Read ``adapter_config.json`` from ``directory``.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` there.
+        ValueError: the file is not valid JSON or names an unknown ``peft_type``.
+    """
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: is this an adapter folder?")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return config_from_dict(d)
+
+
+TargetSpec = Optional[Union[list, str]]
+
+
+@dataclass
+class LayerAdapterConfig(AdapterConfig):
+    """Common fields of the methods that attach to individual layers (LoRA, IA3, bottleneck)."""
+
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    modules_to_save: Optional[list] = None
+    layers_to_transform: Optional[Union[list, int]] = None
+    layers_pattern: Optional[Union[list, str]] = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform: say which layer indices to adapt")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be used with a regex target_modules string: "
+                "put the layer indices in the regex instead"
+            )

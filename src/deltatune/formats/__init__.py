@@ -1,0 +1,1 @@
+"""Adapter file formats (Hugging Face PEFT's is the one deltatune reads and writes)."""

@@ -1,0 +1,177 @@
+"""Merge adapters into base weights, unmerge them exactly, and unload.
+
+Merging is explicit (never a side effect of ``eval()``) and guarded:
+
+* the new weight is computed in float32 from the dense base weight (read through the layer-kind
+  registry) and cast back to the base storage dtype, so a bf16 base stays bf16;
+* ``safe_merge=True`` checks the result is finite before writing anything and raises otherwise;
+* :func:`merge` keeps the original weight tensor aside, so :func:`unmerge` restores the base
+  weights bit for bit (not by subtracting, which would leave rounding error);
+* :func:`merge_and_unload` writes in place, keeps nothing aside, and returns a plain model.
+
+An adapter module takes part by defining ``merge_into(host, w) -> w'`` for a float32 canonical
+weight ``w`` (LoRA: ``w + delta``; IA3: ``w * l``). One that cannot be merged (bottleneck adapters)
+defines ``merge_error``, a sentence saying why; merging it raises ``ValueError`` with it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .inject import STATE_ATTR, _require_state, detach, iter_adapter_modules, iter_hosts
+from .layers import dense_weight, layer_kind, set_dense_weight
+
+_BACKUP = "_deltatune_unmerged_weight"
+
+
+def _merged_weight(host: nn.Module, adapter: nn.Module) -> torch.Tensor:
+    fifo = getattr(adapter, "fan_in_fan_out", False)
+    w = dense_weight(host, fifo).detach().to(torch.float32)
+    if hasattr(adapter, "merge_into"):
+        with torch.no_grad():
+            return adapter.merge_into(host, w)
+    with torch.no_grad():
+        return w + adapter.delta_weight(host).to(w.dtype)
+
+
+def _mergeable(host, adapter, name, hname):
+    if getattr(adapter, "replaces_host", False):
+        return False
+    err = getattr(adapter, "merge_error", None)
+    if err:
+        raise ValueError(f"adapter {name!r} on {hname} cannot be merged: {err}")
+    if not (hasattr(adapter, "merge_into") or hasattr(adapter, "delta_weight")):
+        raise ValueError(f"adapter {name!r} on {hname} ({type(adapter).__name__}) cannot be merged")
+    return True
+
+
+def _write(host, w, fifo):
+    set_dense_weight(host, w, fifo)
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters currently merged into the base weights (in model order)."""
+    out = []
+    for _, _, aname, amod in iter_adapter_modules(model):
+        if getattr(amod, "merged", False) and aname not in out:
+            out.append(aname)
+    return out
+
+
+def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
+    """Merge adapters (default: the active ones) into the base weights, reversibly.
+
+    Each adapted weight ``W`` (any dtype) becomes ``cast(f32(W) + delta)``; the original tensor is
+    kept aside so :func:`unmerge` restores it exactly. Merged adapters are skipped by the forward
+    hooks, so outputs are unchanged up to rounding.
+
+    Raises:
+        ValueError: ``safe_merge`` and a merged weight is not finite (nothing is written for that
+            layer); or an adapter cannot be merged (bottleneck adapters), with the reason.
+        KeyError: an unknown adapter name.
+    """
+    st = _require_state(model)
+    names = list(st.active if adapter_names is None else adapter_names)
+    for n in names:
+        if n not in st.configs:
+            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+    plan = []
+    for hname, host, aname, amod in iter_adapter_modules(model):
+        if aname in names and not getattr(amod, "merged", False) and _mergeable(host, amod, aname, hname):
+            plan.append((hname, host, aname, amod))
+    for hname, host, aname, amod in plan:
+        new = _merged_weight(host, amod)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights; nothing was merged there")
+        if _BACKUP not in host.__dict__:
+            orig = host._parameters["weight"]
+            host.__dict__[_BACKUP] = orig
+            host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
+        _write(host, new, getattr(amod, "fan_in_fan_out", False))
+        amod.merged = True
+
+
+def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> None:
+    """Undo :func:`merge` for ``adapter_names`` (default: all merged), restoring weights exactly.
+
+    Adapters merged into the same layer that are not named are merged again afterwards.
+    """
+    names = None if adapter_names is None else set(adapter_names)
+    for hname, host in iter_hosts(model):
+        merged = [(n, a) for n, a in host.adapters.items() if getattr(a, "merged", False)]
+        if not merged or (names is not None and not any(n in names for n, _ in merged)):
+            continue
+        backup = host.__dict__.pop(_BACKUP, None)
+        if backup is None:
+            raise RuntimeError(f"{hname} is marked merged but holds no original weight to restore")
+        host._parameters["weight"] = backup
+        for n, a in merged:
+            a.merged = False
+        again = [n for n, _ in merged if names is not None and n not in names]
+        if again:
+            for n in again:
+                a = host.adapters[n]
+                new = _merged_weight(host, a)
+                orig = host._parameters["weight"]
+                host.__dict__[_BACKUP] = orig
+                host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
+                _write(host, new, getattr(a, "fan_in_fan_out", False))
+                a.merged = True
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *,
+                     safe_merge: bool = False) -> nn.Module:
+    """Merge adapters (default: active) for good and remove every adapter; return the plain model.
+
+    Weights are written in place in their own dtype (bf16 stays bf16); ``modules_to_save`` copies
+    of the merged adapters replace their originals' values. The returned object is the same
+    model, with no deltatune hooks, children or state left; its parameters keep the
+    ``requires_grad`` they had (frozen).
+
+    Raises:
+        ValueError: as :func:`merge`.
+    """
+    st = _require_state(model)
+    names = list(st.active if adapter_names is None else adapter_names)
+    unmerge(model)
+    for hname, host, aname, amod in list(iter_adapter_modules(model)):
+        if aname not in names:
+            continue
+        if getattr(amod, "replaces_host", False):
+            with torch.no_grad():
+                own = dict(host.named_parameters(recurse=False))
+                for pn, p in amod.named_parameters(recurse=False):
+                    if pn in own:
+                        own[pn].copy_(p.to(own[pn].dtype))
+            continue
+        if not _mergeable(host, amod, aname, hname):
+            continue
+        new = _merged_weight(host, amod)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights")
+        _write(host, new, getattr(amod, "fan_in_fan_out", False))
+    return unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging (merged ones are unmerged first); return the model."""
+    from .inject import delete_adapter, get_state
+
+    st = get_state(model)
+    if st is None:
+        return model
+    unmerge(model)
+    for name in list(st.configs):
+        delete_adapter(model, name)
+    for _, host in list(iter_hosts(model)):
+        for aname in list(host.adapters):
+            detach(host, aname)
+    model.__dict__.pop(STATE_ATTR, None)
+    return model
+
+
+def has_dense_weight(module: nn.Module) -> bool:
+    return layer_kind(module) is not None

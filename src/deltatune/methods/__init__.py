@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers their configs and injectors."""
+
+from . import lora  # noqa: F401

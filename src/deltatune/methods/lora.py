@@ -1,0 +1,398 @@
+"""LoRA, rsLoRA and DoRA.
+
+* LoRA (Hu et al., arXiv:2106.09685): the frozen weight ``W`` (out x in) gets a trainable low-rank
+  update ``delta W = s * B @ A`` with ``A`` (r x in), ``B`` (out x r) and ``s = lora_alpha / r``::
+
+      y = W x + b + s * B(A(dropout(x)))
+
+* rsLoRA (Kalajdzievski, arXiv:2312.03732): ``s = lora_alpha / sqrt(r)`` (``use_rslora=True``).
+* DoRA (Liu et al., arXiv:2402.09353): the updated weight is renormalised per output row and
+  rescaled by a trainable magnitude ``m`` (out,), initialised to ``||W||_row``::
+
+      W' = m * (W + s B A) / ||W + s B A||_row         (the norm is detached, paper sec. 4.3)
+
+The same adapter module serves every layer kind of :mod:`deltatune.layers` (Linear, transformers
+Conv1D, Embedding, Conv1d/2d/3d, and any registered quantized kind); it reads the base weight only
+through the layer-kind registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerAdapterConfig, register_config
+from ..inject import (
+    ADAPTERS,
+    STATE_ATTR,
+    AdapterState,
+    add_trainable_hook,
+    attach,
+    register_method,
+)
+from ..layers import dense_weight, layer_kind
+from ..targets import _list_match, find_targets
+
+
+@register_config
+@dataclass
+class LoraConfig(LayerAdapterConfig):
+    """LoRA / rsLoRA / DoRA configuration, field for field as Hugging Face PEFT's ``LoraConfig``.
+
+    Fields:
+        r: rank of the update (int > 0). Default 8.
+        lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r`` (or
+            ``lora_alpha / sqrt(r)`` with ``use_rslora``). Default 8.
+        lora_dropout: dropout probability on the adapter input. Default 0.0.
+        target_modules: list of names (exact or dotted suffix), a regex string (full match), or
+            ``"all-linear"``. See :mod:`deltatune.targets`.
+        exclude_modules: same forms; excluded modules are never adapted.
+        layers_to_transform / layers_pattern: restrict to these layer indices.
+        rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are
+            regexes matched against the end of the module name.
+        bias: "none", "all" (train every bias of the model) or "lora_only" (biases of adapted
+            layers). Trained biases are saved with the adapter.
+        use_rslora: rank-stabilised scaling. use_dora: weight-decomposed LoRA (DoRA).
+        init_lora_weights: True (Kaiming-uniform A, zero B: the model starts as the base),
+            "gaussian" (A ~ N(0, 1/r)), "pissa" / "pissa_niter_K" (principal singular vectors;
+            subtracts them from the base weight), "olora" (QR; also edits the base weight), or
+            False (A and B both random: the model does not start as the base).
+        modules_to_save: modules trained in full (as a copy) and saved with the adapter.
+        fan_in_fan_out: the targeted ``nn.Linear`` stores its weight as (in, out).
+    """
+
+    PEFT_TYPE = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) <= 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1], got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        ok = self.init_lora_weights in (True, False, "gaussian", "pissa", "olora") or (
+            isinstance(self.init_lora_weights, str) and re.fullmatch(r"pissa_niter_\d+", self.init_lora_weights)
+        )
+        if not ok:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported: use True, False, "
+                "'gaussian', 'pissa', 'pissa_niter_K' or 'olora'"
+            )
+        if self.target_modules is None and not self.modules_to_save:
+            raise ValueError("LoraConfig needs target_modules (a list, a regex, or 'all-linear')")
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first pattern matching the end of ``key``."""
+    for p, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({p})$", key):
+            return v
+    return default
+
+
+class LoraAdapter(nn.Module):
+    """One LoRA/DoRA adapter on one host layer.
+
+    Parameters (names as in PEFT's state dict):
+        linear kinds and convolutions: ``lora_A`` (module, weight (r, in[, *k])),
+        ``lora_B`` (module, weight (out, r[, 1...])); embeddings: ``lora_embedding_A`` (r, num) and
+        ``lora_embedding_B`` (dim, r); DoRA: ``lora_magnitude_vector`` (out,) ((1, out, 1..) on convs).
+
+    Called as ``adapter(x, out, host=host) -> out + contribution``; ``x`` is the host input
+    (B, ..., in) of any float dtype (ids for embeddings), ``out`` the host output.
+    Adapter maths runs in the adapter's dtype; the result is cast to ``out.dtype``.
+    """
+
+    def __init__(self, host: nn.Module, r: int, lora_alpha: float, lora_dropout: float, *,
+                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights=True,
+                 fan_in_fan_out: bool = False, lora_bias: bool = False, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        kind = layer_kind(host)
+        if kind is None:
+            raise TypeError(f"LoRA cannot adapt a {type(host).__name__}")
+        self.kind = kind.name
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_dora = use_dora
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merged = False
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        dtype = dtype or torch.float32
+        dev = next((p.device for p in host.parameters(recurse=False)), torch.device("cpu"))
+        if dev.type == "meta":
+            dev = torch.device("cpu")
+        fin, fout = kind.in_features(host), kind.out_features(host)
+        self.in_features, self.out_features = fin, fout
+        if kind.name == "embedding":
+            self.lora_embedding_A = nn.Parameter(torch.empty(r, fin, dtype=dtype, device=dev))
+            self.lora_embedding_B = nn.Parameter(torch.empty(fout, r, dtype=dtype, device=dev))
+            if use_dora:
+                raise ValueError("DoRA on nn.Embedding is not supported: exclude the embedding or set use_dora=False")
+        elif kind.linear_like:
+            self.lora_A = nn.Linear(fin, r, bias=False, dtype=dtype, device=dev)
+            self.lora_B = nn.Linear(r, fout, bias=lora_bias, dtype=dtype, device=dev)
+        else:  # convolutions
+            conv = type(host)
+            if host.groups != 1:
+                raise ValueError(f"LoRA on a grouped convolution (groups={host.groups}) is not supported")
+            nd = host.weight.dim() - 2
+            self.lora_A = conv(fin, r, host.kernel_size, host.stride, host.padding, dilation=host.dilation,
+                               bias=False, dtype=dtype, device=dev)
+            self.lora_B = conv(r, fout, (1,) * nd, (1,) * nd, bias=lora_bias, dtype=dtype, device=dev)
+        self._init(host, init_lora_weights)
+        if use_dora:
+            with torch.no_grad():
+                w = self._base_weight(host, dtype)
+                norm = self._weight_norm(w, self._lora_weight().to(w.dtype))
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+
+    # -- init -----------------------------------------------------------------------------
+    def _init(self, host, init):
+        with torch.no_grad():
+            if self.kind == "embedding":
+                if init is False:
+                    nn.init.normal_(self.lora_embedding_A)
+                    nn.init.normal_(self.lora_embedding_B)
+                else:
+                    nn.init.zeros_(self.lora_embedding_A)
+                    nn.init.normal_(self.lora_embedding_B)
+                return
+            if init is False:
+                return  # both keep their default (random) nn init
+            if init is True:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            elif isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+                return self._svd_init(host, init)
+            nn.init.zeros_(self.lora_B.weight)
+            if self.lora_B.bias is not None:
+                nn.init.zeros_(self.lora_B.bias)
+
+    def _svd_init(self, host, init):
+        kind = layer_kind(host)
+        if not kind.linear_like:
+            raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only")
+        w = dense_weight(host, self.fan_in_fan_out).detach().float()
+        r = self.r
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)
+            a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+        else:
+            if init == "pissa":
+                v, s, uh = torch.linalg.svd(w, full_matrices=False)
+                vr, sr, uhr = v[:, :r], s[:r].clone(), uh[:r]
+            else:
+                niter = int(init.split("_niter_")[-1])
+                vr, sr, ur = torch.svd_lowrank(w, r, niter=niter)
+                uhr = ur.t()
+            sr /= self.scaling
+            a = torch.diag(torch.sqrt(sr)) @ uhr
+            b = vr @ torch.diag(torch.sqrt(sr))
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        from ..layers import set_dense_weight
+
+        set_dense_weight(host, w - self.scaling * (b @ a), self.fan_in_fan_out)
+
+    # -- weights --------------------------------------------------------------------------
+    def _base_weight(self, host, dtype):
+        return dense_weight(host, self.fan_in_fan_out).to(dtype)
+
+    def _lora_weight(self) -> torch.Tensor:
+        """``B @ A`` (unscaled) in the host's canonical weight layout."""
+        if self.kind == "embedding":
+            return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dim() == 2:
+            return b @ a
+        r = a.shape[0]
+        if all(k == 1 for k in a.shape[2:]) or self.use_dora:
+            return torch.mm(b.reshape(-1, r), a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
+        return conv(a.transpose(0, 1), b).transpose(0, 1)
+
+    def _weight_norm(self, w: torch.Tensor, lora_w: torch.Tensor) -> torch.Tensor:
+        v = w + self.scaling * lora_w
+        if v.dim() == 2:
+            return torch.linalg.norm(v, dim=1)
+        dims = tuple(range(1, v.dim()))
+        return v.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """The merged weight minus the base weight, float32, canonical layout (out, in[, *k])."""
+        lw = self._lora_weight().float()
+        if not self.use_dora:
+            return self.scaling * lw
+        w = self._base_weight(host, torch.float32)
+        norm = self._weight_norm(w, lw)
+        m = self.lora_magnitude_vector.float()
+        scale = (m / norm)
+        if w.dim() == 2:
+            scale = scale.view(-1, 1)
+        else:
+            scale = scale.transpose(0, 1)  # (out, 1, ...)
+        return scale * (w + self.scaling * lw) - w
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, out: torch.Tensor, host: nn.Module) -> torch.Tensor:
+        if self.kind == "embedding":
+            after_a = F.embedding(x, self.lora_embedding_A.T, host.padding_idx, host.max_norm,
+                                  host.norm_type, host.scale_grad_by_freq, host.sparse)
+            return out + (after_a @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
+        dt = self.lora_A.weight.dtype
+        xa = x.to(dt)
+        if not self.use_dora:
+            return out + (self.lora_B(self.lora_A(self.lora_dropout(xa))) * self.scaling).to(out.dtype)
+        return out + self._dora(xa, out, host).to(out.dtype)
+
+    def _dora(self, x, out, host):
+        dt = x.dtype
+        w = self._base_weight(host, dt)
+        lw = self._lora_weight()
+        norm = self._weight_norm(w, lw.detach()).detach()
+        mag = self.lora_magnitude_vector / norm
+        conv = w.dim() > 2
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out.to(dt)
+            bias = getattr(host, "bias", None)
+            if bias is not None:
+                shape = (1, -1) + (1,) * (base.dim() - 2) if conv else (-1,)
+                base = base - bias.to(dt).view(*shape)
+        else:
+            x = self.lora_dropout(x)
+            if conv:
+                fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+                base = fn(x, w, None, host.stride, host.padding, host.dilation, host.groups)
+            else:
+                base = F.linear(x, w)
+        if not conv:
+            mag = mag.view(1, -1) if base.dim() == 2 else mag
+        return (mag - 1) * base + mag * self.lora_B(self.lora_A(x)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
+
+
+def make_module_copy(host: nn.Module) -> nn.Module:
+    """A trainable deep copy of ``host`` (for ``modules_to_save``), without deltatune's additions."""
+    ads = host._modules.pop(ADAPTERS, None)
+    hooks = dict(host._forward_hooks)
+    fwd = host.__dict__.pop("forward", None)
+    st = host.__dict__.pop(STATE_ATTR, None)
+    host._forward_hooks.clear()
+    try:
+        c = copy.deepcopy(host)
+    finally:
+        if ads is not None:
+            host._modules[ADAPTERS] = ads
+        host._forward_hooks.update(hooks)
+        if fwd is not None:
+            host.__dict__["forward"] = fwd
+        if st is not None:
+            host.__dict__[STATE_ATTR] = st
+    for p in c.parameters():
+        p.requires_grad_(True)
+    c.replaces_host = True
+    return c
+
+
+def attach_modules_to_save(model: nn.Module, config, adapter_name: str, state: AdapterState) -> list[str]:
+    """Attach trainable copies of the modules named by ``config.modules_to_save``."""
+    names = []
+    mts = config.modules_to_save or []
+    if not mts:
+        return names
+    for name, mod in list(model.named_modules()):
+        if name and _list_match(mts, name) and ".adapters." not in f".{name}.":
+            attach(mod, adapter_name, make_module_copy(mod), state)
+            names.append(name)
+    if not names:
+        raise ValueError(f"modules_to_save={mts!r} matched no module of the model")
+    return names
+
+
+def _bias_hook(config: LoraConfig, adapter_name: str, hosts: list[str]):
+    def fn(model, st):
+        if config.bias == "none":
+            return
+        train = adapter_name in st.active and not config.inference_mode
+        for name, p in model.named_parameters():
+            if ".adapters." in f".{name}" or not name.endswith("bias"):
+                continue
+            owner = name.rsplit(".", 1)[0]
+            if config.bias == "all" or owner in hosts:
+                p.requires_grad_(train)
+
+    return fn
+
+
+def bias_parameter_names(model: nn.Module, config, hosts: list[str]) -> list[str]:
+    """Names of the base biases an adapter with ``config.bias`` trains (and saves)."""
+    if getattr(config, "bias", "none") == "none":
+        return []
+    out = []
+    for name, _ in model.named_parameters():
+        if ".adapters." in f".{name}" or not name.endswith("bias"):
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if config.bias == "all" or owner in hosts:
+            out.append(name)
+    return out
+
+
+def _resolve_dtype(adapter_dtype, host):
+    if adapter_dtype is None:
+        return torch.float32
+    if adapter_dtype == "base":
+        w = getattr(host, "weight", None)
+        return w.dtype if w is not None and w.is_floating_point() else torch.float32
+    if isinstance(adapter_dtype, str):
+        return getattr(torch, adapter_dtype)
+    return adapter_dtype
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, state: AdapterState, *,
+                adapter_dtype=None) -> None:
+    hosts = []
+    if config.target_modules is not None:
+        for name in find_targets(model, config):
+            host = model.get_submodule(name)
+            r = pattern_value(config.rank_pattern, name, config.r)
+            alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+            kind = layer_kind(host)
+            ad = LoraAdapter(
+                host, r, alpha, config.lora_dropout, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                init_lora_weights=config.init_lora_weights,
+                fan_in_fan_out=config.fan_in_fan_out and kind.name == "linear",
+                lora_bias=config.lora_bias, dtype=_resolve_dtype(adapter_dtype, host),
+            )
+            attach(host, adapter_name, ad, state)
+            hosts.append(name)
+    attach_modules_to_save(model, config, adapter_name, state)
+    add_trainable_hook(state, _bias_hook(config, adapter_name, hosts))
+    state.__dict__.setdefault("_hosts", {})[adapter_name] = hosts
+
+
+register_method(LoraConfig, inject_lora)
