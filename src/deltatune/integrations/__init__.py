@@ -1,0 +1,1 @@
+"""Integrations with other libraries (loaded lazily; the core imports none of them)."""

