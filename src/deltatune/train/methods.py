@@ -37,3 +37,17 @@ def build_lora(opts: dict):
 @register_cli_method("dora")
 def build_dora(opts: dict):
     return build_lora({**opts, "use_dora": True})
+
+
+# CLI method name -> fn(model, opts) -> dict of extra report fields, run on the loaded base model
+# BEFORE the adapter is injected (e.g. "qlora" quantizes the base and reports base_weight_bytes,
+# quantized_params). Methods without an entry use the model as loaded.
+MODEL_PREPARERS: dict[str, Callable] = {}
+
+
+def register_model_preparer(name: str):
+    def deco(fn):
+        MODEL_PREPARERS[name] = fn
+        return fn
+
+    return deco
