@@ -12,6 +12,8 @@ Merging is explicit (never a side effect of ``eval()``) and guarded:
 An adapter module takes part by defining ``merge_into(host, w) -> w'`` for a float32 canonical
 weight ``w`` (LoRA: ``w + delta``; IA3: ``w * l``). One that cannot be merged (bottleneck adapters)
 defines ``merge_error``, a sentence saying why; merging it raises ``ValueError`` with it.
+An adapter that also changes the bias (IA3 scaling a layer's output) defines
+``merge_bias(host, b) -> b'`` for a float32 bias ``b``; the bias is kept aside and restored the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .inject import STATE_ATTR, _require_state, detach, iter_adapter_modules, it
 from .layers import dense_weight, layer_kind, set_dense_weight
 
 _BACKUP = "_deltatune_unmerged_weight"
+_BACKUP_BIAS = "_deltatune_unmerged_bias"
 
 
 def _merged_weight(host: nn.Module, adapter: nn.Module) -> torch.Tensor:
@@ -35,6 +38,33 @@ def _merged_weight(host: nn.Module, adapter: nn.Module) -> torch.Tensor:
             return adapter.merge_into(host, w)
     with torch.no_grad():
         return w + adapter.delta_weight(host).to(w.dtype)
+
+
+def _merged_bias(host: nn.Module, adapter: nn.Module) -> Optional[torch.Tensor]:
+    """The new float32 bias for adapters that define ``merge_bias``; None when the bias is unchanged."""
+    fn = getattr(adapter, "merge_bias", None)
+    b = host._parameters.get("bias") if fn is not None else None
+    if b is None:
+        return None
+    with torch.no_grad():
+        return fn(host, b.detach().to(torch.float32))
+
+
+def _write_bias(host: nn.Module, b: Optional[torch.Tensor], keep_original: bool) -> None:
+    if b is None:
+        return
+    if keep_original and _BACKUP_BIAS not in host.__dict__:
+        orig = host._parameters["bias"]
+        host.__dict__[_BACKUP_BIAS] = orig
+        host._parameters["bias"] = nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad)
+    with torch.no_grad():
+        host._parameters["bias"].copy_(b.to(host._parameters["bias"].dtype))
+
+
+def _restore_bias(host: nn.Module) -> None:
+    orig = host.__dict__.pop(_BACKUP_BIAS, None)
+    if orig is not None:
+        host._parameters["bias"] = orig
 
 
 def _mergeable(host, adapter, name, hname):
@@ -84,8 +114,10 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, sa
             plan.append((hname, host, aname, amod))
     for hname, host, aname, amod in plan:
         new = _merged_weight(host, amod)
-        if safe_merge and not torch.isfinite(new).all():
+        new_b = _merged_bias(host, amod)
+        if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
             raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights; nothing was merged there")
+        _write_bias(host, new_b, keep_original=True)
         if _BACKUP not in host.__dict__:
             orig = host._parameters["weight"]
             host.__dict__[_BACKUP] = orig
@@ -108,6 +140,7 @@ def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> 
         if backup is None:
             raise RuntimeError(f"{hname} is marked merged but holds no original weight to restore")
         host._parameters["weight"] = backup
+        _restore_bias(host)
         for n, a in merged:
             a.merged = False
         again = [n for n, _ in merged if names is not None and n not in names]
@@ -115,9 +148,11 @@ def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> 
             for n in again:
                 a = host.adapters[n]
                 new = _merged_weight(host, a)
-                orig = host._parameters["weight"]
-                host.__dict__[_BACKUP] = orig
-                host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
+                _write_bias(host, _merged_bias(host, a), keep_original=True)
+                if _BACKUP not in host.__dict__:  # keep the true original when several re-merge
+                    orig = host._parameters["weight"]
+                    host.__dict__[_BACKUP] = orig
+                    host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
                 _write(host, new, getattr(a, "fan_in_fan_out", False))
                 a.merged = True
 
@@ -150,9 +185,11 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = 
         if not _mergeable(host, amod, aname, hname):
             continue
         new = _merged_weight(host, amod)
-        if safe_merge and not torch.isfinite(new).all():
+        new_b = _merged_bias(host, amod)
+        if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
             raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights")
         _write(host, new, getattr(amod, "fan_in_fan_out", False))
+        _write_bias(host, new_b, keep_original=False)
     return unload(model)
 
 
