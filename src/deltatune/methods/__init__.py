@@ -1,3 +1,4 @@
 """Built-in methods; importing this package registers their configs and injectors."""
 
 from . import lora  # noqa: F401
+from . import ia3  # noqa: F401
