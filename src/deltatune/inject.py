@@ -201,6 +201,7 @@ def inject(
     adapter_name: str = "default",
     *,
     adapter_dtype: Union[None, str, torch.dtype] = None,
+    **options,
 ) -> nn.Module:
     """Add an adapter described by ``config`` to ``model`` in place and return the same object.
 
@@ -216,6 +217,8 @@ def inject(
             to the adapter dtype at the adapter boundary and results cast back to the base
             output's dtype, so a bf16 base trains fp32 adapters without dtype errors). ``"base"``:
             the dtype of the host's weight.
+        **options: method-specific options passed to the method's injector (e.g. ``tokenizer=`` for
+            prompt tuning's TEXT init); a method that takes none raises ``TypeError``.
 
     Raises:
         ValueError: the name is invalid or taken, or the config matches no module (the message
@@ -238,7 +241,7 @@ def inject(
         for p in model.parameters():
             p.requires_grad_(False)
     try:
-        injector(model, config, adapter_name, st, adapter_dtype=adapter_dtype)
+        injector(model, config, adapter_name, st, adapter_dtype=adapter_dtype, **options)
     except Exception:
         # leave nothing half-attached
         for _, host, aname, _ in list(iter_adapter_modules(model, adapter_name)):
