@@ -24,12 +24,18 @@ from .inject import (
 )
 from .merge import merge, merge_and_unload, merged_adapters, unload, unmerge
 from .methods.lora import LoraConfig
+from .methods.adaption_prompt import AdaptionPromptConfig
+from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "LoraConfig",
+    "PromptTuningConfig",
+    "PromptEncoderConfig",
+    "PrefixTuningConfig",
+    "AdaptionPromptConfig",
     "inject",
     "set_adapter",
     "disable_adapter",

@@ -3,3 +3,5 @@
 from . import lora  # noqa: F401
 from . import ia3  # noqa: F401
 from . import bottleneck  # noqa: F401
+from . import prompt  # noqa: F401
+from . import adaption_prompt  # noqa: F401

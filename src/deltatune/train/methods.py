@@ -51,3 +51,72 @@ def register_model_preparer(name: str):
         return fn
 
     return deco
+
+
+def _opt_bool(v, name: str):
+    if v is None or isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"option {name!r} must be true or false, got {v!r}")
+
+
+def _opt_targets(v):
+    """None for the method's own default ("all-linear", the CLI-wide default, included); a regex
+    string stays a string; "a,b" or a YAML list becomes a list."""
+    if v is None or v == "" or v == "all-linear" or v == ["all-linear"]:
+        return None
+    if isinstance(v, str):
+        if any(c in v for c in ".*[]()|^$\\+?"):
+            return v
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return list(v)
+
+
+@register_cli_method("ia3")
+def build_ia3(opts: dict):
+    """(IA)3 (arXiv:2205.05638). Options: ``target_modules`` (default, and for the CLI-wide
+    "all-linear": the model type's standard (IA)3 targets, e.g. Llama k_proj, v_proj, down_proj),
+    ``feedforward_modules`` ("a,b" or a list; default: the model type's), ``init_ia3_weights``."""
+    from ..methods.ia3 import IA3Config
+
+    ff = opts.get("feedforward_modules")
+    if isinstance(ff, str):
+        ff = [s.strip() for s in ff.split(",") if s.strip()]
+    init = _opt_bool(opts.get("init_ia3_weights"), "init_ia3_weights")
+    return IA3Config(target_modules=_opt_targets(opts.get("target_modules")), feedforward_modules=ff,
+                     init_ia3_weights=True if init is None else init)
+
+
+@register_cli_method("bottleneck")
+def build_bottleneck(opts: dict):
+    """Bottleneck adapters (Houlsby arXiv:1902.00751, Pfeiffer arXiv:2005.00247, parallel
+    arXiv:2110.04366). Options (AdapterHub names; unset ones take the style's default): ``style``
+    ("houlsby" | "pfeiffer" | "parallel"), ``reduction_factor``, ``non_linearity``, ``scaling``
+    (number, "learned" or "channel"), ``original_ln_before``, ``original_ln_after``,
+    ``residual_before_ln``, ``leave_out`` ("0,3" or a list), ``mh_adapter``, ``output_adapter``,
+    ``init_weights``, ``adapter_dropout``; ``target_modules`` names plain modules instead of the
+    model's attention/feed-forward blocks (the CLI-wide "all-linear" means: the blocks)."""
+    from ..methods.bottleneck import BottleneckConfig
+
+    kw = {}
+    rf = opts.get("reduction_factor")
+    if rf is not None:
+        kw["reduction_factor"] = rf if isinstance(rf, dict) else float(rf)
+    for k in ("non_linearity", "init_weights", "scaling"):
+        if opts.get(k) is not None:
+            kw[k] = opts[k]
+    for k in ("original_ln_before", "original_ln_after", "residual_before_ln", "mh_adapter", "output_adapter"):
+        v = _opt_bool(opts.get(k), k)
+        if v is not None:
+            kw[k] = v
+    lo = opts.get("leave_out")
+    if lo is not None:
+        kw["leave_out"] = [int(s) for s in (lo.split(",") if isinstance(lo, str) else lo) if str(s).strip() != ""]
+    if opts.get("adapter_dropout") is not None:
+        kw["dropout"] = float(opts["adapter_dropout"])
+    return BottleneckConfig(style=opts.get("style") or "houlsby", target_modules=_opt_targets(opts.get("target_modules")),
+                            **kw)

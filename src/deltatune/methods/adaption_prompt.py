@@ -1,0 +1,245 @@
+"""LLaMA-Adapter (Zhang et al., arXiv:2303.16199): gated adaption prompts in the top attention layers.
+
+Each of the top ``adapter_layers`` attention modules gets a learned prompt ``adaption_prompt``
+(1, adapter_len, hidden) and a scalar gate ``adaption_gate`` (1,), initialised to zero. The
+attention's own key/value projections turn the prompt into keys and values; the layer's queries
+attend to them in a separate softmax, scaled by the gate, and the result is added to the attention
+output (through the output projection)::
+
+    q      = rope(q_proj(h))                                  (B, heads, T, head_dim)
+    k, v   = k_proj(prompt), v_proj(prompt)                   (1, kv_heads, L, head_dim), repeated to heads
+    extra  = o_proj(gate * softmax(q k^T * scaling) v)        (B, T, hidden); o_proj without its bias
+    attn_out = attn_out + extra
+
+With the gate at zero the model computes exactly the base model's output, so training starts from
+it. The prompt keys carry no rotary position, and the extra term needs no attention mask and no
+key/value cache (it depends only on each query), so cached and uncached decoding agree.
+
+GPT-2 attention (``c_attn``) is supported as PEFT does it: keys/values from ``c_attn(prompt)``, the
+gated result added after ``c_proj`` without projecting it (PEFT's formula, kept for file
+compatibility).
+
+Storage: the adapter is a child ``<attention>.adapters.<name>`` (so its file keys are PEFT's
+``base_model.model.<attention path>.adaption_prompt`` / ``.adaption_gate`` by the one key rule);
+one forward hook with kwargs per attention module adds the term. LLaMA-Adapter cannot be merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, register_config
+from ..inject import ADAPTERS, STATE_ATTR, AdapterState, add_delete_hook, register_method
+
+_HOOK_ATTR = "_deltatune_adaption_hook"
+
+# transformers model_type -> default target_modules (PEFT's table)
+DEFAULT_TARGETS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
+
+
+@register_config
+@dataclass
+class AdaptionPromptConfig(AdapterConfig):
+    """LLaMA-Adapter, field for field as PEFT's ``AdaptionPromptConfig``.
+
+    Fields:
+        target_modules: name (last component) of the attention submodules, e.g. "self_attn"
+            (Llama-like models) or "attn" (GPT-2). Default: from the model type, else "self_attn".
+        adapter_len: L, the number of prompt tokens per adapted layer (int > 0). Required.
+        adapter_layers: how many attention layers, counted from the top, get a prompt. Required.
+    """
+
+    PEFT_TYPE = "ADAPTION_PROMPT"
+
+    target_modules: Optional[str] = None
+    adapter_len: Optional[int] = None
+    adapter_layers: Optional[int] = None
+
+    def __post_init__(self):
+        for f in ("adapter_len", "adapter_layers"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError("AdaptionPromptConfig.target_modules is one module name (a string), e.g. 'self_attn'")
+
+
+def _attention_kind(attn: nn.Module) -> Optional[str]:
+    if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "llama"
+    if hasattr(attn, "c_attn") and hasattr(attn, "split_size"):
+        return "gpt2"
+    return None
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class AdaptionPromptAdapter(nn.Module):
+    """The prompt and gate of one attention layer.
+
+    Parameters (PEFT's names): ``adaption_prompt`` (1, adapter_len, hidden), N(0, 1) init;
+    ``adaption_gate`` (1,), zero init. :meth:`extra` returns the term added to the attention
+    output (B, T, hidden) in the output's dtype.
+    """
+
+    merge_error = ("LLaMA-Adapter adds attention over learned prompt tokens; it has no weight delta to merge "
+                   "(use it unmerged, or delete_adapter it)")
+
+    def __init__(self, attn: nn.Module, adapter_len: int, hidden: int, *, dtype=torch.float32, device=None):
+        super().__init__()
+        self.kind = _attention_kind(attn)
+        self.adapter_len = adapter_len
+        self.adaption_prompt = nn.Parameter(torch.empty(1, adapter_len, hidden, dtype=dtype, device=device).normal_())
+        self.adaption_gate = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
+
+    def forward(self, x, out, host=None):
+        """Compatibility with the layer-adapter hook: the work is done by :meth:`extra`."""
+        return out
+
+    def extra(self, attn: nn.Module, hidden_states: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        if self.kind == "gpt2":
+            return self._extra_gpt2(attn, hidden_states)
+        wdt = attn.q_proj.weight.dtype if attn.q_proj.weight.is_floating_point() else hidden_states.dtype
+        hd = attn.head_dim
+        prompt = self.adaption_prompt.to(wdt)
+        q = attn.q_proj(hidden_states).view(B, T, -1, hd)  # (B, T, heads, hd)
+        k = attn.k_proj(prompt).view(1, self.adapter_len, -1, hd)  # (1, L, kv_heads, hd)
+        v = attn.v_proj(prompt).view(1, self.adapter_len, -1, hd)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if position_embeddings is None:
+            raise ValueError("LLaMA-Adapter needs the attention's position_embeddings (cos, sin) keyword argument; "
+                             "this attention module does not receive it")
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin  # (B, heads, T, hd)
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        scaling = getattr(attn, "scaling", hd ** -0.5)
+        scores = torch.matmul(q, k.transpose(2, 3).to(q.dtype)) * scaling  # (B, heads, T, L)
+        w = self.adaption_gate.float() * F.softmax(scores, dim=-1, dtype=torch.float32)
+        o = torch.matmul(w.to(q.dtype), v.to(q.dtype))  # (B, heads, T, hd)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        return F.linear(o, attn.o_proj.weight.to(o.dtype))  # o_proj without bias: zero gate -> exactly 0
+
+    def _extra_gpt2(self, attn, hidden_states):
+        B, T, E = hidden_states.shape
+        hd = attn.head_dim
+        prompt = self.adaption_prompt.to(attn.c_attn.weight.dtype)
+        q = attn.c_attn(hidden_states).split(attn.split_size, dim=2)[0]
+        _, k, v = attn.c_attn(prompt).split(attn.split_size, dim=2)
+        q = q.view(B, T, -1, hd).transpose(1, 2)
+        k = k.view(1, self.adapter_len, -1, hd).transpose(1, 2)
+        v = v.view(1, self.adapter_len, -1, hd).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(2, 3).to(q.dtype)) / (hd ** 0.5)
+        w = self.adaption_gate.float() * F.softmax(scores, dim=-1, dtype=torch.float32)
+        o = torch.matmul(w.to(q.dtype), v.to(q.dtype))
+        return o.transpose(1, 2).reshape(B, T, -1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, adapter_len={self.adapter_len}"
+
+
+def _adaption_hook(attn: nn.Module, args: tuple, kwargs: dict, output):
+    st: AdapterState = attn.__dict__.get(STATE_ATTR)
+    if st is None or st.disabled or not st.active:
+        return None
+    ads = attn._modules.get(ADAPTERS)
+    if ads is None:
+        return None
+    mods = [ads._modules[n] for n in st.active if isinstance(ads._modules.get(n), AdaptionPromptAdapter)]
+    if not mods:
+        return None
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    pe = kwargs.get("position_embeddings")
+    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
+        pe = args[1]
+    is_tuple = isinstance(output, tuple)
+    out = output[0] if is_tuple else output
+    for m in mods:
+        out = out + m.extra(attn, h, pe).to(out.dtype)
+    return (out,) + tuple(output[1:]) if is_tuple else out
+
+
+def _targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    target = config.target_modules or DEFAULT_TARGETS.get(mtype, "self_attn")
+    names = [n for n, _ in model.named_modules() if n == target or n.endswith("." + target)]
+    if not names:
+        raise ValueError(f"no module named {target!r} in the model: set AdaptionPromptConfig.target_modules to the "
+                         "attention submodule name (e.g. 'self_attn' or 'attn')")
+    if config.adapter_layers > len(names):
+        raise ValueError(f"adapter_layers={config.adapter_layers} but the model has only {len(names)} "
+                         f"{target!r} modules")
+    config.target_modules = target
+    return names[-config.adapter_layers:]
+
+
+def inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig, adapter_name: str,
+                           state: AdapterState, *, adapter_dtype=None) -> None:
+    """Injector for :class:`AdaptionPromptConfig` (see :func:`deltatune.inject`).
+
+    Raises:
+        ValueError: missing ``adapter_len``/``adapter_layers``, no such attention modules, or more
+            layers asked than the model has. TypeError: an attention module of an unknown kind.
+    """
+    if not config.adapter_len or not config.adapter_layers:
+        raise ValueError("AdaptionPromptConfig needs adapter_len and adapter_layers (e.g. 10 and 2)")
+    names = _targets(model, config)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    hosts = []
+    for n in names:
+        attn = model.get_submodule(n)
+        if _attention_kind(attn) is None:
+            raise TypeError(f"{n} ({type(attn).__name__}) is not an attention module LLaMA-Adapter knows: it needs "
+                            "q_proj/k_proj/v_proj/o_proj (Llama-like) or c_attn (GPT-2)")
+        hosts.append(attn)
+    if adapter_dtype is None:
+        dtype = torch.float32
+    elif adapter_dtype == "base":
+        dtype = hosts[0].q_proj.weight.dtype if hasattr(hosts[0], "q_proj") else hosts[0].c_attn.weight.dtype
+    else:
+        dtype = getattr(torch, adapter_dtype) if isinstance(adapter_dtype, str) else adapter_dtype
+    for attn in hosts:
+        if ADAPTERS in attn._modules and adapter_name in attn._modules[ADAPTERS]:
+            raise ValueError(f"module already has an adapter named {adapter_name!r}")
+    for attn in hosts:
+        dev = next(attn.parameters()).device
+        h = hidden or getattr(attn, "embed_dim", None) or attn.config.hidden_size
+        ad = AdaptionPromptAdapter(attn, config.adapter_len, h, dtype=dtype, device=dev)
+        if ADAPTERS not in attn._modules:
+            attn.add_module(ADAPTERS, nn.ModuleDict())
+        attn._modules[ADAPTERS][adapter_name] = ad
+        attn.__dict__[STATE_ATTR] = state
+        if attn.__dict__.get(_HOOK_ATTR) is None:
+            attn.__dict__[_HOOK_ATTR] = attn.register_forward_hook(_adaption_hook, with_kwargs=True)
+    add_delete_hook(state, adapter_name, _delete_hook(adapter_name, hosts))
+
+
+def _delete_hook(adapter_name: str, hosts: list):
+    def fn(model):
+        for attn in hosts:
+            ads = attn._modules.get(ADAPTERS)
+            others = [n for n, m in (ads.items() if ads is not None else ())
+                      if n != adapter_name and isinstance(m, AdaptionPromptAdapter)]
+            if not others:
+                h = attn.__dict__.pop(_HOOK_ATTR, None)
+                if h is not None:
+                    h.remove()
+
+    return fn
+
+
+register_method(AdaptionPromptConfig, inject_adaption_prompt)
