@@ -24,6 +24,8 @@ from .inject import (
 )
 from .merge import merge, merge_and_unload, merged_adapters, unload, unmerge
 from .methods.lora import LoraConfig
+from .methods.ia3 import IA3Config
+from .methods.bottleneck import BottleneckConfig
 from .methods.adaption_prompt import AdaptionPromptConfig
 from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "LoraConfig",
+    "IA3Config",
+    "BottleneckConfig",
     "PromptTuningConfig",
     "PromptEncoderConfig",
     "PrefixTuningConfig",
