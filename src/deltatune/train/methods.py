@@ -120,3 +120,88 @@ def build_bottleneck(opts: dict):
         kw["dropout"] = float(opts["adapter_dropout"])
     return BottleneckConfig(style=opts.get("style") or "houlsby", target_modules=_opt_targets(opts.get("target_modules")),
                             **kw)
+
+# ----------------------------------------------------------------------------- prompt methods
+
+# TEXT init of prompt tuning on the default task (arXiv:2104.08691 found task-describing text a
+# good start); with --data, a neutral instruction.
+PROMPT_INIT_TEXT_TASK = ("Give the requested form of the English word: past tense, past participle, -ing form, "
+                         "plural, comparative or superlative. Answer with one word.")
+PROMPT_INIT_TEXT_DATA = "Answer the user's request accurately and briefly."
+
+
+def _opt_int(opts: dict, name: str, default):
+    v = opts.get(name)
+    return default if v is None or v == "" else int(v)
+
+
+def _run_tokenizer(opts: dict):
+    """(tokenizer_name_or_path, tokenizer_kwargs) of the run's model, or None when it cannot be found."""
+    from ..integrations.transformers import ModelNotFoundError, resolve_model
+
+    try:
+        src = resolve_model(opts.get("model"))
+    except (ModelNotFoundError, OSError):
+        return None
+    return src.folder, ({"gguf_file": src.gguf_file} if src.gguf_file else None)
+
+
+@register_cli_method("prompt-tuning")
+def build_prompt_tuning(opts: dict):
+    """Prompt tuning (arXiv:2104.08691). Options: ``num_virtual_tokens`` (20), ``prompt_tuning_init``
+    ("TEXT" (default; the run's tokenizer) | "RANDOM" | "SAMPLE_VOCAB"), ``prompt_tuning_init_text``
+    (default: a sentence describing the default task, or a neutral instruction with --data).
+    Soft prompts want a larger learning rate than LoRA (e.g. --lr 3e-2)."""
+    from ..methods.prompt import PromptTuningConfig
+
+    init = str(opts.get("prompt_tuning_init") or "TEXT").upper()
+    text = opts.get("prompt_tuning_init_text") or (PROMPT_INIT_TEXT_DATA if opts.get("data") else PROMPT_INIT_TEXT_TASK)
+    kw = {}
+    if init == "TEXT":
+        tok = _run_tokenizer(opts)
+        if tok is None:
+            init = "RANDOM"
+        else:
+            kw = dict(prompt_tuning_init_text=text, tokenizer_name_or_path=tok[0], tokenizer_kwargs=tok[1])
+    return PromptTuningConfig(num_virtual_tokens=_opt_int(opts, "num_virtual_tokens", 20), prompt_tuning_init=init,
+                              **kw)
+
+
+@register_cli_method("p-tuning")
+def build_p_tuning(opts: dict):
+    """P-tuning (arXiv:2103.10385). Options: ``num_virtual_tokens`` (20),
+    ``encoder_reparameterization_type`` ("MLP" | "LSTM"), ``encoder_hidden_size`` (default: the
+    model's hidden size, as PEFT), ``encoder_num_layers`` (2), ``encoder_dropout`` (0)."""
+    from ..methods.prompt import PromptEncoderConfig
+
+    return PromptEncoderConfig(
+        num_virtual_tokens=_opt_int(opts, "num_virtual_tokens", 20),
+        encoder_reparameterization_type=str(opts.get("encoder_reparameterization_type") or "MLP").upper(),
+        encoder_hidden_size=_opt_int(opts, "encoder_hidden_size", None),
+        encoder_num_layers=_opt_int(opts, "encoder_num_layers", 2),
+        encoder_dropout=float(opts.get("encoder_dropout") or 0.0),
+    )
+
+
+@register_cli_method("prefix-tuning")
+def build_prefix_tuning(opts: dict):
+    """Prefix tuning (arXiv:2101.00190). Options: ``num_virtual_tokens`` (20), ``prefix_projection``
+    (false), ``encoder_hidden_size`` (default: the prefix width, as PEFT)."""
+    from ..methods.prompt import PrefixTuningConfig
+
+    return PrefixTuningConfig(num_virtual_tokens=_opt_int(opts, "num_virtual_tokens", 20),
+                              prefix_projection=bool(_opt_bool(opts.get("prefix_projection"), "prefix_projection")),
+                              encoder_hidden_size=_opt_int(opts, "encoder_hidden_size", None))
+
+
+@register_cli_method("llama-adapter")
+def build_llama_adapter(opts: dict):
+    """LLaMA-Adapter (arXiv:2303.16199). Options: ``adapter_len`` (10, the paper's), ``adapter_layers``
+    (8 top layers), ``target_modules`` (the attention submodule name; default from the model type).
+    The zero-init gate starts from the base model; it wants a larger learning rate (e.g. --lr 1e-2)."""
+    from ..methods.adaption_prompt import AdaptionPromptConfig
+
+    tm = opts.get("target_modules")
+    tm = tm if isinstance(tm, str) and tm not in ("", "all-linear") and "," not in tm else None
+    return AdaptionPromptConfig(adapter_len=_opt_int(opts, "adapter_len", 10),
+                                adapter_layers=_opt_int(opts, "adapter_layers", 8), target_modules=tm)
