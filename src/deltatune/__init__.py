@@ -24,6 +24,7 @@ from .inject import (
 )
 from .merge import merge, merge_and_unload, merged_adapters, unload, unmerge
 from .methods.lora import LoraConfig
+from .quant import quant_stats, quantize_base
 from .methods.ia3 import IA3Config
 from .methods.bottleneck import BottleneckConfig
 from .methods.adaption_prompt import AdaptionPromptConfig
@@ -32,6 +33,8 @@ from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTunin
 __version__ = "0.1.0"
 
 __all__ = [
+    "quantize_base",
+    "quant_stats",
     "AdapterConfig",
     "LoraConfig",
     "IA3Config",

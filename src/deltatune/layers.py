@@ -41,6 +41,10 @@ class LayerKind:
     set_weight: Callable[[nn.Module, torch.Tensor], None]
     linear_like: bool = True  # True for kinds that compute x @ W.T (+ b)
     priority: int = 0  # higher wins when several kinds match (quantized before plain)
+    # True for kinds whose set_weight swaps in a new dense weight (and may change the module's
+    # class) instead of writing into the storage in place: 4-bit kinds. merge.py then keeps the
+    # original weight object (and class) untouched for an exact unmerge instead of copying it.
+    replaces_weight: bool = False
 
 
 _KINDS: list[LayerKind] = []

@@ -28,6 +28,25 @@ from .layers import dense_weight, layer_kind, set_dense_weight
 
 _BACKUP = "_deltatune_unmerged_weight"
 _BACKUP_BIAS = "_deltatune_unmerged_bias"
+_BACKUP_CLASS = "_deltatune_unmerged_class"
+
+
+def _keep_weight(host: nn.Module) -> None:
+    """Set the host's weight (and class) aside for :func:`unmerge`, once.
+
+    Dense kinds get a writable copy to merge into. Kinds whose ``set_weight`` swaps in a new dense
+    weight (4-bit kinds, ``LayerKind.replaces_weight``) keep the original object untouched; their
+    module class may change on write (a bnb ``Linear4bit`` becomes an ``nn.Linear``), so the class
+    is kept too.
+    """
+    if _BACKUP in host.__dict__:
+        return
+    orig = host._parameters["weight"]
+    host.__dict__[_BACKUP] = orig
+    host.__dict__[_BACKUP_CLASS] = type(host)
+    kind = layer_kind(host)
+    if not (kind is not None and kind.replaces_weight):
+        host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
 
 
 def _merged_weight(host: nn.Module, adapter: nn.Module) -> torch.Tensor:
@@ -118,10 +137,7 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, sa
         if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
             raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights; nothing was merged there")
         _write_bias(host, new_b, keep_original=True)
-        if _BACKUP not in host.__dict__:
-            orig = host._parameters["weight"]
-            host.__dict__[_BACKUP] = orig
-            host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
+        _keep_weight(host)
         _write(host, new, getattr(amod, "fan_in_fan_out", False))
         amod.merged = True
 
@@ -140,6 +156,9 @@ def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> 
         if backup is None:
             raise RuntimeError(f"{hname} is marked merged but holds no original weight to restore")
         host._parameters["weight"] = backup
+        cls = host.__dict__.pop(_BACKUP_CLASS, None)
+        if cls is not None and type(host) is not cls:
+            host.__class__ = cls  # a 4-bit layer that was merged as a dense nn.Linear
         _restore_bias(host)
         for n, a in merged:
             a.merged = False
@@ -149,22 +168,26 @@ def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> 
                 a = host.adapters[n]
                 new = _merged_weight(host, a)
                 _write_bias(host, _merged_bias(host, a), keep_original=True)
-                if _BACKUP not in host.__dict__:  # keep the true original when several re-merge
-                    orig = host._parameters["weight"]
-                    host.__dict__[_BACKUP] = orig
-                    host._parameters["weight"] = nn.Parameter(orig.detach().clone(), requires_grad=False)
+                _keep_weight(host)  # keeps the true original when several re-merge
                 _write(host, new, getattr(a, "fan_in_fan_out", False))
                 a.merged = True
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *,
-                     safe_merge: bool = False) -> nn.Module:
+                     safe_merge: bool = False, requantize: bool = False) -> nn.Module:
     """Merge adapters (default: active) for good and remove every adapter; return the plain model.
 
     Weights are written in place in their own dtype (bf16 stays bf16); ``modules_to_save`` copies
     of the merged adapters replace their originals' values. The returned object is the same
     model, with no deltatune hooks, children or state left; its parameters keep the
     ``requires_grad`` they had (frozen).
+
+    A 4-bit base layer (see :func:`deltatune.quantize_base`) is dequantized, merged in float32 and
+    becomes a dense ``nn.Linear`` of the weight's dtype before quantization (bf16 stays bf16):
+    the result reproduces the adapter model.
+    ``requantize=True`` writes those layers back into 4 bits (the same format) and warns with the
+    number of layers and the largest weight error that rounding caused
+    (:func:`deltatune.quant.requantize_merged`).
 
     Raises:
         ValueError: as :func:`merge`.
@@ -190,7 +213,12 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = 
             raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights")
         _write(host, new, getattr(amod, "fan_in_fan_out", False))
         _write_bias(host, new_b, keep_original=False)
-    return unload(model)
+    unload(model)
+    if requantize:
+        from .quant import requantize_merged
+
+        requantize_merged(model)
+    return model
 
 
 def unload(model: nn.Module) -> nn.Module:

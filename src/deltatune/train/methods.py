@@ -121,6 +121,33 @@ def build_bottleneck(opts: dict):
     return BottleneckConfig(style=opts.get("style") or "houlsby", target_modules=_opt_targets(opts.get("target_modules")),
                             **kw)
 
+
+@register_cli_method("qlora")
+def build_qlora(opts: dict):
+    """QLoRA (arXiv:2305.14314) trains the same LoRA as ``lora``; the 4-bit base is the preparer's."""
+    return build_lora(opts)
+
+
+@register_model_preparer("qlora")
+def prepare_qlora(model, opts: dict) -> dict:
+    """Quantize the loaded base to 4 bits (:func:`deltatune.quantize_base`) before injection.
+
+    Options (all optional): ``quant_type`` ("nf4" | "fp4"), ``double_quant`` (True),
+    ``compute_dtype`` ("float32" | "bfloat16"), ``quant_backend`` ("bitsandbytes" | "torchao").
+    Returns the report fields ``base_weight_bytes`` (bytes of all frozen base weights in memory,
+    scales included, measured from the tensors), ``quantized_params``, and the details of
+    :func:`deltatune.quant.quant_stats`.
+    """
+    from ..quant import quant_stats, quantize_base
+
+    dq = opts.get("double_quant", True)
+    if isinstance(dq, str):
+        dq = dq.strip().lower() not in ("0", "false", "no", "off")
+    quantize_base(model, quant_type=opts.get("quant_type") or "nf4", double_quant=bool(dq),
+                  compute_dtype=opts.get("compute_dtype") or "float32",
+                  backend=opts.get("quant_backend") or "bitsandbytes")
+    return quant_stats(model)
+
 # ----------------------------------------------------------------------------- prompt methods
 
 # TEXT init of prompt tuning on the default task (arXiv:2104.08691 found task-describing text a
