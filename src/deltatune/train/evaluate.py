@@ -1,0 +1,243 @@
+"""Evaluation: greedy generation, exact match, eval loss, token accuracy and perplexity.
+
+Every evaluation runs inside :func:`evaluation_mode`: the model is put in eval mode (dropout off),
+grad mode is off, and torch's RNG state is forked, so that an evaluation during training changes
+neither the gradients, nor the mode of any module afterwards (each module gets back its own
+``training`` flag), nor the random streams training draws from (C25).
+
+Greedy generation is batched with LEFT padding built here from the prompts' lengths (the
+tokenizer's ``padding_side`` is never consulted) and an attention mask, so each row's positions
+count from its first real token and a batched answer equals the answer of the prompt run alone
+(C21). Generation stops per row at an end-of-turn token (``eos`` and the chat template's
+end-of-turn token, see :func:`deltatune.train.data.end_of_turn_ids`); the scored answer is the text
+before the stop token, and nothing after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .data import ChatEncoder, Example, collate, end_of_turn_ids, pad_id_of
+from .loop import token_loss_sum
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """Eval mode + ``torch.no_grad`` + forked RNG (torch and Python's ``random``); all restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            for m, t in modes:
+                m.training = t
+            random.setstate(py_state)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, trimmed, without surrounding quotes/asterisks and final ``.``/``!`` (exact-match key)."""
+    s = text.strip().strip("\"'`*").strip()
+    while s and s[-1] in ".!":
+        s = s[:-1].rstrip()
+    return s.strip("\"'`*").strip().lower()
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    p = normalize_answer(prediction)
+    return any(p == normalize_answer(a) for a in answers)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                    stop_ids: Sequence[int], pad_id: int, batch_size: int = 32,
+                    return_first_logits: bool = False):
+    """Greedy continuations of tokenised prompts, batched with left padding.
+
+    Args:
+        prompts: lists of token ids (any lengths).
+        stop_ids: tokens that end a row's answer (not included in the result).
+
+    Returns:
+        A list (prompt order) of lists of new token ids, cut before the first stop token; with
+        ``return_first_logits`` also a list of the first step's logits, each (V,) float32.
+    """
+    from transformers import GenerationConfig
+
+    stop = [int(s) for s in stop_ids]
+    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
+                               eos_token_id=stop or None, pad_token_id=int(pad_id),
+                               output_logits=return_first_logits, return_dict_in_generate=True)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list = [None] * len(prompts)
+    firsts: list = [None] * len(prompts)
+    dev = next(model.parameters()).device
+    for k in range(0, len(order), batch_size):
+        idx = order[k: k + batch_size]
+        L = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), L), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = list(prompts[i])
+            ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, L - len(p):] = 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+        seqs = out.sequences[:, L:].tolist()
+        for r, i in enumerate(idx):
+            row = seqs[r]
+            cut = next((t for t, x in enumerate(row) if x in stop), len(row))
+            results[i] = row[:cut]
+            if return_first_logits:
+                firsts[i] = out.logits[0][r].float().cpu()
+    return (results, firsts) if return_first_logits else results
+
+
+@torch.no_grad()
+def loss_stats(model: nn.Module, items: Sequence[dict], pad_id: int, batch_size: int = 16) -> dict:
+    """Teacher-forced statistics over encoded items: ``loss`` (mean target CE, nats), ``perplexity``,
+    ``token_accuracy`` (fraction of targets whose argmax is right), ``targets`` (count)."""
+    tot, n, right = 0.0, 0, 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    for k in range(0, len(order), batch_size):
+        b = collate([items[i] for i in order[k: k + batch_size]], pad_id)
+        s, c, a = token_loss_sum(model, b, with_accuracy=True)
+        tot += float(s)
+        n += c
+        right += a
+    loss = tot / n if n else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if n else float("nan"),
+            "token_accuracy": right / n if n else float("nan"), "targets": n}
+
+
+class Evaluator:
+    """Scores a model on held-out examples: exact match of greedy answers (chat examples with a
+    reference answer) or teacher-forced token accuracy (plain text), plus the eval loss.
+
+    Args:
+        examples: held-out :class:`Example` s; the first ``size`` are used.
+        encoder: the training :class:`ChatEncoder` (same template and masking).
+        metric: "exact_match", "token_accuracy" or "auto" (exact match when every example is a
+            conversation ending in an assistant answer).
+        max_new_tokens: generation length; raised to fit the longest reference answer + 1.
+    """
+
+    def __init__(self, tokenizer, examples: Sequence[Example], encoder: ChatEncoder, *, metric: str = "auto",
+                 size: Optional[int] = None, loss_size: Optional[int] = 64, batch_size: int = 64,
+                 max_new_tokens: int = 8):
+        self.tok = tokenizer
+        self.examples = list(examples)[: size] if size else list(examples)
+        if not self.examples:
+            raise ValueError("no held-out examples to evaluate on")
+        self.encoder = encoder
+        self.pad_id = pad_id_of(tokenizer)
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.batch_size = int(batch_size)
+        chat = all(e.messages is not None and e.reference is not None for e in self.examples)
+        if metric == "auto":
+            metric = "exact_match" if chat else "token_accuracy"
+        if metric == "exact_match" and not chat:
+            raise ValueError("exact_match needs conversations that end in an assistant answer")
+        self.metric_name = metric
+        items = []
+        for e in self.examples[: loss_size] if loss_size else self.examples:
+            enc = encoder.encode(e)
+            if enc is not None:
+                items.append(enc)
+        self.loss_items = items if self.metric_name == "exact_match" else encoder.encode_all(self.examples)
+        if self.metric_name == "exact_match":
+            self.prompts = [encoder.prompt_ids(e.prompt_messages()) for e in self.examples]
+            longest = max(len(self.tok(e.reference, add_special_tokens=False)["input_ids"]) for e in self.examples)
+            self.max_new_tokens = max(int(max_new_tokens), longest + 1)
+
+    def answers(self, model: nn.Module) -> list[str]:
+        """Greedy answer texts (stop token excluded), in example order."""
+        with evaluation_mode(model):
+            outs = greedy_generate(model, self.prompts, max_new_tokens=self.max_new_tokens,
+                                   stop_ids=self.stop_ids, pad_id=self.pad_id, batch_size=self.batch_size)
+        return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
+
+    def __call__(self, model: nn.Module, step: int = 0) -> dict:
+        """``{"metric", "metric_name", "eval_loss", "n", "samples"}`` (samples: first 5 answers)."""
+        with evaluation_mode(model):
+            st = loss_stats(model, self.loss_items, self.pad_id, batch_size=16) if self.loss_items else {}
+            res = {"step": step, "metric_name": self.metric_name, "eval_loss": st.get("loss")}
+            if self.metric_name == "exact_match":
+                preds = self.answers(model)
+                hits = [exact_match(p, e.answers or [e.reference]) for p, e in zip(preds, self.examples)]
+                res["metric"] = sum(hits) / len(hits)
+                res["n"] = len(hits)
+                res["samples"] = [
+                    {"prompt": e.prompt_messages()[-1]["content"], "answer": p, "expected": e.reference}
+                    for p, e in list(zip(preds, self.examples))[:5]]
+            else:
+                res["metric"] = st.get("token_accuracy")
+                res["n"] = len(self.loss_items)
+        return res
+
+
+# ----------------------------------------------------------------------------- general-text perplexity
+
+
+def chitchat_path() -> str:
+    """``dataset.json`` inside the installed ``chitchat-dataset`` wheel (MIT; not imported, not downloaded)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("perplexity needs the chitchat-dataset package: pip install 'deltatune[train]'")
+    return os.path.join(list(spec.submodule_search_locations)[0], "dataset.json")
+
+
+def general_conversations(n: int = 48, max_turns: int = 6) -> list[Example]:
+    """A fixed set of ``n`` everyday conversations from the chitchat data set.
+
+    Conversations are taken in order of their (sorted) ids, those with at least 4 turns; each turn
+    joins one speaker's consecutive messages with spaces; turns alternate user/assistant, starting
+    with the user, cut to ``max_turns``.
+    """
+    with open(chitchat_path(), encoding="utf-8") as fh:
+        data = json.load(fh)
+    out = []
+    for key in sorted(data):
+        turns = [" ".join(u["text"].strip() for u in t if u.get("text", "").strip()) for t in data[key]["messages"]]
+        turns = [t for t in turns if t][:max_turns]
+        if len(turns) < 4:
+            continue
+        if len(turns) % 2:
+            turns = turns[:-1]
+        msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
+        out.append(Example(messages=msgs, where=f"chitchat:{key}"))
+        if len(out) >= n:
+            break
+    return out
+
+
+class PerplexityProbe:
+    """Perplexity (exp of mean target CE) of the assistant turns of the fixed chitchat set.
+
+    Without a chat template the conversations are scored as plain text ("A: ... / B: ..." lines).
+    """
+
+    def __init__(self, tokenizer, n: int = 48, max_seq_len: int = 256):
+        convs = general_conversations(n)
+        enc = ChatEncoder(tokenizer, max_seq_len=max_seq_len, train_on="all_assistant")
+        if not getattr(tokenizer, "chat_template", None):
+            convs = [Example(text="\n".join(("A: " if m["role"] == "user" else "B: ") + m["content"]
+                                            for m in c.messages), where=c.where) for c in convs]
+        self.items = enc.encode_all(convs)
+        self.pad_id = pad_id_of(tokenizer)
+        self.n = len(self.items)
+
+    def __call__(self, model: nn.Module) -> float:
+        with evaluation_mode(model):
+            return loss_stats(model, self.items, self.pad_id, batch_size=8)["perplexity"]

@@ -1,0 +1,274 @@
+"""The one training loop (every method: it only sees trainable parameters and the model's forward).
+
+Loss. The loss of an optimizer step is the sum of the cross-entropies of every target token in
+the step's accumulation window, divided by the number of target tokens in the whole window::
+
+    loss = sum_{micro-batches m} sum_{targets t in m} -log p(y_t | y_<t)  /  N_window
+
+Each micro-batch back-propagates its own sum divided by ``N_window`` (known before the first
+forward, from the labels), so batch 4 x accumulation 1, batch 1 x accumulation 4 and any other
+split give the same gradient, and the logged loss is that same number (regression case C16).
+Labels are the input ids with non-targets set to -100; the logits at position t-1 predict the
+label at t (one shift, here). Only the logits of the positions that hold targets (the last K
+positions, via transformers' ``logits_to_keep``) are computed, which saves most of the
+vocabulary projection and its log-softmax on chat data.
+
+Steps. ``step`` always means an optimizer step. An epoch is a seeded shuffle of the training
+examples cut into micro-batches of ``batch_size`` (the last one may be smaller); micro-batches
+are grouped into accumulation windows of ``grad_accum``, and no window spans two epochs. The short
+last window of an epoch (fewer than ``grad_accum`` micro-batches) IS stepped, normalised by its
+own target count as any window. ``max_steps`` caps the number of optimizer steps. The learning-rate
+schedule is sized to the number of optimizer steps actually taken and moves only after an
+optimizer step (C23): with peak ``lr``, ``warmup_steps`` W and T steps, the LR of step s
+(0-based) is ``lr * s / W`` for s < W, then ``lr * (1 + cos(pi * (s - W) / (T - W))) / 2``
+("cosine"; "constant" keeps ``lr``). After the last step the scheduler stands at its end (LR 0).
+
+Gradient clipping (``max_grad_norm``) takes the norm once per optimizer step over the whole
+accumulated gradient. Randomness: the data order comes from its own generator seeded with
+``seed``; dropout draws from torch's global generator, seeded with ``seed`` at the start;
+evaluation (see :mod:`deltatune.train.evaluate`) never touches either.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, collate, count_targets
+
+_KEEP_CACHE: dict = {}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    key = type(model)
+    if key not in _KEEP_CACHE:
+        try:
+            _KEEP_CACHE[key] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            _KEEP_CACHE[key] = False
+    return _KEEP_CACHE[key]
+
+
+def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False):
+    """Sum of the target tokens' cross-entropy over a collated batch.
+
+    Args:
+        batch: from :func:`deltatune.train.data.collate`: ``input_ids`` (B, T), ``attention_mask``
+            (B, T), ``labels`` (B, T) unshifted (-100 off-target).
+
+    Returns:
+        ``(loss_sum, n_targets)``: a scalar float32 tensor (with grad when grad mode is on) and an
+        int; with ``with_accuracy`` also the number of targets whose argmax logit is the label.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    T = ids.shape[1]
+    tgt = labels[:, 1:]  # (B, T-1): the label predicted from position j is at j+1
+    valid_cols = (tgt != IGNORE_INDEX).any(0).nonzero()
+    if len(valid_cols) == 0:
+        z = torch.zeros((), dtype=torch.float32)
+        return (z, 0, 0) if with_accuracy else (z, 0)
+    first = int(valid_cols[0])  # first logits position that predicts a target
+    keep = T - first  # logits positions first .. T-1
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if _accepts_logits_to_keep(model) and keep < T:
+        kwargs["logits_to_keep"] = keep
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits[:, -keep:][:, :-1]  # (B, keep-1, V): positions first .. T-2
+    y = labels[:, first + 1:]  # (B, keep-1)
+    sel = y != IGNORE_INDEX
+    lg = logits[sel].float()  # (N, V)
+    yy = y[sel]
+    loss = F.cross_entropy(lg, yy, reduction="sum")
+    n = int(sel.sum())
+    if with_accuracy:
+        return loss, n, int((lg.argmax(-1) == yy).sum())
+    return loss, n
+
+
+# ----------------------------------------------------------------------------- plan and schedule
+
+
+def micro_batches_of_epoch(n_items: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Index lists of one epoch's micro-batches: a seeded permutation cut into ``batch_size`` chunks."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    perm = torch.randperm(n_items, generator=g).tolist()
+    return [perm[i: i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def plan_windows(n_items: int, batch_size: int, grad_accum: int, epochs: int, seed: int,
+                 max_steps: Optional[int] = None) -> list[list[list[int]]]:
+    """The accumulation windows of a run: a list (one per optimizer step) of micro-batch index lists.
+
+    No window spans two epochs; an epoch's short last window is kept. ``max_steps`` cuts the plan
+    (and, when it exceeds one pass over ``epochs``, more epochs are added until it is reached).
+    """
+    if n_items <= 0:
+        raise ValueError("no training examples")
+    windows = []
+    epoch = 0
+    while True:
+        mbs = micro_batches_of_epoch(n_items, batch_size, epoch, seed)
+        for i in range(0, len(mbs), grad_accum):
+            windows.append(mbs[i: i + grad_accum])
+        epoch += 1
+        if max_steps is None and epoch >= epochs:
+            break
+        if max_steps is not None and len(windows) >= max_steps:
+            break
+    return windows[:max_steps] if max_steps is not None else windows
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """LR multiplier of optimizer step ``step`` (0-based) of ``total``; 0 at step == total."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0 if step < total else 0.0
+    span = max(1, total - warmup)
+    p = min(1.0, (step - warmup) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: Optional[float]
+    targets: int
+    tokens: int  # real (unpadded) tokens in the window
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    """Runs the plan: ``Trainer(model, items, ...).fit()``.
+
+    Args:
+        model: any model whose trainable parameters (``requires_grad``) are the adapter's.
+        items: encoded examples ``{"input_ids", "labels"}`` (see :class:`ChatEncoder`).
+        pad_id: id used to fill padding (never used to find padding).
+        evaluate: ``fn(model, step) -> dict`` called (in eval mode, no grad, RNG untouched: the
+            function is responsible, see :func:`deltatune.train.evaluate.evaluation_mode`) after
+            every ``eval_every`` optimizer steps and after the last one; and before the first when
+            ``eval_at_start``.
+        on_step / on_eval / checkpoint: callbacks ``(StepLog)``, ``(step, dict)``, ``(step)``.
+
+    Attributes ``optimizer`` and ``scheduler`` exist after construction (tests hook them).
+    """
+
+    model: nn.Module
+    items: Sequence[dict]
+    pad_id: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: Optional[float] = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    seed: int = 0
+    eval_every: int = 0
+    eval_at_start: bool = False
+    save_every: int = 0
+    evaluate: Optional[Callable] = None
+    on_step: Optional[Callable] = None
+    on_eval: Optional[Callable] = None
+    checkpoint: Optional[Callable] = None
+    progress: bool = False
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: inject an adapter first")
+        self.plan = plan_windows(len(self.items), self.batch_size, self.grad_accum, self.epochs, self.seed,
+                                 self.max_steps)
+        self.total_steps = len(self.plan)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        total, warm, sched = self.total_steps, int(self.warmup_steps), self.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warm, sched))
+        self.step = 0
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self.evals: list = []
+
+    def _run_eval(self):
+        if self.evaluate is None:
+            return
+        res = self.evaluate(self.model, self.step)
+        self.evals.append((self.step, res))
+        if self.on_eval is not None:
+            self.on_eval(self.step, res)
+
+    def train_window(self, window: list[list[int]]) -> StepLog:
+        """Forward/backward every micro-batch of one window, then clip and take one optimizer step."""
+        t0 = time.perf_counter()
+        batches = [collate([self.items[i] for i in mb], self.pad_id) for mb in window]
+        n_window = sum(count_targets(b) for b in batches)
+        total = 0.0
+        for b in batches:
+            s, n = token_loss_sum(self.model, b)
+            if n:
+                (s / n_window).backward()
+                total += float(s.detach())
+        gn = None
+        if self.max_grad_norm:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+        return StepLog(step=self.step + 1, loss=total / max(1, n_window), lr=lr, grad_norm=gn,
+                       targets=n_window, tokens=tokens, seconds=time.perf_counter() - t0)
+
+    def fit(self) -> list:
+        """Run every window of the plan; return the list of :class:`StepLog`."""
+        torch.manual_seed(self.seed)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, unit="step", desc="train", dynamic_ncols=True, leave=True)
+        try:
+            if self.eval_at_start:
+                self._run_eval()
+            self.model.train()
+            for window in self.plan:
+                log = self.train_window(window)
+                self.step += 1
+                self.train_tokens += log.tokens
+                self.train_seconds += log.seconds
+                self.history.append(log)
+                if self.on_step is not None:
+                    self.on_step(log)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{log.loss:.3f}",
+                                    tok_s=f"{self.train_tokens / max(self.train_seconds, 1e-9):.0f}",
+                                    refresh=False)
+                    bar.update(1)
+                last = self.step == self.total_steps
+                if self.evaluate is not None and (last or (self.eval_every and self.step % self.eval_every == 0)):
+                    self._run_eval()
+                if self.checkpoint is not None and self.save_every and self.step % self.save_every == 0 and not last:
+                    self.checkpoint(self.step)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.model.eval()
+        return self.history

@@ -1,0 +1,398 @@
+"""What the CLI subcommands do, as plain functions: ``run_train``, ``run_eval``, ``run_generate``,
+``run_merge``, ``inspect_adapter``. The CLI only parses options and prints.
+
+``run_train`` in order: check ``--out``; load the model and tokenizer; build the data (the default
+inflection task, or ``--data``); run the method's model preparer if it has one (e.g. quantization);
+score the base model (metric and chitchat perplexity: the "before" column); inject the adapter
+built by the method's config builder; train with evaluations; save the adapter (PEFT format) into
+``--out``; perplexity with the adapter; write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .config import OptionError, TrainConfig
+
+# files a deltatune run or merge writes; a folder holding one of them may be overwritten
+_OUTPUT_MARKERS = ("report.json", "adapter_config.json", "metrics.jsonl", "config.json", "model.safetensors")
+
+
+class UsageError(ValueError):
+    """Bad command-line input (one-line message; the CLI exits with code 2)."""
+
+
+def prepare_out(path: str, overwrite: bool) -> str:
+    """Create ``path``, or empty it when ``overwrite`` and it holds an earlier deltatune output.
+
+    Raises:
+        UsageError: ``path`` exists, is not empty and ``overwrite`` is False; or it is a file; or it
+            holds files deltatune did not write (never deleted, whatever the flags).
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path):
+        raise UsageError(f"--out {path} is a file: give a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise UsageError(f"--out {path} exists and is not empty: pass --overwrite or choose another folder")
+        if not any(os.path.exists(os.path.join(path, m)) for m in _OUTPUT_MARKERS):
+            raise UsageError(f"--out {path} is not empty and holds no deltatune output: refusing to delete it; "
+                             "choose another folder")
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _say(log: Optional[Callable], msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def load_base(model_path: Optional[str], dtype: str = "float32", threads: Optional[int] = None):
+    """(model, tokenizer, source) from ``--model`` (None = default SmolLM2)."""
+    from ..integrations.transformers import load_model, load_tokenizer, resolve_model
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    source = resolve_model(model_path)
+    tok = load_tokenizer(source)
+    model = load_model(source, dtype=getattr(torch, dtype))
+    return model, tok, source
+
+
+def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[str]:
+    """The ``--model`` to use with an adapter: the flag, else the adapter's recorded base when it exists
+    on this machine, else None (the default model) when the recorded base is the default model.
+
+    Raises:
+        UsageError: the adapter folder is missing, or its base cannot be found here.
+    """
+    from ..integrations.transformers import DEFAULT_MODEL_NAME
+
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UsageError(f"--adapter {adapter_dir} is not an adapter folder (no adapter_config.json)")
+    if model_flag:
+        return model_flag
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+        base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        return None
+    if os.path.exists(base):
+        return base
+    if DEFAULT_MODEL_NAME.lower() in os.path.basename(str(base)).lower():
+        return None
+    raise UsageError(f"the adapter's base model {base} is not on this machine: pass --model PATH")
+
+
+def build_method_config(cfg: TrainConfig):
+    """The adapter config for ``cfg.method`` from the CLI method registry.
+
+    Raises:
+        UsageError: unknown method (the message lists the registered ones).
+    """
+    from .. import methods as _builtin  # noqa: F401  (registers built-in methods)
+    from . import methods as cli_methods
+
+    builder = cli_methods.METHOD_BUILDERS.get(cfg.method)
+    if builder is None:
+        known = ", ".join(sorted(cli_methods.METHOD_BUILDERS))
+        raise UsageError(f"unknown --method {cfg.method!r}; available: {known}")
+    try:
+        return builder(cfg.method_opts())
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--method {cfg.method}: {e}") from None
+
+
+def build_data(cfg: TrainConfig, tokenizer, log=None):
+    """(encoder, train items, evaluator examples, task name)."""
+    from .data import ChatEncoder, load_examples, split_examples
+    from .task import build_task
+
+    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    if cfg.data is None:
+        task = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed)
+        train_ex, eval_ex, name = task.train, task.eval, "inflection (lemminflect lexicon)"
+        _say(log, f"data: default task, {len(train_ex)} training questions from {task.n_train_lemmas} lemmas, "
+                  f"{len(eval_ex)} held-out words from {task.n_eval_lemmas} held-out lemmas")
+    else:
+        examples = load_examples(cfg.data)
+        if cfg.eval_data:
+            train_ex, eval_ex = examples, load_examples(cfg.eval_data)
+        else:
+            train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
+        name = os.path.basename(cfg.data)
+        _say(log, f"data: {cfg.data}: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+    items = enc.encode_all(train_ex)
+    _say(log, f"tokenised: {enc.stats.summary()}")
+    if not items:
+        raise UsageError("no training example has a target token left: check the data and --max-seq-len")
+    return enc, items, eval_ex, name
+
+
+def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+    """Train as ``deltatune train`` does; return the report dict (also written to ``out/report.json``)."""
+    from ..formats.peft import save_adapter
+    from ..inject import count_parameters, get_config, inject
+    from . import methods as cli_methods
+    from .data import pad_id_of
+    from .evaluate import Evaluator, PerplexityProbe
+    from .loop import Trainer
+    from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
+
+    t_start = time.time()
+    out = prepare_out(cfg.out, cfg.overwrite)
+    method_config = build_method_config(cfg)  # fail on a bad method before loading anything
+    torch.manual_seed(cfg.seed)
+    _say(log, "loading model ...")
+    model, tok, source = load_base(cfg.model, cfg.dtype, cfg.threads)
+    _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s)")
+    enc, items, eval_ex, task_name = build_data(cfg, tok, log)
+    evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
+                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if eval_ex else None
+    extra = {}
+    preparer = cli_methods.MODEL_PREPARERS.get(cfg.method)
+    if preparer is not None:
+        extra = dict(preparer(model, cfg.method_opts()) or {})
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
+    ppl_probe = PerplexityProbe(tok, cfg.ppl_size) if cfg.ppl_size else None
+
+    _say(log, "scoring the base model ...")
+    before = evaluator(model, 0) if evaluator else {}
+    if before:
+        metrics.write({"kind": "eval", **{k: v for k, v in before.items() if k != "samples"}})
+        _say(log, f"before: {before['metric_name']} = {before['metric']:.3f}" +
+             (f" (e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['prompt']!r})"
+              if before.get("samples") else ""))
+    ppl_before = ppl_probe(model) if ppl_probe else None
+
+    inject(model, method_config)
+    trainable, total = count_parameters(model)
+    _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
+
+    t_train = time.time()
+
+    def on_step(s):
+        metrics.write({"kind": "train", "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
+                       "targets": s.targets, "tokens": s.tokens, "seconds": s.seconds,
+                       "tokens_per_s": s.tokens / max(s.seconds, 1e-9), "elapsed_s": time.time() - t_train})
+
+    def on_eval(step, res):
+        metrics.write({"kind": "eval", **{k: v for k, v in res.items() if k != "samples"}})
+        _say(log, f"step {step}: {res['metric_name']} = {res['metric']:.3f}, eval loss {res['eval_loss']:.4f}"
+             if res.get("eval_loss") is not None else f"step {step}: {res['metric_name']} = {res['metric']:.3f}")
+
+    save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
+    last_ckpt = []
+
+    def checkpoint(step):
+        d = os.path.join(out, f"checkpoint-{step}")
+        save_adapter(model, d)
+        for old in last_ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+        last_ckpt[:] = [d]
+
+    trainer = Trainer(
+        model, items, pad_id=pad_id_of(tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
+        evaluate=evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
+        progress=cfg.progress if progress is None else progress,
+    )
+    _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples")
+    trainer.fit()
+    for old in last_ckpt:
+        shutil.rmtree(old, ignore_errors=True)
+
+    saved_cfg = get_config(model)
+    saved_cfg.base_model_name_or_path = source.display
+    if getattr(saved_cfg, "task_type", "") is None:
+        saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
+    save_adapter(model, out)
+    ppl_after = ppl_probe(model) if ppl_probe else None
+    after = trainer.evals[-1][1] if trainer.evals else {}
+
+    report = {
+        "method": cfg.method,
+        "metric_name": (after or before).get("metric_name"),
+        "metric_before": before.get("metric"),
+        "metric_after": after.get("metric"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "wall_seconds": time.time() - t_start,
+        "train_tokens": trainer.train_tokens,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+        "eval_examples": after.get("n") or before.get("n"),
+        "steps": trainer.total_steps,
+        "train_seconds": trainer.train_seconds,
+        "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
+        "final_loss": trainer.history[-1].loss if trainer.history else None,
+        "task": task_name,
+        "model": source.display,
+        "out": out,
+        "samples_after": after.get("samples"),
+        "config": cfg.to_dict(),
+        **extra,
+        "extra_fields": sorted(extra),
+    }
+    write_report(os.path.join(out, "report.json"), report)
+    metrics.close()
+    if cfg.plot:
+        try:
+            plot_curves(metrics.rows, os.path.join(out, "curves.png"),
+                        title=f"{cfg.method} on {task_name}")
+        except Exception as e:  # a plotting failure must not lose the run
+            _say(log, f"warning: curves.png not written: {e}")
+    _say(log, "\n" + format_table(report))
+    return report
+
+
+# ----------------------------------------------------------------------------- other subcommands
+
+
+def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: str = "float32"):
+    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base)."""
+    from ..formats.peft import load_adapter
+
+    base = base_for_adapter(adapter, model_path) if adapter else model_path
+    model, tok, source = load_base(base, dtype)
+    if adapter:
+        load_adapter(model, adapter)
+    model.eval()
+    return model, tok, source
+
+
+def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[str], cfg: TrainConfig,
+             log: Optional[Callable] = print) -> dict:
+    """Metric (and eval loss) of model + adapter on ``data`` (all rows), or on the default task's held-out words."""
+    from .data import ChatEncoder, load_examples
+    from .evaluate import Evaluator
+    from .task import build_task
+
+    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype)
+    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    if data:
+        examples = load_examples(data)
+    else:
+        examples = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed).eval
+    ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
+                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+    res = ev(model)
+    res.update({"adapter": adapter, "model": source.display, "data": data or "default task (held-out words)"})
+    return res
+
+
+def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
+                 max_new_tokens: int = 64, system: Optional[str] = None, batch_size: int = 16,
+                 dtype: str = "float32") -> list[str]:
+    """Greedy answers to chat prompts (one user turn each), stopping at end of turn."""
+    from .data import ChatEncoder, end_of_turn_ids, pad_id_of
+    from .evaluate import evaluation_mode, greedy_generate
+
+    model, tok, _ = load_with_adapter(adapter, model_path, dtype)
+    enc = ChatEncoder(tok)
+    ids = []
+    for p in prompts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        if getattr(tok, "chat_template", None):
+            ids.append(enc.prompt_ids(msgs))
+        else:
+            ids.append(list(tok(p)["input_ids"]))
+    with evaluation_mode(model):
+        outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
+                               pad_id=pad_id_of(tok), batch_size=batch_size)
+    return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overwrite: bool = False,
+              dtype: str = "float32") -> str:
+    """Merge the adapter into its base and write a plain transformers model folder (safetensors + tokenizer)."""
+    from ..formats.peft import load_adapter
+    from ..merge import merge_and_unload
+
+    base = base_for_adapter(adapter, model_path)
+    out = prepare_out(out, overwrite)
+    model, tok, _ = load_base(base, dtype)
+    load_adapter(model, adapter)
+    model = merge_and_unload(model)
+    for p in model.parameters():
+        p.requires_grad_(True)  # a plain model, as transformers would load it
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for attr in ("gguf_file",):
+            if hasattr(cfg, attr):
+                delattr(cfg, attr)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def inspect_adapter(adapter: str) -> dict:
+    """Method, targets, rank, parameter count and per-module update norms of an adapter folder.
+
+    For LoRA modules the norm is ``||scale * B @ A||_F`` (the Frobenius norm of the weight update);
+    for other tensors the L2 norm of the module's adapter tensors. Nothing is loaded but the two files.
+    """
+    import math as _m
+    import re
+
+    from ..formats.peft import PREFIX, read_adapter_tensors, read_config_json
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise UsageError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    cfg = read_config_json(adapter)
+    tensors = read_adapter_tensors(adapter)
+    n_params = sum(t.numel() for t in tensors.values())
+    r = cfg.get("r")
+    alpha = cfg.get("lora_alpha")
+    groups: dict = {}
+    for k, t in tensors.items():
+        name = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        mod, _, leaf = name.rpartition(".")
+        if leaf == "weight" and mod.rpartition(".")[2] in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            mod, _, leaf = mod.rpartition(".")
+        groups.setdefault(mod, {})[leaf] = t.float()
+    rows = []
+    for mod in sorted(groups, key=lambda s: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]):
+        g = groups[mod]
+        A = g.get("lora_A", g.get("lora_embedding_A"))
+        B = g.get("lora_B", g.get("lora_embedding_B"))
+        if A is not None and B is not None:
+            rank = A.shape[0]
+            scale = (alpha / _m.sqrt(rank) if cfg.get("use_rslora") else alpha / rank) if alpha else 1.0
+            if "lora_embedding_A" in g:
+                delta = (B @ A)
+            else:
+                delta = B.reshape(B.shape[0], -1) @ A.reshape(rank, -1)
+            norm = float(scale * torch.linalg.matrix_norm(delta))
+            kind = "lora"
+        else:
+            norm = float(torch.sqrt(sum((t ** 2).sum() for t in g.values())))
+            kind = ",".join(sorted(g))
+        rows.append({"module": mod, "norm": norm, "tensors": kind,
+                     "params": int(sum(t.numel() for t in g.values()))})
+    return {
+        "method": cfg.get("peft_type"),
+        "targets": cfg.get("target_modules"),
+        "rank": r,
+        "lora_alpha": alpha,
+        "base_model": cfg.get("base_model_name_or_path"),
+        "parameters": n_params,
+        "modules": rows,
+        "config": cfg,
+    }

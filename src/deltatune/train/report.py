@@ -1,0 +1,140 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per line), ``curves.png``, ``report.json`` and the
+table printed at the end.
+
+``metrics.jsonl`` lines have ``"kind": "train"`` (``step``, ``loss``, ``lr``, ``grad_norm``,
+``targets``, ``tokens``, ``seconds``, ``tokens_per_s``, ``elapsed_s``) or ``"kind": "eval"`` (``step``,
+``metric_name``, ``metric``, ``eval_loss``, ``n``). Steps are optimizer steps; step 0 is the base model
+before training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from typing import Optional
+
+REPORT_FIELDS = (
+    "method", "metric_name", "metric_before", "metric_after", "trainable_params", "total_params",
+    "peak_rss_bytes", "wall_seconds", "train_tokens", "perplexity_before", "perplexity_after",
+)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes (``ru_maxrss`` is KiB on Linux)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class MetricsLog:
+    """Appends JSON lines to ``path`` (flushed per line, so a crashed run keeps its history)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: list = []
+        self._fh = open(path, "w", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> Optional[str]:
+    """Draw training loss (left axis) and the eval metric (right axis) against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    tr = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+    ev = [r for r in rows if r.get("kind") == "eval" and r.get("metric") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if tr:
+        ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], color="tab:blue", lw=1, label="train loss")
+    evl = [r for r in ev if r.get("eval_loss") is not None]
+    if evl:
+        ax.plot([r["step"] for r in evl], [r["eval_loss"] for r in evl], "o--", color="tab:cyan", ms=4,
+                label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax2 = ax.twinx()
+    if ev:
+        name = ev[0].get("metric_name", "metric")
+        ax2.plot([r["step"] for r in ev], [r["metric"] for r in ev], "s-", color="tab:red", ms=5, label=name)
+        ax2.set_ylabel(name)
+        ax2.set_ylim(0, 1.02)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(path: str, report: dict) -> None:
+    missing = [k for k in REPORT_FIELDS if k not in report]
+    if missing:
+        raise ValueError(f"report is missing fields {missing}")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({k: _clean(v) for k, v in report.items()}, fh, indent=2)
+        fh.write("\n")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,d}"
+    return str(v)
+
+
+def format_table(report: dict) -> str:
+    """The short table printed at the end of ``deltatune train``."""
+    name = report.get("metric_name", "metric")
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    lines = [
+        f"{'':<22}{'before':>12}{'after':>12}",
+        f"{name:<22}{pct(report.get('metric_before')):>12}{pct(report.get('metric_after')):>12}",
+        f"{'perplexity (chitchat)':<22}{_fmt(report.get('perplexity_before')):>12}{_fmt(report.get('perplexity_after')):>12}",
+    ]
+    t, n = report.get("trainable_params"), report.get("total_params")
+    rows = [
+        ("method", report.get("method")),
+        ("trainable params", f"{_fmt(t)} of {_fmt(n)} ({100 * t / max(n, 1):.2f}%)" if t is not None and n else "-"),
+        ("steps", _fmt(report.get("steps"))),
+        ("train tokens", _fmt(report.get("train_tokens"))),
+        ("tokens/s (train)", _fmt(report.get("train_tokens_per_s"))),
+        ("wall time", f"{report.get('wall_seconds', 0):.0f} s"),
+        ("peak RSS", f"{report.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB"),
+        ("adapter", report.get("out")),
+    ]
+    for k in sorted(report):
+        if k not in REPORT_FIELDS and k in report.get("extra_fields", []):
+            rows.append((k, _fmt(report[k])))
+    return "\n".join(lines + [f"{k:<22}{v}" for k, v in rows])
