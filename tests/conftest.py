@@ -81,3 +81,51 @@ def smollm():
     from deltatune.integrations.transformers import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None)
+
+
+def make_tt(pad_is_end: bool = False):
+    """TT: the tiny chat tokenizer of the regression cases (C16-C25), built in memory.
+
+    Ids: 0 <pad>, 1 <s> (BOS), 2 </s> (EOS), 3 <|user|>, 4 <|assistant|>, 5 <|end|>; word wN = id N
+    (6..127). Default encoding puts <s> in front. Template: bos, then ``<|role|> content <|end|>``
+    per message, ``<|assistant|>`` as the generation prompt. ``pad_is_end=True`` gives TT-pe
+    (pad = eos = <|end|>, as SmolLM2).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{n}": n for n in range(6, 128)})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    if pad_is_end:
+        tok.pad_token = "<|end|>"
+        tok.eos_token = "<|end|>"
+    return tok
+
+
+def tt_words(ids) -> str:
+    """TT text of word ids: [7, 8] -> "w7 w8"."""
+    return " ".join(f"w{i}" for i in ids)
+
+
+def make_dv(n: int = 16, seed: int = 0):
+    """DV: ``n`` distinct TT conversations (user 1-12 words, assistant 1-9 words), seeded."""
+    import random
+
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        u = tuple(rng.randint(6, 127) for _ in range(rng.randint(1, 12)))
+        a = tuple(rng.randint(6, 127) for _ in range(rng.randint(1, 9)))
+        if (u, a) in seen:
+            continue
+        seen.add((u, a))
+        out.append([{"role": "user", "content": tt_words(u)}, {"role": "assistant", "content": tt_words(a)}])
+    return out
