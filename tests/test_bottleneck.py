@@ -376,3 +376,34 @@ def test_gradient_checkpointing_same_grads(cfg, X):
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         assert b.abs().sum() > 0 and torch.allclose(a, b, atol=1e-7)
+
+
+def _tiny(name):
+    import transformers as T
+
+    common = dict(vocab_size=128, num_attention_heads=4)
+    cfg = {
+        "qwen2": lambda: T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_key_value_heads=2, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, **common),
+        "phi": lambda: T.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, **common),
+    }[name]()
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("name,ffn_norm", [("qwen2", "post_attention_layernorm"),
+                                           ("gpt_neox", "post_attention_layernorm"),
+                                           ("phi", "input_layernorm")])  # phi: parallel block, one norm
+def test_other_decoders(name, ffn_norm, X):
+    sites = decoder_sites(_tiny(name))
+    assert len(sites) == 4 and sites[1].norm.endswith(f".0.{ffn_norm}")
+    for style in STYLES:
+        base = _tiny(name)(X).logits
+        m = _tiny(name)
+        dt.inject(m, BottleneckConfig(style=style))
+        assert torch.equal(m(X).logits, base)
+        emulate_training(m, std=0.3)
+        assert (m(X).logits - base).abs().max() > 1e-3
+        with dt.disable_adapter(m):
+            assert torch.equal(m(X).logits, base)

@@ -39,8 +39,10 @@ sublayer hosts the "after attention" adapter (``mh_adapter``), the feed-forward 
 "after feed-forward" one (``output_adapter``). The residual stream ``r`` of a sublayer is the input
 of its pre-norm, found by name (attention: ``input_layernorm``, ``ln_1``, ``attention_norm``,
 ``ln_attn``; feed-forward: ``pre_feedforward_layernorm``, ``post_attention_layernorm``, ``ln_2``,
-``ffn_norm``, ``ln_mlp``); it is needed only when ``original_ln_before=True`` or
-``original_ln_after=False``. ``leave_out`` lists block indices (0-based) left without adapters.
+``ffn_norm``, ``ln_mlp``; in a parallel block whose only norm is the attention's, as in GPT-J, Phi
+and Falcon, that one); it is needed only when ``original_ln_before=True`` or
+``original_ln_after=False``. Blocks without an attention or feed-forward child (OPT keeps ``fc1``/
+``fc2`` in the layer itself) are not found: name the modules with ``target_modules`` there. ``leave_out`` lists block indices (0-based) left without adapters.
 
 Plain modules: with ``target_modules`` set, each matching module hosts one adapter placed after
 its output (sequential styles) or beside it (parallel), whatever the style; sizes come from the
@@ -411,6 +413,9 @@ def decoder_sites(model: nn.Module) -> list[Site]:
             continue
         anorm = next((n for n in ATTN_NORMS if n in first._modules), None)
         fnorm = next((n for n in FFN_NORMS if n in first._modules), None)
+        norms = [n for n, c in first.named_children() if "Norm" in type(c).__name__]
+        if fnorm is None and anorm is not None and norms == [anorm]:
+            fnorm = anorm  # parallel block (GPT-J, Phi, Falcon): both sublayers read one norm of r
         prefix = f"{lname}." if lname else ""
         for i in range(len(blocks)):
             sites.append(Site(f"{prefix}{i}.{attn}", i, "attention", f"{prefix}{i}.{anorm}" if anorm else None))
