@@ -8,7 +8,7 @@ output (through the output projection)::
 
     q      = rope(q_proj(h))                                  (B, heads, T, head_dim)
     k, v   = k_proj(prompt), v_proj(prompt)                   (1, kv_heads, L, head_dim), repeated to heads
-    extra  = o_proj(gate * softmax(q k^T * scaling) v)        (B, T, hidden); o_proj without its bias
+    extra  = o_proj(gate * softmax(q k^T * scaling) v)        (B, T, hidden); o_proj's bias not added
     attn_out = attn_out + extra
 
 With the gate at zero the model computes exactly the base model's output, so training starts from
@@ -132,12 +132,15 @@ class AdaptionPromptAdapter(nn.Module):
         w = self.adaption_gate.float() * F.softmax(scores, dim=-1, dtype=torch.float32)
         o = torch.matmul(w.to(q.dtype), v.to(q.dtype))  # (B, heads, T, hd)
         o = o.transpose(1, 2).reshape(B, T, -1)
-        return F.linear(o, attn.o_proj.weight.to(o.dtype))  # o_proj without bias: zero gate -> exactly 0
+        o = attn.o_proj(o)  # the module itself (any storage, LoRA on it included), as PEFT does ...
+        bias = getattr(attn.o_proj, "bias", None)
+        return o - bias if bias is not None else o  # ... but without its bias: zero gate -> exactly 0
 
     def _extra_gpt2(self, attn, hidden_states):
         B, T, E = hidden_states.shape
         hd = attn.head_dim
-        prompt = self.adaption_prompt.to(attn.c_attn.weight.dtype)
+        w = attn.c_attn.weight
+        prompt = self.adaption_prompt.to(w.dtype if w.is_floating_point() else hidden_states.dtype)
         q = attn.c_attn(hidden_states).split(attn.split_size, dim=2)[0]
         _, k, v = attn.c_attn(prompt).split(attn.split_size, dim=2)
         q = q.view(B, T, -1, hd).transpose(1, 2)

@@ -689,10 +689,8 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
         return None
     cache_field = None
     if isinstance(output, dict):  # transformers ModelOutput (an OrderedDict of the set fields)
-        for f in ("cache", "past_key_values"):
-            if output.get(f) is not None:
-                cache_field = f
-                break
+        keys = list(output.keys())  # plain keys: no deprecation warning for the old cache name
+        cache_field = next((f for f in ("cache", "past_key_values") if f in keys and output[f] is not None), None)
     if cache_field is not None:
         if frame.get("drop_cache"):
             output[cache_field] = None
@@ -708,7 +706,7 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
         if hs is not None:
             output["hidden_states"] = tuple(h[:, h.shape[1] - T:] if h.shape[1] > T else h for h in hs)
     if frame["tuple"]:
-        return output.to_tuple()
+        return tuple(v for v in output.values() if v is not None)
     return output
 
 
