@@ -434,3 +434,32 @@ def test_prompt_module_is_plain_and_fp32_by_default():
     with torch.no_grad():
         out = m(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
     assert out.logits.dtype == torch.bfloat16 and out.logits.shape == (1, 3, 128)
+
+
+# ----------------------------------------------------------------------------- CLI builders
+
+
+def test_cli_builders_make_working_configs(tmp_path, X):
+    from deltatune.train.methods import METHOD_BUILDERS, PROMPT_INIT_TEXT_TASK
+
+    missing = str(tmp_path / "no-model")
+    pt = METHOD_BUILDERS["prompt-tuning"]({"model": missing})
+    assert isinstance(pt, dt.PromptTuningConfig) and pt.num_virtual_tokens == 20
+    assert pt.prompt_tuning_init == "RANDOM"  # no tokenizer to be found: TEXT falls back to RANDOM
+    pt_text = METHOD_BUILDERS["prompt-tuning"]({"model": None})
+    if pt_text.prompt_tuning_init == "TEXT":  # the default model's tokenizer is installed
+        assert pt_text.prompt_tuning_init_text == PROMPT_INIT_TEXT_TASK and pt_text.tokenizer_name_or_path
+    cfgs = [
+        pt,
+        METHOD_BUILDERS["p-tuning"]({"num_virtual_tokens": "6", "encoder_reparameterization_type": "lstm",
+                                     "encoder_hidden_size": "8"}),
+        METHOD_BUILDERS["prefix-tuning"]({"prefix_projection": "true", "encoder_hidden_size": "8"}),
+        METHOD_BUILDERS["llama-adapter"]({"adapter_layers": "2", "target_modules": "all-linear"}),
+    ]
+    assert cfgs[1].encoder_reparameterization_type == "LSTM" and cfgs[1].num_virtual_tokens == 6
+    assert cfgs[2].prefix_projection is True and cfgs[3].adapter_len == 10 and cfgs[3].target_modules is None
+    for cfg in cfgs:
+        m = make_tl()
+        dt.inject(m, cfg)
+        out = m(X, labels=X)
+        assert out.logits.shape == (1, 6, 128) and torch.isfinite(out.loss)
