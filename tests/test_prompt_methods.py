@@ -340,6 +340,12 @@ def test_text_init_uses_word_embeddings_of_the_text():
     ids = torch.tensor([3 + ord(c) % 100 for c in "abcabca"])
     assert torch.equal(m.prompt_adapters["default"].embedding.weight, m.get_input_embeddings().weight[ids])
     assert cfg.tokenizer_name_or_path == "tiny-tok"  # PEFT requires it for TEXT; recorded from the object
+    m2 = make_tl()
+    cfg2 = dt.PromptTuningConfig(num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text="abc",
+                                 tokenizer_name_or_path=_TinyTokenizer())  # an object in the config works too
+    dt.inject(m2, cfg2)
+    assert torch.equal(m2.prompt_adapters["default"].embedding.weight, m2.get_input_embeddings().weight[ids])
+    assert cfg2.tokenizer_name_or_path == "tiny-tok" and "tiny-tok" in str(cfg2.to_dict())
     with pytest.raises(ValueError, match="needs a tokenizer"):
         dt.inject(make_tl(), dt.PromptTuningConfig(num_virtual_tokens=7, prompt_tuning_init="TEXT",
                                                    prompt_tuning_init_text="abc"))

@@ -130,8 +130,8 @@ class PromptTuningConfig(PromptLearningConfig):
         prompt_tuning_init_text: the text for "TEXT".
         tokenizer_name_or_path: local tokenizer folder for "TEXT" (loaded with
             ``local_files_only=True``). Instead, a tokenizer object may be passed as
-            ``inject(model, config, tokenizer=tok)``; its ``name_or_path`` is then recorded here
-            (PEFT requires this field for "TEXT").
+            ``inject(model, config, tokenizer=tok)`` or put in this field; its ``name_or_path`` is then
+            recorded here (PEFT requires this field for "TEXT").
         tokenizer_kwargs: extra keyword arguments for ``AutoTokenizer.from_pretrained`` (e.g.
             ``{"gguf_file": "model.gguf"}``); ``trust_remote_code`` is always dropped.
     """
@@ -487,6 +487,10 @@ def inject_prompt(model: nn.Module, config: PromptLearningConfig, adapter_name: 
     if not callable(getattr(model, "get_input_embeddings", None)) or model.get_input_embeddings() is None:
         raise ValueError("prompt methods need a model with get_input_embeddings() (a transformers causal LM)")
     fill_geometry(model, config)
+    tok_field = getattr(config, "tokenizer_name_or_path", None)
+    if tok_field is not None and not isinstance(tok_field, str):  # a tokenizer object given in the config
+        tokenizer = tokenizer if tokenizer is not None else tok_field
+        config.tokenizer_name_or_path = getattr(tok_field, "name_or_path", None) or None
     mod = _build_module(model, config, _resolve_dtype(adapter_dtype, model), tokenizer)
     cont = _container(model, create=True)
     cont[adapter_name] = mod
