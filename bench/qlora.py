@@ -140,6 +140,9 @@ def smollm_dir(cache):
         from deltatune.integrations.transformers import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(None)
+        model.config.quantization_config = None  # dequantized already: save as plain fp32
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return path

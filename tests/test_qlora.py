@@ -369,7 +369,8 @@ def test_transformers_bnb_model_is_accepted(tmp_path, X):
         warnings.simplefilter("ignore")  # the repack warning, where it happened
         quantize_base(hq)  # accepts the 4-bit layers, keeps the training layout
     st = quant_stats(hq)
-    assert st["quantized_layers"] == 14 and st["bytes_per_quantized_param"] < 0.8
+    assert st["quantized_layers"] == 14 and st["quantized_weight_bytes"] == expected_bnb_bytes(hq, True)
+    assert dt.count_parameters(hq)[1] == sum(p.numel() for p in tl64().parameters())
     for n, m in linears(ours).items():
         assert torch.equal(hq.get_submodule(n).weight.data, m.weight.data)  # the same 4-bit codes
     dt.inject(hq, dt.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
@@ -414,7 +415,10 @@ def test_smollm2_nf4_bytes_per_param(smollm):
     st = quant_stats(model)
     assert st["quantized_params"] == n_lin == 106_168_320 and st["quantized_layers"] == 210
     assert st["bytes_per_quantized_param"] <= 0.56
-    ids = torch.tensor([[1, 504, 3458, 28, 253, 1789]])
+    assert 0.5 < st["bytes_per_quantized_param"] < 0.52  # 0.518 measured: codes + scales + tables
+    tok = smollm[1]
+    ids = tok("The capital of France is Paris. The capital of Germany is Berlin.", return_tensors="pt").input_ids
     with torch.no_grad():
         ref, got = smollm[0](ids).logits, model(ids).logits
-    assert torch.equal(ref.argmax(-1)[0, -1], got.argmax(-1)[0, -1]) or (got - ref).abs().max() < 3
+    # NF4 changes the logits by a few percent (cosine ~0.95 measured), not more
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.9

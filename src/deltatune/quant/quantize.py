@@ -146,6 +146,7 @@ def quantize_base(
             accepted.append(name)
             if _backend_of(mod) is _bnb:
                 repacked += _bnb.keep_cpu_format(mod)
+                mod.weight.quant_numel = _bnb.quantized_numel(mod)  # for count_parameters
             continue
         if type(mod) is not nn.Linear:
             continue
