@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
@@ -120,20 +121,41 @@ def iter_adapter_modules(model: nn.Module, adapter_name: Optional[str] = None):
 # ----------------------------------------------------------------------------- hooks
 
 
-def _adapter_hook(host: nn.Module, args, output):
+def _adapter_hook(host: nn.Module, args, kwargs, output):
+    """The one forward hook of a host: ``out = adapter(x, out, host=host)`` per active adapter.
+
+    ``x`` is the host's first positional input, or its first keyword input when it was called
+    with keywords only. An adapter whose attribute ``uses_base_output`` is true (DoRA) also gets
+    ``base_output=``, the host's own output before any adapter changed it.
+    """
     st: AdapterState = host.__dict__.get(STATE_ATTR)
     if st is None or st.disabled or not st.active:
         return output
     ads = host._modules.get(ADAPTERS)
     if ads is None:
         return output
-    x = args[0] if args else None
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    base = output
     for name in st.active:
         a = ads._modules.get(name)
         if a is None or getattr(a, "merged", False) or getattr(a, "replaces_host", False):
             continue
-        output = a(x, output, host=host)
+        if getattr(a, "uses_base_output", False):
+            output = a(x, output, host=host, base_output=base)
+        else:
+            output = a(x, output, host=host)
     return output
+
+
+def _has_adapter_hook(host: nn.Module) -> bool:
+    return any(h is _adapter_hook for h in host._forward_hooks.values())
+
+
+def _remove_adapter_hook(host: nn.Module) -> None:
+    for k in [k for k, h in host._forward_hooks.items() if h is _adapter_hook]:
+        del host._forward_hooks[k]
+        host._forward_hooks_with_kwargs.pop(k, None)
+        host._forward_hooks_always_called.pop(k, None)
 
 
 def _replacing_forward(host: nn.Module, *args, **kwargs):
@@ -160,12 +182,13 @@ def attach(host: nn.Module, adapter_name: str, adapter: nn.Module, state: Adapte
     if adapter_name in host.adapters:
         raise ValueError(f"module already has an adapter named {adapter_name!r}")
     host.adapters[adapter_name] = adapter
+    adapter.train(host.training)  # a new module starts in train mode; follow the host (eval => no dropout)
     host.__dict__[STATE_ATTR] = state
     if getattr(adapter, "replaces_host", False):
         if not isinstance(host.__dict__.get("forward"), types.MethodType):
             host.forward = types.MethodType(_replacing_forward, host)
-    elif not any(h is _adapter_hook for h in host._forward_hooks.values()):
-        host.register_forward_hook(_adapter_hook)
+    elif not _has_adapter_hook(host):
+        host.register_forward_hook(_adapter_hook, with_kwargs=True)
 
 
 def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
@@ -177,8 +200,7 @@ def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
     del ads[adapter_name]
     if len(ads) == 0:
         del host._modules[ADAPTERS]
-        for k in [k for k, h in host._forward_hooks.items() if h is _adapter_hook]:
-            del host._forward_hooks[k]
+        _remove_adapter_hook(host)
         if isinstance(host.__dict__.get("forward"), types.MethodType):
             del host.__dict__["forward"]
         host.__dict__.pop(STATE_ATTR, None)
@@ -188,10 +210,23 @@ def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
 # ----------------------------------------------------------------------------- public API
 
 
+_MODULEDICT_PROBE = nn.ModuleDict()
+
+
 def validate_adapter_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` can name an adapter.
+
+    Allowed: letters, digits, ``_`` and ``-``, and not an attribute of ``nn.ModuleDict`` (such as
+    "training" or "keys"), which torch refuses as a child name. The name never reaches a file key,
+    so names like "lora" or "lora_A" are safe (PEFT issue #2252).
+    """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(
             f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' (no dots or spaces)"
+        )
+    if hasattr(_MODULEDICT_PROBE, name):
+        raise ValueError(
+            f"adapter name {name!r} is reserved (an attribute of torch.nn.ModuleDict): pick another name"
         )
 
 
@@ -222,7 +257,8 @@ def inject(
 
     Raises:
         ValueError: the name is invalid or taken, or the config matches no module (the message
-            lists the nearest module names).
+            lists the nearest module names). On any error the model is left as it was (no
+            adapter attached, ``requires_grad`` flags and base weights restored).
         TypeError: the config's method is unknown.
     """
     validate_adapter_name(adapter_name)
@@ -231,21 +267,34 @@ def inject(
         raise ValueError(
             f"this model already has an adapter named {adapter_name!r}: pick another name or delete_adapter() it"
         )
-    injector = _injector_for(config)
+    try:
+        injector = _injector_for(config)
+    except Exception:
+        if not st.configs:
+            model.__dict__.pop(STATE_ATTR, None)
+        raise
     first = not st.configs
     emb_fn = getattr(model, "get_input_embeddings", None)
     emb = emb_fn() if callable(emb_fn) else None
     if "vocab_at_inject" not in st.__dict__ and emb is not None and hasattr(emb, "num_embeddings"):
         st.__dict__["vocab_at_inject"] = emb.num_embeddings
+    grad_before = [(p, p.requires_grad) for p in model.parameters()] if first else []
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
+    n_hooks = len(st.__dict__.get("_trainable_hooks", []))
     try:
         injector(model, config, adapter_name, st, adapter_dtype=adapter_dtype, **options)
     except Exception:
         # leave nothing half-attached
+        cleanup = st.__dict__.get("_delete_hooks", {}).pop(adapter_name, None)
+        if cleanup is not None:
+            cleanup(model)
         for _, host, aname, _ in list(iter_adapter_modules(model, adapter_name)):
             detach(host, aname)
+        _forget_adapter(model, st, adapter_name, n_hooks)
+        for p, g in grad_before:
+            p.requires_grad_(g)
         if not st.configs:
             model.__dict__.pop(STATE_ATTR, None)
         raise
@@ -254,6 +303,17 @@ def inject(
         st.active = [adapter_name]
     _refresh_trainable(model)
     return model
+
+
+def _forget_adapter(model: nn.Module, st: AdapterState, adapter_name: str, keep_hooks: Optional[int] = None) -> None:
+    """Drop the model-wide bookkeeping of one adapter and restore the base tensors it changed."""
+    owned = st.__dict__.get("_trainable_hook_owner", {}).pop(adapter_name, [])
+    hooks = st.__dict__.get("_trainable_hooks", [])
+    if keep_hooks is not None:
+        del hooks[keep_hooks:]
+    hooks[:] = [h for h in hooks if not any(h is o for o in owned)]
+    st.__dict__.get("_hosts", {}).pop(adapter_name, None)
+    release_base_parameters(model, st, adapter_name)
 
 
 def _refresh_trainable(model: nn.Module) -> None:
@@ -267,24 +327,83 @@ def _refresh_trainable(model: nn.Module) -> None:
         fn(model, st)
 
 
-def add_trainable_hook(state: AdapterState, fn: Callable) -> None:
-    """Register ``fn(model, state)`` to run whenever trainability is recomputed (bias options...)."""
+def add_trainable_hook(state: AdapterState, fn: Callable, adapter_name: Optional[str] = None) -> None:
+    """Register ``fn(model, state)`` to run whenever trainability is recomputed (bias options...).
+
+    With ``adapter_name``, the hook is removed when that adapter is deleted.
+    """
     state.__dict__.setdefault("_trainable_hooks", []).append(fn)
+    if adapter_name is not None:
+        state.__dict__.setdefault("_trainable_hook_owner", {}).setdefault(adapter_name, []).append(fn)
+
+
+# ----------------------------------------------------------------------------- base tensors changed in place
+
+
+def keep_base_parameter(model: nn.Module, state: AdapterState, param_name: str, adapter_name: str) -> None:
+    """Record base parameter ``param_name`` before ``adapter_name`` changes it in place.
+
+    For adapters that train or rewrite base tensors (LoRA's ``bias="all"/"lora_only"``, the
+    residual weights of PiSSA/OLoRA init). With the original kept (one copy per tensor):
+    :func:`disable_adapter` computes exactly the base model, and deleting the last adapter that
+    changed the tensor restores it (:func:`merge_and_unload` keeps the changed values instead).
+    """
+    snaps = state.__dict__.setdefault("_base_snapshots", {})
+    if param_name in snaps:
+        snaps[param_name][1].add(adapter_name)
+        return
+    p = model.get_parameter(param_name)
+    snaps[param_name] = [p.detach().clone(), {adapter_name}]
+
+
+def release_base_parameters(model: nn.Module, state: AdapterState, adapter_name: str, *, restore: bool = True) -> None:
+    """Forget ``adapter_name``'s claims on kept base tensors; restore those no adapter claims now.
+
+    ``restore=False`` (merge_and_unload) keeps the changed values in the model instead.
+    """
+    snaps = state.__dict__.get("_base_snapshots", {})
+    for name in list(snaps):
+        owners = snaps[name][1]
+        if adapter_name not in owners:
+            continue
+        owners.discard(adapter_name)
+        if not restore:
+            del snaps[name]
+        elif not owners:
+            with torch.no_grad():
+                model.get_parameter(name).copy_(snaps.pop(name)[0])
+
+
+def _swap_base_parameters(model: nn.Module, state: AdapterState) -> None:
+    """Exchange the kept originals with the current values (twice = no change)."""
+    for name, entry in state.__dict__.get("_base_snapshots", {}).items():
+        p = model.get_parameter(name)
+        cur = p.data
+        p.data = entry[0]
+        entry[0] = cur
 
 
 def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
     """Make ``adapter_name`` (or a list of names, applied in order) the active adapter set.
 
     Active adapters apply in forward and are trainable; the others are frozen and skipped.
+    Merged adapters that are not in the new set are unmerged first (with a warning), so the model
+    computes exactly what the new set says.
 
     Raises:
         KeyError: an unknown name (the message lists the model's adapters).
     """
+    from .merge import merged_adapters, unmerge
+
     st = _require_state(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
         if n not in st.configs:
             raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+    leaving = [n for n in merged_adapters(model) if n not in names]
+    if leaving:
+        warnings.warn(f"set_adapter: unmerging {leaving}, which are merged but no longer active", stacklevel=2)
+        unmerge(model, adapter_names=leaving)
     st.active = names
     _refresh_trainable(model)
 
@@ -294,8 +413,10 @@ def disable_adapter(model: nn.Module):
     """Context manager: inside it the model computes exactly the base model's output.
 
     Adapter contributions are skipped, ``modules_to_save`` copies are bypassed (the original
-    modules run), and merged adapters are unmerged on entry (restoring the exact base weights) and
-    merged again on exit. The previous state is restored also when the block raises.
+    modules run), base tensors an adapter changed in place (trained biases, PiSSA/OLoRA residual
+    weights) hold their original values, and merged adapters are unmerged on entry (restoring the
+    exact base weights) and merged again on exit. The previous state is restored also when the
+    block raises.
     """
     from .merge import merged_adapters, merge, unmerge
 
@@ -305,9 +426,13 @@ def disable_adapter(model: nn.Module):
         unmerge(model)
     prev = st.disabled
     st.disabled = True
+    if not prev:
+        _swap_base_parameters(model, st)
     try:
         yield model
     finally:
+        if not prev:
+            _swap_base_parameters(model, st)
         st.disabled = prev
         if remerge:
             merge(model, adapter_names=remerge)
@@ -316,8 +441,13 @@ def disable_adapter(model: nn.Module):
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (its modules, hooks and config). Unmerges it first if merged.
 
-    When the last adapter goes, the model is a plain base model again (its base parameters stay
-    frozen; call ``requires_grad_(True)`` to train them).
+    Base tensors it changed in place (trained biases, PiSSA/OLoRA residuals) get their original
+    values back unless another adapter still changes them. When the last adapter goes, the model
+    is a plain base model again (its base parameters stay frozen; call ``requires_grad_(True)`` to
+    train them).
+
+    Raises:
+        KeyError: no adapter of that name.
     """
     from .merge import merged_adapters, unmerge
 
@@ -331,6 +461,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         cleanup(model)
     for _, host, aname, _ in list(iter_adapter_modules(model, adapter_name)):
         detach(host, aname)
+    _forget_adapter(model, st, adapter_name)
     del st.configs[adapter_name]
     st.active = [a for a in st.active if a != adapter_name]
     if not st.configs:
@@ -342,7 +473,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def add_delete_hook(state: AdapterState, adapter_name: str, fn: Callable) -> None:
     """Register ``fn(model)`` to run when ``adapter_name`` is deleted (model-level methods)."""
     state.__dict__.setdefault("_delete_hooks", {})[adapter_name] = fn
-
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. Total counts each tensor once (tied weights once)."""

@@ -18,12 +18,13 @@ An adapter that also changes the bias (IA3 scaling a layer's output) defines
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .inject import STATE_ATTR, _require_state, detach, iter_adapter_modules, iter_hosts
+from .inject import ADAPTERS, STATE_ATTR, _require_state, detach, iter_adapter_modules, iter_hosts
 from .layers import dense_weight, layer_kind, set_dense_weight
 
 _BACKUP = "_deltatune_unmerged_weight"
@@ -57,6 +58,26 @@ def _merged_weight(host: nn.Module, adapter: nn.Module) -> torch.Tensor:
             return adapter.merge_into(host, w)
     with torch.no_grad():
         return w + adapter.delta_weight(host).to(w.dtype)
+
+
+def unmerged_dense_weight(host: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The host's base weight as it was before any :func:`merge`, canonical layout (not copied).
+
+    Equals :func:`deltatune.layers.dense_weight` when nothing is merged into ``host``. Adapters whose
+    contribution depends on the base weight (DoRA's norm) read this, so that a merged neighbour on
+    the same layer does not change them.
+    """
+    backup = host.__dict__.get(_BACKUP)
+    if backup is None:
+        return dense_weight(host, fan_in_fan_out)
+    cur_w, cur_cls = host._parameters["weight"], type(host)
+    host._parameters["weight"] = backup
+    host.__class__ = host.__dict__.get(_BACKUP_CLASS, cur_cls)
+    try:
+        return dense_weight(host, fan_in_fan_out)
+    finally:
+        host._parameters["weight"] = cur_w
+        host.__class__ = cur_cls
 
 
 def _merged_bias(host: nn.Module, adapter: nn.Module) -> Optional[torch.Tensor]:
@@ -101,6 +122,30 @@ def _write(host, w, fifo):
     set_dense_weight(host, w, fifo)
 
 
+def _check_finite(plan) -> None:
+    """Raise ``ValueError`` before anything is written if merging ``plan`` gives a non-finite
+    weight or bias anywhere. Each layer's adapters are applied in turn to a float32 copy, as
+    the real merge will, so an overflow of the sum is caught too; memory stays one layer."""
+    by_host: dict[int, list] = {}
+    for item in plan:
+        by_host.setdefault(id(item[1]), []).append(item)
+    for items in by_host.values():
+        host = items[0][1]
+        w = unmerged_dense_weight(host, getattr(items[0][3], "fan_in_fan_out", False)).detach().to(torch.float32)
+        b = host._parameters.get("bias")
+        b = None if b is None else b.detach().to(torch.float32)
+        for hname, _, aname, amod in items:
+            with torch.no_grad():
+                w = amod.merge_into(host, w) if hasattr(amod, "merge_into") else w + amod.delta_weight(host).float()
+                if b is not None and hasattr(amod, "merge_bias"):
+                    b = amod.merge_bias(host, b)
+            if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
+                raise ValueError(
+                    f"safe_merge: merging adapter {aname!r} into {hname} gives non-finite weights (NaN or inf); "
+                    "nothing was merged. Check the adapter tensors for NaN/inf (diverged training?)"
+                )
+
+
 def merged_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters currently merged into the base weights (in model order)."""
     out = []
@@ -131,11 +176,11 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, sa
     for hname, host, aname, amod in iter_adapter_modules(model):
         if aname in names and not getattr(amod, "merged", False) and _mergeable(host, amod, aname, hname):
             plan.append((hname, host, aname, amod))
+    if safe_merge:
+        _check_finite(plan)
     for hname, host, aname, amod in plan:
         new = _merged_weight(host, amod)
         new_b = _merged_bias(host, amod)
-        if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
-            raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights; nothing was merged there")
         _write_bias(host, new_b, keep_original=True)
         _keep_weight(host)
         _write(host, new, getattr(amod, "fan_in_fan_out", False))
@@ -192,33 +237,79 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = 
     Raises:
         ValueError: as :func:`merge`.
     """
+    from .inject import release_base_parameters
+
     st = _require_state(model)
     names = list(st.active if adapter_names is None else adapter_names)
+    for n in names:
+        if n not in st.configs:
+            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
     unmerge(model)
-    for hname, host, aname, amod in list(iter_adapter_modules(model)):
-        if aname not in names:
-            continue
+    items = [it for it in iter_adapter_modules(model) if it[2] in names]
+    plan = [it for it in items if not getattr(it[3], "replaces_host", False) and _mergeable(it[1], it[3], it[2], it[0])]
+    if safe_merge:
+        _check_finite(plan)
+    shared = _shared_parameter_ids(model)
+    for hname, host, aname, amod in items:
         if getattr(amod, "replaces_host", False):
+            # the trained copy's values become the module's own
             with torch.no_grad():
-                own = dict(host.named_parameters(recurse=False))
-                for pn, p in amod.named_parameters(recurse=False):
-                    if pn in own:
-                        own[pn].copy_(p.to(own[pn].dtype))
+                for key, t in amod.state_dict().items():
+                    if key.startswith(ADAPTERS + ".") or f".{ADAPTERS}." in key:
+                        continue
+                    _untie_if_shared(model, host, key, shared)
+                    own = host.get_parameter(key) if key in dict(host.named_parameters()) else host.get_buffer(key)
+                    own.copy_(t.to(own.dtype))
             continue
-        if not _mergeable(host, amod, aname, hname):
-            continue
+    for hname, host, aname, amod in plan:
         new = _merged_weight(host, amod)
         new_b = _merged_bias(host, amod)
-        if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
-            raise ValueError(f"merging adapter {aname!r} into {hname} gives non-finite weights")
+        _untie_if_shared(model, host, "weight", shared)
         _write(host, new, getattr(amod, "fan_in_fan_out", False))
         _write_bias(host, new_b, keep_original=False)
+    for n in names:  # base tensors the merged adapters trained (biases, PiSSA residuals) stay as trained
+        release_base_parameters(model, st, n, restore=False)
     unload(model)
     if requantize:
         from .quant import requantize_merged
 
         requantize_merged(model)
     return model
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters that several modules hold (tied weights, e.g. GPT-2's wte and lm_head)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def _untie_if_shared(model: nn.Module, host: nn.Module, key: str, shared: set[int]) -> None:
+    """Give ``host`` its own copy of parameter ``key`` when the tensor is tied to another module.
+
+    Writing a merged value into a tied tensor would change the other module too (a LoRA on the
+    input embedding would also move the output head), so the merged model would not compute what
+    the adapter model computed. The host gets its own parameter instead; a transformers config's
+    ``tie_word_embeddings`` is set to False so that saving and reloading keeps both.
+    """
+    mod_path, _, leaf = key.rpartition(".")
+    owner = host.get_submodule(mod_path) if mod_path else host
+    p = owner._parameters.get(leaf)
+    if p is None or id(p) not in shared:
+        return
+    owner._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+        if text_cfg is not None and getattr(text_cfg, "tie_word_embeddings", False):
+            text_cfg.tie_word_embeddings = False
+    warnings.warn(
+        f"merge_and_unload: {key} of {type(host).__name__} was tied to another module's weight; it now has its "
+        "own merged copy (tie_word_embeddings set to False) so the merged model computes what the adapter did",
+        stacklevel=3,
+    )
 
 
 def unload(model: nn.Module) -> nn.Module:

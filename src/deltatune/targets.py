@@ -104,6 +104,7 @@ def find_targets(model: nn.Module, config, *, predicate=None) -> list[str]:
     Raises:
         ValueError: nothing matched; the message lists the nearest module names.
     """
+    strict = predicate is None
     predicate = predicate or (lambda m: layer_kind(m) is not None)
     tm = config.target_modules
     names = []
@@ -114,9 +115,22 @@ def find_targets(model: nn.Module, config, *, predicate=None) -> list[str]:
                 if _passes_layers(config, name):
                     names.append(name)
     else:
+        unsupported = []
         for name, mod in model.named_modules():
-            if name and matches_target(config, name) and predicate(mod):
+            if not name or ".adapters." in f".{name}." or not matches_target(config, name):
+                continue
+            if predicate(mod):
                 names.append(name)
+            elif strict:
+                unsupported.append(f"{name} ({type(mod).__name__})")
+        if unsupported:
+            from .layers import supported_kind_names
+
+            raise ValueError(
+                f"target_modules={tm!r} matches modules deltatune cannot adapt: {', '.join(unsupported[:6])}"
+                f"{' ...' if len(unsupported) > 6 else ''}; supported layer kinds: {', '.join(supported_kind_names())}. "
+                "Name the linear/embedding/conv layers inside them instead"
+            )
     names = [n for n in names if ".adapters." not in f".{n}."]
     if not names:
         raise ValueError(_no_match_message(model, config))

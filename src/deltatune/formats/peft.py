@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from ..config import CONFIG_NAME, AdapterConfig, load_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
+CONFIG_NAME_MODEL = "config.json"  # a transformers model folder's config
 PREFIX = "base_model.model."
 
 # config class -> (to_disk(model, name, config) -> dict, from_disk(model, name, config, dict) -> dict of leftovers)
@@ -84,14 +85,18 @@ def _layer_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
-                       save_embedding_layers: bool = False) -> dict[str, torch.Tensor]:
+                       save_embedding_layers: Union[bool, Iterable[str]] = False) -> dict[str, torch.Tensor]:
     """The tensors of one adapter under PEFT's file keys (detached, not copied).
 
-    ``save_embedding_layers=True`` adds the full weights of the adapted embedding layers and of
-    the output head (``<path>.base_layer.weight``, PEFT's convention) so that an adapter trained
-    after a vocabulary resize carries the new rows.
+    ``save_embedding_layers=True`` adds the full weights of the input embedding and the output
+    head (or of the modules whose paths it lists), so that an adapter trained after a vocabulary
+    resize carries the new rows. Keys follow
+    PEFT: ``base_model.model.<path>.weight``, or ``<path>.base_layer.weight`` when the module hosts
+    this adapter (PEFT wraps it then). A module saved as a ``modules_to_save`` copy is not saved
+    twice. The unmerged weight is saved even while adapters are merged.
     """
     from ..inject import get_config, get_state
+    from ..merge import _BACKUP
     from ..methods.lora import bias_parameter_names
 
     cfg = get_config(model, adapter_name)
@@ -99,35 +104,82 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
     out = {disk: sd[mem].detach() for mem, disk in _layer_keys(model, adapter_name).items()}
     hosts = get_state(model).__dict__.get("_hosts", {}).get(adapter_name, [])
     for pname in bias_parameter_names(model, cfg, hosts):
-        out[PREFIX + pname] = sd[pname].detach()
+        out[base_param_key(pname, hosts)] = sd[pname].detach()
     fmt = _format_for(cfg)
     if fmt is not None:
         out.update(fmt[0](model, adapter_name, cfg))
     if save_embedding_layers:
-        for pname in _embedding_weight_names(model):
-            out[PREFIX + pname[: -len(".weight")] + ".base_layer.weight"] = sd[pname].detach()
+        only = None if save_embedding_layers is True else set(save_embedding_layers)
+        for path, mod in _embedding_modules(model):
+            if only is not None and path not in only:
+                continue
+            ad = getattr(mod, "_modules", {}).get("adapters")
+            mine = ad._modules.get(adapter_name) if ad is not None else None
+            if mine is not None and getattr(mine, "replaces_host", False):
+                continue  # saved already, as the modules_to_save copy
+            w = mod.__dict__.get(_BACKUP, mod._parameters["weight"])
+            key = f"{PREFIX}{path}.base_layer.weight" if mine is not None else f"{PREFIX}{path}.weight"
+            out[key] = w.detach()
     return out
 
 
-def _embedding_weight_names(model: nn.Module) -> list[str]:
-    names = []
+def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the input embedding and the output head (transformers models)."""
     mods = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(model, getter, None)
         m = fn() if callable(fn) else None
         if m is not None:
             mods.append(m)
-    for name, mod in model.named_modules():
-        if any(mod is m for m in mods) and hasattr(mod, "weight"):
-            names.append(name + ".weight")
-    return names
+    return [(name, mod) for name, mod in model.named_modules()
+            if any(mod is m for m in mods) and isinstance(getattr(mod, "_parameters", {}).get("weight"), torch.Tensor)]
+
+
+def _embedding_weight_names(model: nn.Module) -> list[str]:
+    return [f"{name}.weight" for name, _ in _embedding_modules(model)]
+
+
+def base_vocab_sizes(model: nn.Module) -> dict[str, int]:
+    """Vocabulary sizes this model's base is known to have had, by where deltatune learnt them.
+
+    Sources: ``loaded`` (recorded by :func:`deltatune.integrations.transformers.load_model`),
+    ``inject`` (the input embedding's rows when the first adapter was injected), ``base_config``
+    (``vocab_size`` in ``config.json`` of the base model's local folder, ``model.config._name_or_path``
+    or the adapter's ``base_model_name_or_path``; never fetched from a hub).
+    """
+    from ..inject import get_state
+
+    out = {}
+    v = model.__dict__.get("_deltatune_base_vocab_size")
+    if isinstance(v, int):
+        out["loaded"] = v
+    st = get_state(model)
+    v = st.__dict__.get("vocab_at_inject") if st is not None else None
+    if isinstance(v, int):
+        out["inject"] = v
+    paths = [getattr(getattr(model, "config", None), "_name_or_path", None)]
+    if st is not None:
+        paths += [getattr(c, "base_model_name_or_path", None) for c in st.configs.values()]
+    for path in paths:
+        cfg_path = os.path.join(path, CONFIG_NAME_MODEL) if isinstance(path, str) and path else None
+        if cfg_path and os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as fh:
+                    d = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            v = d.get("vocab_size") or (d.get("text_config") or {}).get("vocab_size")
+            if isinstance(v, int):
+                out["base_config"] = v
+                break
+    return out
 
 
 def _config_for_save(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
     cfg = cfg.copy()
     mc = getattr(model, "config", None)
     if cfg.base_model_name_or_path is None and mc is not None:
-        cfg.base_model_name_or_path = getattr(mc, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        cfg.base_model_name_or_path = getattr(mc, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
     cfg.inference_mode = True
     return cfg
 
@@ -140,9 +192,13 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
     ``directory`` and each other into ``directory/<name>/``, as PEFT does. Files in the folder are
     replaced atomically; nothing else in it is touched.
 
-    ``save_embedding_layers``: True saves the full input/output embedding weights too; "auto"
-    (default) does so when the model's vocabulary differs from the size recorded when the adapter
-    was injected or from ``model.config.vocab_size`` as first seen (a resized vocabulary).
+    ``save_embedding_layers``: True saves the full input/output embedding weights too (see
+    :func:`adapter_state_dict`); "auto" (default) does so when the vocabulary was resized: the
+    input embedding's rows differ from a base size deltatune knows (:func:`base_vocab_sizes`: the
+    size recorded by deltatune's model loader, the size when the first adapter was injected, the
+    ``vocab_size`` of the base model folder's ``config.json``), or the adapter was loaded from a
+    file that carried them. New rows are random at resize time, so an adapter that depends on them
+    is useless without them (regression case C07). False never saves them.
 
     Raises:
         KeyError: no adapter of that name. ValueError: the model has no adapters.
@@ -164,23 +220,24 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
         os.makedirs(d, exist_ok=True)
         emb = save_embedding_layers
         if emb == "auto":
-            emb = _vocab_resized(model, st)
+            emb = _vocab_resized(model) or st.__dict__.get("carries_embeddings", {}).get(name, False)
         tensors = {k: v.contiguous().clone()
-                   for k, v in adapter_state_dict(model, name, save_embedding_layers=bool(emb)).items()}
+                   for k, v in adapter_state_dict(model, name, save_embedding_layers=emb).items()}
         atomic_write_bytes(os.path.join(d, WEIGHTS_NAME), st_save(tensors, metadata={"format": "pt"}))
         _config_for_save(model, st.configs[name]).save(d)
         written.append(d)
     return written
 
 
-def _vocab_resized(model: nn.Module, st) -> bool:
+def _vocab_resized(model: nn.Module) -> bool:
+    """True when the input embedding's rows differ from a known base vocabulary size
+    (:func:`base_vocab_sizes`)."""
     fn = getattr(model, "get_input_embeddings", None)
     emb = fn() if callable(fn) else None
-    if emb is None or not hasattr(emb, "num_embeddings"):
+    w = getattr(emb, "weight", None) if emb is not None else None
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return False
-    seen = st.__dict__.get("vocab_at_inject")
-    orig = getattr(getattr(model, "config", None), "_deltatune_base_vocab_size", None)
-    return any(v is not None and v != emb.num_embeddings for v in (seen, orig))
+    return any(v != w.shape[0] for v in base_vocab_sizes(model).values())
 
 
 def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -212,28 +269,104 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         FileNotFoundError: missing files. ValueError: unmatched, missing or mis-shaped keys (named),
             or a config deltatune cannot read.
     """
-    from ..inject import delete_adapter, get_state, inject, _refresh_trainable
+    from ..inject import _refresh_trainable, delete_adapter, get_state, inject
+    from ..merge import merge, merged_adapters, unmerge
 
     cfg = load_config(directory)
     cfg.inference_mode = not is_trainable
     tensors = read_adapter_tensors(directory)
+    _check_base_shapes(model, tensors, directory)  # before anything is injected or written
     st = get_state(model)
     fresh = st is None or adapter_name not in st.configs
     if fresh:
         inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
+    remerge = [] if fresh else [n for n in merged_adapters(model) if n == adapter_name]
+    if remerge:
+        unmerge(model, adapter_names=remerge)
     try:
-        _load_tensors(model, adapter_name, tensors, directory)
+        carried = _load_tensors(model, adapter_name, tensors, directory)
     except Exception:
         if fresh:
             delete_adapter(model, adapter_name)
+        elif remerge:
+            merge(model, adapter_names=remerge)
         raise
+    st = get_state(model)
+    if carried:  # saved again with the adapter ("auto"), as the file had them
+        st.__dict__.setdefault("carries_embeddings", {})[adapter_name] = carried
     if not fresh:
-        get_state(model).configs[adapter_name].inference_mode = not is_trainable
+        st.configs[adapter_name].inference_mode = not is_trainable
     _refresh_trainable(model)
+    if remerge:
+        merge(model, adapter_names=remerge)
     return model
 
 
-def _load_tensors(model, adapter_name, tensors, directory):
+def base_param_key(pname: str, hosts) -> str:
+    """File key of base parameter ``pname`` saved with an adapter (trained bias, full embedding).
+
+    PEFT moves a wrapped layer's own tensors under ``base_layer``: a parameter of a module that
+    hosts the adapter is ``base_model.model.<host>.base_layer.<leaf>``, any other one
+    ``base_model.model.<pname>``.
+    """
+    owner, _, leaf = pname.rpartition(".")
+    if owner in hosts:
+        return f"{PREFIX}{owner}.base_layer.{leaf}"
+    return PREFIX + pname
+
+
+def _base_param_of_key(key: str) -> Optional[str]:
+    """The base parameter a file key names directly (``<path>.base_layer.<leaf>`` -> ``<path>.<leaf>``)."""
+    if not key.startswith(PREFIX):
+        return None
+    rest = key[len(PREFIX):]
+    head, sep, leaf = rest.rpartition(".base_layer.")
+    if sep and "." not in leaf:
+        return f"{head}.{leaf}"
+    return rest
+
+
+def _check_base_shapes(model: nn.Module, tensors: dict, directory: str) -> None:
+    """Refuse, before touching the model, a file whose full-weight tensors (saved embeddings,
+    ``modules_to_save`` copies, trained biases) do not fit the model's base parameters.
+
+    Raises:
+        ValueError: a resized vocabulary (names the embedding and the head and both sizes, and the
+            fix) or another shape mismatch (names the keys and shapes).
+    """
+    params = {n: p for n, p in model.named_parameters() if ".adapters." not in f".{n}"}
+    emb_names = set(_embedding_weight_names(model))
+    vocab_bad, other_bad = [], []
+    for k in sorted(tensors):
+        pname = _base_param_of_key(k)
+        if pname is None or pname not in params:
+            continue
+        fs, ms = tuple(tensors[k].shape), tuple(params[pname].shape)
+        if fs != ms:
+            (vocab_bad if pname in emb_names else other_bad).append((pname, fs, ms))
+    if vocab_bad:
+        file_rows = sorted({fs[0] for _, fs, _ in vocab_bad})
+        model_rows = sorted({ms[0] for _, _, ms in vocab_bad})
+        mods = " and ".join(p[: -len(".weight")] for p, _, _ in vocab_bad)
+        raise ValueError(
+            f"cannot load adapter {directory!r}: vocabulary size mismatch: the file carries "
+            f"{'/'.join(map(str, file_rows))}-row weights for {mods}, but the model has "
+            f"{'/'.join(map(str, model_rows))} rows ({'/'.join(map(str, model_rows))} vs "
+            f"{'/'.join(map(str, file_rows))}). The adapter was trained after resizing the vocabulary: call "
+            f"model.resize_token_embeddings({file_rows[-1]}) (and add the same tokens to the tokenizer) before "
+            "loading; the saved rows then replace the new ones. Nothing was changed."
+        )
+    if other_bad:
+        raise ValueError(
+            f"cannot load adapter {directory!r}: shape mismatch with the base model: "
+            + _few(f"{p}: file {fs} vs model {ms}" for p, fs, ms in other_bad)
+            + ". Was the adapter trained on another model? Nothing was changed."
+        )
+
+
+def _load_tensors(model, adapter_name, tensors, directory) -> list[str]:
+    """Copy the file's tensors into the adapter; return the paths of the embedding modules whose
+    full weights the file carried."""
     from ..inject import get_config, get_state
     from ..methods.lora import bias_parameter_names
 
@@ -243,22 +376,33 @@ def _load_tensors(model, adapter_name, tensors, directory):
     want = {disk: mem for mem, disk in _layer_keys(model, adapter_name).items()}
     hosts = get_state(model).__dict__.get("_hosts", {}).get(adapter_name, [])
     for pname in bias_parameter_names(model, cfg, hosts):
-        want[PREFIX + pname] = pname
-    rest = dict(tensors)
+        want[base_param_key(pname, hosts)] = pname
+    # the other spelling of a host's base tensor (with/without ".base_layer") is accepted too
+    alias = {}
+    for k in want:
+        if ".base_layer." in k:
+            alias[k.replace(".base_layer.", ".")] = k
+    rest = {}
+    for k, v in tensors.items():
+        k2 = alias.get(k, k)
+        rest[k if (k2 != k and k2 in tensors) else k2] = v
     if fmt is not None:
         rest = fmt[1](model, adapter_name, cfg, rest)
-    # full embedding weights saved beside the adapter (PEFT's save_embedding_layers): optional keys
+    # full embedding weights saved beside the adapter (PEFT's save_embedding_layers): optional
+    # keys, as <path>.base_layer.weight (any module) or <path>.weight (input embedding / head)
+    emb_names = set(_embedding_weight_names(model))
     optional = {}
     for k in rest:
-        if k.endswith(".base_layer.weight") and k.startswith(PREFIX):
-            pname = k[len(PREFIX) : -len(".base_layer.weight")] + ".weight"
-            if pname in sd:
-                optional[k] = pname
+        if k in want:
+            continue
+        pname = _base_param_of_key(k)
+        if pname is not None and pname in sd and (k.endswith(".base_layer.weight") or pname in emb_names):
+            optional[k] = pname
     want_all = {**want, **optional}
     unmatched = sorted(k for k in rest if k not in want_all)
     missing = sorted(k for k in want if k not in rest)
     shape_bad = [
-        f"{k}: file {tuple(rest[k].shape)} vs model {tuple(sd[want[k]].shape)}"
+        f"{k}: file {tuple(rest[k].shape)} vs model {tuple(sd[want_all[k]].shape)}"
         for k in sorted(rest) if k in want_all and tuple(rest[k].shape) != tuple(sd[want_all[k]].shape)
     ]
     problems = []
@@ -278,6 +422,7 @@ def _load_tensors(model, adapter_name, tensors, directory):
         for k, v in rest.items():
             p = sd[want_all[k]]
             p.copy_(v.to(dtype=p.dtype, device=p.device))
+    return sorted(optional[k][: -len(".weight")] for k in optional if optional[k] in emb_names)
 
 
 def _few(items, n=6):

@@ -109,6 +109,10 @@ def load_model(source: Optional[ModelSource] = None, dtype: torch.dtype = torch.
     finally:
         transformers.logging.set_verbosity(prev)
     model.eval()
+    # the vocabulary as loaded: save_adapter's "auto" rule saves resized embedding rows against it (C07)
+    emb = model.get_input_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        model.__dict__["_deltatune_base_vocab_size"] = int(emb.weight.shape[0])
     return model
 
 

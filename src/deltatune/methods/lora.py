@@ -19,8 +19,10 @@ through the layer-kind registry.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -35,6 +37,7 @@ from ..inject import (
     AdapterState,
     add_trainable_hook,
     attach,
+    keep_base_parameter,
     register_method,
 )
 from ..layers import dense_weight, layer_kind
@@ -119,8 +122,13 @@ class LoraAdapter(nn.Module):
         ``lora_embedding_B`` (dim, r); DoRA: ``lora_magnitude_vector`` (out,) ((1, out, 1..) on convs).
 
     Called as ``adapter(x, out, host=host) -> out + contribution``; ``x`` is the host input
-    (B, ..., in) of any float dtype (ids for embeddings), ``out`` the host output.
-    Adapter maths runs in the adapter's dtype; the result is cast to ``out.dtype``.
+    (B, ..., in) of any float dtype (ids for embeddings), ``out`` the host output (B, ..., out).
+    Adapter maths runs in the adapter's dtype (``x`` is cast to it); the contribution is cast to
+    ``out.dtype``. The contribution is defined against the *unmerged* base weight ``W0``, so
+    several adapters on one layer add up to what merging them gives:
+
+        LoRA: ``s * B A x``;  DoRA: ``(m / n - 1) * (W0 x) + (m / n) * s * B A x`` with
+        ``n = ||W0 + s B A||_row`` (detached).
     """
 
     def __init__(self, host: nn.Module, r: int, lora_alpha: float, lora_dropout: float, *,
@@ -131,11 +139,16 @@ class LoraAdapter(nn.Module):
         if kind is None:
             raise TypeError(f"LoRA cannot adapt a {type(host).__name__}")
         self.kind = kind.name
+        self.linear_like = kind.linear_like
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.use_dora = use_dora
-        self.fan_in_fan_out = fan_in_fan_out
+        self.uses_base_output = use_dora  # the forward hook passes base_output= (see inject._adapter_hook)
+        # The layer kind owns the storage layout (a transformers Conv1D is read transposed by its
+        # kind), so the adapter never transposes: PEFT's flag only matters for nn.Linear, where
+        # PEFT itself turns it off.
+        self.fan_in_fan_out = False
         self.merged = False
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         dtype = dtype or torch.float32
@@ -147,8 +160,6 @@ class LoraAdapter(nn.Module):
         if kind.name == "embedding":
             self.lora_embedding_A = nn.Parameter(torch.empty(r, fin, dtype=dtype, device=dev))
             self.lora_embedding_B = nn.Parameter(torch.empty(fout, r, dtype=dtype, device=dev))
-            if use_dora:
-                raise ValueError("DoRA on nn.Embedding is not supported: exclude the embedding or set use_dora=False")
         elif kind.linear_like:
             self.lora_A = nn.Linear(fin, r, bias=False, dtype=dtype, device=dev)
             self.lora_B = nn.Linear(r, fout, bias=lora_bias, dtype=dtype, device=dev)
@@ -156,14 +167,22 @@ class LoraAdapter(nn.Module):
             conv = type(host)
             if host.groups != 1:
                 raise ValueError(f"LoRA on a grouped convolution (groups={host.groups}) is not supported")
+            if getattr(host, "padding_mode", "zeros") != "zeros":
+                raise ValueError(f"LoRA on a convolution with padding_mode={host.padding_mode!r} is not supported")
             nd = host.weight.dim() - 2
             self.lora_A = conv(fin, r, host.kernel_size, host.stride, host.padding, dilation=host.dilation,
                                bias=False, dtype=dtype, device=dev)
             self.lora_B = conv(r, fout, (1,) * nd, (1,) * nd, bias=lora_bias, dtype=dtype, device=dev)
+        if lora_bias:
+            if getattr(host, "bias", None) is None:
+                self.merge_error = ("lora_bias=True on a layer without a bias: the trained lora_B bias has "
+                                    "nowhere to go in the base layer")
+            elif use_dora:
+                self.merge_error = "merging lora_bias=True together with DoRA is not implemented"
         self._init(host, init_lora_weights)
         if use_dora:
             with torch.no_grad():
-                w = self._base_weight(host, dtype)
+                w = self._base_weight(host, torch.float32)
                 norm = self._weight_norm(w, self._lora_weight().to(w.dtype))
             self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
 
@@ -171,6 +190,8 @@ class LoraAdapter(nn.Module):
     def _init(self, host, init):
         with torch.no_grad():
             if self.kind == "embedding":
+                # PEFT: A = 0, B ~ N(0, 1) for every init except False (both random); the SVD
+                # inits do not apply to embeddings
                 if init is False:
                     nn.init.normal_(self.lora_embedding_A)
                     nn.init.normal_(self.lora_embedding_B)
@@ -193,8 +214,11 @@ class LoraAdapter(nn.Module):
     def _svd_init(self, host, init):
         kind = layer_kind(host)
         if not kind.linear_like:
-            raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only")
-        w = dense_weight(host, self.fan_in_fan_out).detach().float()
+            raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only, not on {kind.name}")
+        if getattr(kind, "replaces_weight", False):
+            raise ValueError(f"init_lora_weights={init!r} rewrites the base weight and cannot be used on a "
+                             f"{kind.name} layer: initialise on the dense model, then quantize")
+        w = dense_weight(host).detach().float()
         r = self.r
         if init == "olora":
             q, rr = torch.linalg.qr(w)
@@ -214,11 +238,14 @@ class LoraAdapter(nn.Module):
         self.lora_B.weight.copy_(b)
         from ..layers import set_dense_weight
 
-        set_dense_weight(host, w - self.scaling * (b @ a), self.fan_in_fan_out)
+        set_dense_weight(host, w - self.scaling * (b @ a))
 
     # -- weights --------------------------------------------------------------------------
     def _base_weight(self, host, dtype):
-        return dense_weight(host, self.fan_in_fan_out).to(dtype)
+        """The unmerged base weight ``W0`` in canonical layout, even while adapters are merged."""
+        from ..merge import unmerged_dense_weight
+
+        return unmerged_dense_weight(host).to(dtype)
 
     def _lora_weight(self) -> torch.Tensor:
         """``B @ A`` (unscaled) in the host's canonical weight layout."""
@@ -227,11 +254,9 @@ class LoraAdapter(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dim() == 2:
             return b @ a
+        # B is a 1x1 convolution: the composed kernel is B (out, r) times A (r, in * k...)
         r = a.shape[0]
-        if all(k == 1 for k in a.shape[2:]) or self.use_dora:
-            return torch.mm(b.reshape(-1, r), a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
-        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
-        return conv(a.transpose(0, 1), b).transpose(0, 1)
+        return torch.mm(b.reshape(-1, r), a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
 
     def _weight_norm(self, w: torch.Tensor, lora_w: torch.Tensor) -> torch.Tensor:
         v = w + self.scaling * lora_w
@@ -241,7 +266,11 @@ class LoraAdapter(nn.Module):
         return v.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
 
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
-        """The merged weight minus the base weight, float32, canonical layout (out, in[, *k])."""
+        """The merged weight minus the base weight, float32, canonical layout (out, in[, *k]).
+
+        DoRA's delta is taken against the unmerged base weight ``W0`` (as its forward computes it),
+        so merging several adapters into one layer gives what running them unmerged gives.
+        """
         lw = self._lora_weight().float()
         if not self.use_dora:
             return self.scaling * lw
@@ -255,27 +284,47 @@ class LoraAdapter(nn.Module):
             scale = scale.transpose(0, 1)  # (out, 1, ...)
         return scale * (w + self.scaling * lw) - w
 
-    # -- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, out: torch.Tensor, host: nn.Module) -> torch.Tensor:
-        if self.kind == "embedding":
-            after_a = F.embedding(x, self.lora_embedding_A.T, host.padding_idx, host.max_norm,
-                                  host.norm_type, host.scale_grad_by_freq, host.sparse)
-            return out + (after_a @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
-        dt = self.lora_A.weight.dtype
-        xa = x.to(dt)
-        if not self.use_dora:
-            return out + (self.lora_B(self.lora_A(self.lora_dropout(xa))) * self.scaling).to(out.dtype)
-        return out + self._dora(xa, out, host).to(out.dtype)
+    def merge_bias(self, host: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        """The merged float32 bias: ``b + s * lora_B.bias`` (``lora_bias=True``), else ``b``."""
+        bb = None if self.kind == "embedding" else self.lora_B.bias
+        if bb is None:
+            return b
+        return b + self.scaling * bb.detach().float().reshape(-1)
 
-    def _dora(self, x, out, host):
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, out: torch.Tensor, host: nn.Module,
+                base_output: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.kind == "embedding":
+            h = F.embedding(x, self.lora_embedding_A.T, host.padding_idx, host.max_norm,
+                            host.norm_type, host.scale_grad_by_freq, host.sparse)  # (..., r)
+            if self.use_dora:
+                return out + self._dora_embedding(x, h, out if base_output is None else base_output, host)
+            return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling)
+        dt = self.lora_A.weight.dtype
+        xa = x if x.dtype == dt else x.to(dt)
+        if self.use_dora:
+            return out + self._dora(xa, out if base_output is None else base_output, host).to(out.dtype)
+        h = self.lora_A(self.lora_dropout(xa))  # (..., r)
+        if self.linear_like:
+            return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling)
+        return out + (self.lora_B(h) * self.scaling).to(out.dtype)
+
+    def _host_is_merged(self, host) -> bool:
+        from ..merge import _BACKUP
+
+        return _BACKUP in host.__dict__
+
+    def _dora(self, x, base_out, host):
         dt = x.dtype
         w = self._base_weight(host, dt)
         lw = self._lora_weight()
         norm = self._weight_norm(w, lw.detach()).detach()
         mag = self.lora_magnitude_vector / norm
         conv = w.dim() > 2
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base = out.to(dt)
+        dropout_on = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        if not dropout_on and not self._host_is_merged(host):
+            # reuse the host's output W0 x + b (no second base matmul)
+            base = base_out.to(dt)
             bias = getattr(host, "bias", None)
             if bias is not None:
                 shape = (1, -1) + (1,) * (base.dim() - 2) if conv else (-1,)
@@ -291,27 +340,52 @@ class LoraAdapter(nn.Module):
             mag = mag.view(1, -1) if base.dim() == 2 else mag
         return (mag - 1) * base + mag * self.lora_B(self.lora_A(x)) * self.scaling
 
+    def _dora_embedding(self, ids, h, base_out, host):
+        dt = h.dtype
+        w = self._base_weight(host, dt)  # (dim, num)
+        norm = self._weight_norm(w, self._lora_weight().detach()).detach()  # (dim,)
+        mag = self.lora_magnitude_vector / norm
+        if self._host_is_merged(host):
+            base = F.embedding(ids, w.T, host.padding_idx)
+        else:
+            base = base_out.to(dt)
+        return ((mag - 1) * base + mag * (h @ self.lora_embedding_B.T) * self.scaling).to(base_out.dtype)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
 
 
+def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Optional[torch.Tensor],
+                scaling: float) -> torch.Tensor:
+    """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
+
+    When the dtypes agree this is one ``addmm`` (BLAS accumulates into a copy of ``out``), which
+    saves the two full passes over the output that ``out + B(h) * s`` makes. Never in place:
+    ``out`` may be held by other hooks or by DoRA adapters as the base output.
+    """
+    if b_b is None and out.dtype == h.dtype and out.dim() >= 1:
+        o = out.shape[-1]
+        return torch.addmm(out.reshape(-1, o), h.reshape(-1, h.shape[-1]), w_b.t(), alpha=scaling).view(out.shape)
+    y = F.linear(h, w_b, b_b) * scaling
+    return out + y.to(out.dtype)
+
+
 def make_module_copy(host: nn.Module) -> nn.Module:
-    """A trainable deep copy of ``host`` (for ``modules_to_save``), without deltatune's additions."""
+    """A trainable deep copy of ``host`` (for ``modules_to_save``), without deltatune's additions.
+
+    The copy carries no hooks: the host's own hooks keep running around the copy's forward.
+    """
     ads = host._modules.pop(ADAPTERS, None)
-    hooks = dict(host._forward_hooks)
-    fwd = host.__dict__.pop("forward", None)
-    st = host.__dict__.pop(STATE_ATTR, None)
-    host._forward_hooks.clear()
+    saved = {k: host.__dict__.pop(k) for k in list(host.__dict__) if k == "forward" or k.startswith("_deltatune")}
     try:
         c = copy.deepcopy(host)
     finally:
         if ads is not None:
             host._modules[ADAPTERS] = ads
-        host._forward_hooks.update(hooks)
-        if fwd is not None:
-            host.__dict__["forward"] = fwd
-        if st is not None:
-            host.__dict__[STATE_ATTR] = st
+        host.__dict__.update(saved)
+    for d in (c._forward_hooks, c._forward_pre_hooks, c._forward_hooks_with_kwargs,
+              c._forward_hooks_always_called, c._forward_pre_hooks_with_kwargs):
+        d.clear()
     for p in c.parameters():
         p.requires_grad_(True)
     c.replaces_host = True
@@ -319,7 +393,11 @@ def make_module_copy(host: nn.Module) -> nn.Module:
 
 
 def attach_modules_to_save(model: nn.Module, config, adapter_name: str, state: AdapterState) -> list[str]:
-    """Attach trainable copies of the modules named by ``config.modules_to_save``."""
+    """Attach trainable copies of the modules named by ``config.modules_to_save``.
+
+    Raises:
+        ValueError: an entry matches no module (the message lists the nearest module names).
+    """
     names = []
     mts = config.modules_to_save or []
     if not mts:
@@ -328,24 +406,15 @@ def attach_modules_to_save(model: nn.Module, config, adapter_name: str, state: A
         if name and _list_match(mts, name) and ".adapters." not in f".{name}.":
             attach(mod, adapter_name, make_module_copy(mod), state)
             names.append(name)
-    if not names:
-        raise ValueError(f"modules_to_save={mts!r} matched no module of the model")
+    missing = [m for m in mts if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
+        near = []
+        for m in missing:
+            near += difflib.get_close_matches(m.split(".")[-1], leaves, n=3, cutoff=0.4)
+        raise ValueError(f"modules_to_save entries {missing!r} match no module of the model; "
+                         f"nearest module names: {', '.join(dict.fromkeys(near)) or '(none)'}")
     return names
-
-
-def _bias_hook(config: LoraConfig, adapter_name: str, hosts: list[str]):
-    def fn(model, st):
-        if config.bias == "none":
-            return
-        train = adapter_name in st.active and not config.inference_mode
-        for name, p in model.named_parameters():
-            if ".adapters." in f".{name}" or not name.endswith("bias"):
-                continue
-            owner = name.rsplit(".", 1)[0]
-            if config.bias == "all" or owner in hosts:
-                p.requires_grad_(train)
-
-    return fn
 
 
 def bias_parameter_names(model: nn.Module, config, hosts: list[str]) -> list[str]:
@@ -354,12 +423,35 @@ def bias_parameter_names(model: nn.Module, config, hosts: list[str]) -> list[str
         return []
     out = []
     for name, _ in model.named_parameters():
-        if ".adapters." in f".{name}" or not name.endswith("bias"):
+        if ".adapters." in f".{name}" or not (name == "bias" or name.endswith(".bias")):
             continue
         owner = name.rsplit(".", 1)[0]
         if config.bias == "all" or owner in hosts:
             out.append(name)
     return out
+
+
+_BIAS_TRAINED = "_bias_trained"
+
+
+def _bias_trainable_hook(model: nn.Module, st: AdapterState) -> None:
+    """Base biases train when some active, trainable adapter asks for them (``bias`` option).
+
+    One model-wide rule, so adapters with different ``bias`` settings, inactive or deleted
+    adapters cannot switch off each other's biases.
+    """
+    hosts_by = st.__dict__.get("_hosts", {})
+    train = set()
+    for name, cfg in st.configs.items():
+        if getattr(cfg, "bias", "none") == "none" or name not in st.active or cfg.inference_mode:
+            continue
+        train.update(bias_parameter_names(model, cfg, hosts_by.get(name, [])))
+    before = st.__dict__.get(_BIAS_TRAINED, set())
+    params = dict(model.named_parameters())
+    for n in before | train:
+        if n in params:
+            params[n].requires_grad_(n in train)
+    st.__dict__[_BIAS_TRAINED] = train
 
 
 def _resolve_dtype(adapter_dtype, host):
@@ -373,26 +465,61 @@ def _resolve_dtype(adapter_dtype, host):
     return adapter_dtype
 
 
+# PEFT LoraConfig fields deltatune reads and keeps but does not implement: a non-empty value
+# changes what the adapter computes, so such a config is refused rather than silently run wrong.
+UNSUPPORTED_PEFT_FIELDS = (
+    "layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+    "use_qalora", "megatron_config", "velora_config", "monteclora_config", "use_bdlora", "arrow_config",
+    "kasa_config",
+)
+
+
+def _check_supported(config: LoraConfig) -> None:
+    bad = {k: v for k, v in config.extra.items() if k in UNSUPPORTED_PEFT_FIELDS and v not in (None, False, [], {}, "")}
+    if bad:
+        raise ValueError(
+            f"this LoRA config sets {', '.join(f'{k}={v!r}' for k, v in bad.items())}, which deltatune does not "
+            "implement; remove it (or use peft for this adapter)"
+        )
+
+
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, state: AdapterState, *,
                 adapter_dtype=None) -> None:
+    """Attach a LoRA/DoRA adapter to every module ``config`` targets (see :class:`LoraConfig`).
+
+    Raises:
+        ValueError: nothing matches (nearest names listed), an unsupported option or layer.
+    """
+    _check_supported(config)
     hosts = []
+    svd_init = isinstance(config.init_lora_weights, str) and (
+        config.init_lora_weights.startswith("pissa") or config.init_lora_weights == "olora")
+    warned_fifo = False
     if config.target_modules is not None:
         for name in find_targets(model, config):
             host = model.get_submodule(name)
             r = pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
             kind = layer_kind(host)
+            if config.fan_in_fan_out and kind.name == "linear" and not warned_fifo:
+                warnings.warn("fan_in_fan_out=True is ignored for torch.nn.Linear targets (their weight is (out, in)); "
+                              "transformers Conv1D layers are recognised without it", stacklevel=3)
+                warned_fifo = True
+            if svd_init and kind.linear_like:
+                keep_base_parameter(model, state, f"{name}.weight", adapter_name)
             ad = LoraAdapter(
                 host, r, alpha, config.lora_dropout, use_rslora=config.use_rslora, use_dora=config.use_dora,
                 init_lora_weights=config.init_lora_weights,
-                fan_in_fan_out=config.fan_in_fan_out and kind.name == "linear",
                 lora_bias=config.lora_bias, dtype=_resolve_dtype(adapter_dtype, host),
             )
             attach(host, adapter_name, ad, state)
             hosts.append(name)
     attach_modules_to_save(model, config, adapter_name, state)
-    add_trainable_hook(state, _bias_hook(config, adapter_name, hosts))
     state.__dict__.setdefault("_hosts", {})[adapter_name] = hosts
+    for pname in bias_parameter_names(model, config, hosts):
+        keep_base_parameter(model, state, pname, adapter_name)
+    if not any(h is _bias_trainable_hook for h in state.__dict__.get("_trainable_hooks", [])):
+        add_trainable_hook(state, _bias_trainable_hook)
 
 
 register_method(LoraConfig, inject_lora)
