@@ -54,7 +54,7 @@ _TRAIN_FLAGS = [
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--seed", "seed", int, "seed for data split, order, init and dropout (default 0)"),
     ("--dtype", "dtype", str, "base model dtype: float32 (default) or bfloat16"),
-    ("--threads", "threads", int, "torch threads (default: torch's choice)"),
+    ("--threads", "threads", int, "torch threads (default: all cores, or 1 when the load average shows the cores busy)"),
     ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),
     ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),
     ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),

@@ -54,7 +54,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # caps the number of optimizer steps
     seed: int = 0
     dtype: str = "float32"  # dtype the base model is loaded in: float32 or bfloat16
-    threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    threads: Optional[int] = None  # torch.set_num_threads; None = auto (pipeline.choose_threads)
     # data
     max_seq_len: int = 256
     train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only

@@ -1,0 +1,56 @@
+"""The default word-inflection task from lemminflect's lexicon: parsing, split by lemma, sizes."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from deltatune.train.data import DataError
+from deltatune.train.task import FORMS, build_task, lexicon_path, read_lexicon
+
+
+@pytest.fixture(scope="module")
+def table():
+    return read_lexicon()
+
+
+def test_lexicon_is_read_from_the_wheel(table):
+    assert lexicon_path().endswith("lemminflect/resources/infl_lu.csv.gz")
+    assert table["past"]["walk"] == ("walked",)
+    assert table["past_participle"]["walk"] == ("walked",)  # empty VBN = same as VBD
+    assert table["past_participle"]["forsake"] == ("forsaken",)
+    assert table["ing"]["run"] == ("running",)
+    assert table["plural"]["child"] == ("children",)
+    assert table["comparative"]["big"] == ("bigger",) and table["superlative"]["happy"] == ("happiest",)
+    assert "reasons" in table["plural"]["reason"]
+    assert "Aaron" not in table["plural"]  # lowercase words only
+    assert "furniture" not in table["plural"]  # mass nouns (only plural = lemma) left out
+    assert table["plural"]["advice"] == ("advices", "advice")
+    assert sum(len(v) for v in table.values()) > 30000
+
+
+def test_split_by_lemma_sizes_and_determinism():
+    task = build_task(2400, 320, seed=0)
+    assert len(task.train) == 2400 and len(task.eval) == 320
+    train_lemmas = {e.meta["lemma"] for e in task.train}
+    eval_lemmas = [e.meta["lemma"] for e in task.eval]
+    assert len(set(eval_lemmas)) == 320  # distinct held-out words
+    assert not train_lemmas & set(eval_lemmas)  # no held-out word is seen in training
+    assert len({(e.meta["form"], e.meta["lemma"]) for e in task.train}) == 2400
+    forms = collections.Counter(e.meta["form"] for e in task.train)
+    assert set(forms) == set(FORMS) and min(forms.values()) > 300  # forms drawn evenly
+    e = task.eval[0]
+    assert e.messages[0]["role"] == "user" and e.messages[1]["content"] == e.answers[0]
+    again = build_task(2400, 320, seed=0)
+    assert [x.messages for x in again.eval] == [x.messages for x in task.eval]
+    other = build_task(2400, 320, seed=1)
+    assert [x.messages for x in other.eval] != [x.messages for x in task.eval]
+    # a larger run keeps the same held-out lemmas (split depends on the seed only)
+    big = build_task(100, 400, seed=0)
+    assert not {x.meta["lemma"] for x in big.eval} & train_lemmas
+
+
+def test_too_many_questions_is_an_error():
+    with pytest.raises(DataError, match="fewer than"):
+        build_task(10, 10_000, seed=0)
