@@ -107,6 +107,9 @@ V = {
     "init_olora": lambda k: {"init_lora_weights": "olora", **({"target_modules": ["lin"]} if k == "PM" else {})},
     "init_false": lambda k: {"init_lora_weights": False},
     "modules_to_save": lambda k: {"modules_to_save": {"TL": ["lm_head"], "TG": ["ln_f"], "PM": ["classifier"]}[k]},
+    "modules_to_save_nested": lambda k: None if k == "PM" else {"modules_to_save": {"TL": ["layers.1.mlp"],
+                                                                                    "TG": ["h.1.mlp"]}[k]},
+    "default_targets": lambda k: None if k == "PM" else {"target_modules": None},  # PEFT's per-architecture default
     "fan_in_fan_out": lambda k: {"fan_in_fan_out": True},
     "dropout": lambda k: {"lora_dropout": 0.1},
     "embedding": lambda k: {"target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
@@ -377,8 +380,8 @@ def test_several_adapters_set_adapter_list_merge_delete(kind, use_dora):
     _assert_plain(model)
 
 
-@pytest.mark.parametrize("variant", ["plain", "dora", "modules_to_save", "bias_all", "embedding", "init_pissa",
-                                     "lora_bias"])
+@pytest.mark.parametrize("variant", ["plain", "dora", "modules_to_save", "modules_to_save_nested", "bias_all",
+                                     "embedding", "embedding_dora", "init_pissa", "lora_bias"])
 @pytest.mark.parametrize("kind", ["TL", "TG", "PM"])
 def test_merge_and_unload_gives_plain_model(kind, variant):
     if V[variant](kind) is None:

@@ -24,6 +24,26 @@ from .layers import layer_kind
 
 ALL_LINEAR = "all-linear"
 
+# ``target_modules=None``: the layers PEFT adapts by default, by ``model.config.model_type``
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm",
+                     "opt", "gptj", "gpt_neo", "bart"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], ["query", "value"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+}
+
+
+def default_target_modules(model: nn.Module) -> Optional[list]:
+    """PEFT's default ``target_modules`` for ``model``'s architecture, or None when unknown."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    v = DEFAULT_TARGET_MODULES.get(mt)
+    return list(v) if v is not None else None
+
 
 def _list_match(spec: Iterable[str], key: str) -> bool:
     return any(key == t or key.endswith("." + t) for t in spec)

@@ -334,7 +334,7 @@ def _check_base_shapes(model: nn.Module, tensors: dict, directory: str) -> None:
         ValueError: a resized vocabulary (names the embedding and the head and both sizes, and the
             fix) or another shape mismatch (names the keys and shapes).
     """
-    params = {n: p for n, p in model.named_parameters() if ".adapters." not in f".{n}"}
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if ".adapters." not in f".{n}"}
     emb_names = set(_embedding_weight_names(model))
     vocab_bad, other_bad = [], []
     for k in sorted(tensors):

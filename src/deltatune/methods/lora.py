@@ -41,7 +41,7 @@ from ..inject import (
     register_method,
 )
 from ..layers import dense_weight, layer_kind
-from ..targets import _list_match, find_targets
+from ..targets import _list_match, default_target_modules, find_targets
 
 
 @register_config
@@ -55,7 +55,9 @@ class LoraConfig(LayerAdapterConfig):
             ``lora_alpha / sqrt(r)`` with ``use_rslora``). Default 8.
         lora_dropout: dropout probability on the adapter input. Default 0.0.
         target_modules: list of names (exact or dotted suffix), a regex string (full match), or
-            ``"all-linear"``. See :mod:`deltatune.targets`.
+            ``"all-linear"``. See :mod:`deltatune.targets`. ``None`` (PEFT's default): the usual
+            attention projections of the model's architecture (``model.config.model_type``, see
+            :data:`deltatune.targets.DEFAULT_TARGET_MODULES`), written into the config at inject.
         exclude_modules: same forms; excluded modules are never adapted.
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are
@@ -101,8 +103,6 @@ class LoraConfig(LayerAdapterConfig):
                 f"init_lora_weights={self.init_lora_weights!r} is not supported: use True, False, "
                 "'gaussian', 'pissa', 'pissa_niter_K' or 'olora'"
             )
-        if self.target_modules is None and not self.modules_to_save:
-            raise ValueError("LoraConfig needs target_modules (a list, a regex, or 'all-linear')")
 
 
 def pattern_value(patterns: dict, key: str, default):
@@ -491,6 +491,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, state: 
         ValueError: nothing matches (nearest names listed), an unsupported option or layer.
     """
     _check_supported(config)
+    if config.target_modules is None:
+        default = default_target_modules(model)
+        if default is None and not config.modules_to_save:
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(f"LoraConfig.target_modules is None and deltatune knows no default for model_type {mt!r}: "
+                             "name the layers (a list, a regex, or 'all-linear')")
+        config.target_modules = default  # as PEFT does: the saved config names what was adapted
     hosts = []
     svd_init = isinstance(config.init_lora_weights, str) and (
         config.init_lora_weights.startswith("pissa") or config.init_lora_weights == "olora")
