@@ -486,3 +486,28 @@ def test_config_json_round_trip_keeps_unknown_keys(tmp_path):
     back = dt.load_config(str(tmp_path))
     assert back == cfg and back.extra == {"some_future_field": {"x": 1}}
     assert os.listdir(tmp_path) == ["adapter_config.json"]  # atomic write left no temporary file
+
+
+@pytest.mark.parametrize("kind", ["TL", "TG", "PM"])
+def test_inference_fast_path_equals_autograd_path_and_spares_other_hooks(kind):
+    """Without autograd, LoRA adds into the host output in place (one BLAS call, no copy). It must
+    compute what the autograd path computes, also with a DoRA adapter on the same layers, and it
+    must never change a tensor another hook has already seen."""
+    model = MAKERS[kind]()
+    first = TARGETS[kind][0] if kind != "PM" else "lin"
+    host = next(m for n, m in model.named_modules() if n.endswith(first))
+    seen = []
+    host.register_forward_hook(lambda m, a, out: seen.append((out, out.clone())))  # registered before inject
+    dt.inject(model, config_for(kind, "plain"), "a")
+    dt.inject(model, config_for(kind, "plain", use_dora=True), "b")
+    emulate_training(model)
+    for active in (["a"], ["a", "b"], ["b", "a"]):
+        dt.set_adapter(model, active)
+        with torch.enable_grad():
+            ref = run(model, kind).detach()
+        with torch.no_grad():
+            fast = run(model, kind)
+        with torch.inference_mode():
+            fast2 = run(model, kind)
+        assert rel_err(fast, ref) <= 1e-6 and rel_err(fast2, ref) <= 1e-6
+    assert all(torch.equal(t, c) for t, c in seen), "an adapter modified a tensor another hook had seen"

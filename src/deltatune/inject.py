@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from .config import AdapterConfig
 
@@ -127,6 +128,11 @@ def _adapter_hook(host: nn.Module, args, kwargs, output):
     ``x`` is the host's first positional input, or its first keyword input when it was called
     with keywords only. An adapter whose attribute ``uses_base_output`` is true (DoRA) also gets
     ``base_output=``, the host's own output before any adapter changed it.
+
+    Without autograd (inference), when no other hook can have seen the host's output (ours is the
+    first forward hook, there are no global ones, and no active adapter here needs the base
+    output), adapters with ``supports_inplace`` are called with ``inplace=True`` and may add into
+    ``out`` in place: this saves a full copy of the output per layer.
     """
     st: AdapterState = host.__dict__.get(STATE_ATTR)
     if st is None or st.disabled or not st.active:
@@ -135,15 +141,26 @@ def _adapter_hook(host: nn.Module, args, kwargs, output):
     if ads is None:
         return output
     x = args[0] if args else next(iter(kwargs.values()), None)
-    base = output
+    run = []
+    owned = not torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not _global_forward_hooks
     for name in st.active:
         a = ads._modules.get(name)
         if a is None or getattr(a, "merged", False) or getattr(a, "replaces_host", False):
             continue
-        if getattr(a, "uses_base_output", False):
+        run.append(a)
+        owned = owned and not getattr(a, "uses_base_output", False)
+    if owned:
+        owned = next(iter(host._forward_hooks.values())) is _adapter_hook
+    base = output
+    for a in run:
+        if owned and getattr(a, "supports_inplace", False):
+            output = a(x, output, host=host, inplace=True)
+        elif getattr(a, "uses_base_output", False):
             output = a(x, output, host=host, base_output=base)
+            owned = False
         else:
             output = a(x, output, host=host)
+            owned = False
     return output
 
 

@@ -292,21 +292,23 @@ class LoraAdapter(nn.Module):
         return b + self.scaling * bb.detach().float().reshape(-1)
 
     # -- forward --------------------------------------------------------------------------
+    supports_inplace = True  # see inject._adapter_hook: may add into ``out`` when told it may
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, host: nn.Module,
-                base_output: Optional[torch.Tensor] = None) -> torch.Tensor:
+                base_output: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
         if self.kind == "embedding":
             h = F.embedding(x, self.lora_embedding_A.T, host.padding_idx, host.max_norm,
                             host.norm_type, host.scale_grad_by_freq, host.sparse)  # (..., r)
             if self.use_dora:
                 return out + self._dora_embedding(x, h, out if base_output is None else base_output, host)
-            return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling)
+            return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling, inplace)
         dt = self.lora_A.weight.dtype
         xa = x if x.dtype == dt else x.to(dt)
         if self.use_dora:
             return out + self._dora(xa, out if base_output is None else base_output, host).to(out.dtype)
         h = self.lora_A(self.lora_dropout(xa))  # (..., r)
         if self.linear_like:
-            return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling)
+            return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling, inplace)
         return out + (self.lora_B(h) * self.scaling).to(out.dtype)
 
     def _host_is_merged(self, host) -> bool:
@@ -356,16 +358,20 @@ class LoraAdapter(nn.Module):
 
 
 def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Optional[torch.Tensor],
-                scaling: float) -> torch.Tensor:
+                scaling: float, inplace: bool = False) -> torch.Tensor:
     """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
 
-    When the dtypes agree this is one ``addmm`` (BLAS accumulates into a copy of ``out``), which
-    saves the two full passes over the output that ``out + B(h) * s`` makes. Never in place:
-    ``out`` may be held by other hooks or by DoRA adapters as the base output.
+    When the dtypes agree this is one ``addmm``: BLAS accumulates into ``out`` itself when the
+    hook says no one else holds it (``inplace``, inference only), else into a copy of it. Either
+    saves full passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
     """
     if b_b is None and out.dtype == h.dtype and out.dim() >= 1:
         o = out.shape[-1]
-        return torch.addmm(out.reshape(-1, o), h.reshape(-1, h.shape[-1]), w_b.t(), alpha=scaling).view(out.shape)
+        h2 = h.reshape(-1, h.shape[-1])
+        if inplace and out.is_contiguous():
+            out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
+            return out
+        return torch.addmm(out.reshape(-1, o), h2, w_b.t(), alpha=scaling).view(out.shape)
     y = F.linear(h, w_b, b_b) * scaling
     return out + y.to(out.dtype)
 
