@@ -511,3 +511,38 @@ def test_inference_fast_path_equals_autograd_path_and_spares_other_hooks(kind):
             fast2 = run(model, kind)
         assert rel_err(fast, ref) <= 1e-6 and rel_err(fast2, ref) <= 1e-6
     assert all(torch.equal(t, c) for t, c in seen), "an adapter modified a tensor another hook had seen"
+
+
+def test_core_import_needs_only_torch_and_safetensors():
+    """Issue 2: hard dependencies are torch and safetensors; transformers & co. load lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deltatune; bad = [m for m in ('transformers', 'peft', 'datasets', 'accelerate', 'torchao', "
+            "'bitsandbytes', 'gguf', 'matplotlib') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_save_is_atomic_when_a_write_fails(tmp_path, monkeypatch):
+    """A crash while saving leaves the previous adapter loadable and no temporary file behind."""
+    model = make_tl()
+    dt.inject(model, dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    dt.save_adapter(model, str(tmp_path))
+    with torch.no_grad():
+        L_old = run(model, "TL")
+        emulate_training(model)
+    import deltatune.formats.peft as fmt
+
+    real_fsync = os.fsync
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        dt.save_adapter(model, str(tmp_path))
+    monkeypatch.setattr(fmt.os, "fsync", real_fsync)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with torch.no_grad():
+        assert torch.equal(run(dt.load_adapter(make_tl(), str(tmp_path)), "TL"), L_old)

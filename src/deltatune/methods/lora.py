@@ -63,14 +63,27 @@ class LoraConfig(LayerAdapterConfig):
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are
             regexes matched against the end of the module name.
         bias: "none", "all" (train every bias of the model) or "lora_only" (biases of adapted
-            layers). Trained biases are saved with the adapter.
-        use_rslora: rank-stabilised scaling. use_dora: weight-decomposed LoRA (DoRA).
+            layers). Biases train in place and are saved with the adapter (PEFT's keys); deltatune
+            keeps their original values, so ``disable_adapter`` still computes the base model and
+            deleting the adapter restores them (``merge_and_unload`` keeps the trained ones).
+        use_rslora: rank-stabilised scaling (arXiv:2312.03732). use_dora: weight-decomposed LoRA
+            (DoRA, arXiv:2402.09353), on linear, Conv1D, convolution and embedding layers.
         init_lora_weights: True (Kaiming-uniform A, zero B: the model starts as the base),
-            "gaussian" (A ~ N(0, 1/r)), "pissa" / "pissa_niter_K" (principal singular vectors;
-            subtracts them from the base weight), "olora" (QR; also edits the base weight), or
-            False (A and B both random: the model does not start as the base).
+            "gaussian" (A ~ N(0, 1/r)), "pissa" / "pissa_niter_K" (PiSSA, arXiv:2404.02948:
+            principal singular vectors; the base weight becomes the residual), "olora" (OLoRA,
+            arXiv:2406.01775: QR; also rewrites the base weight), or False (A and B both random:
+            the model does not start as the base). Embeddings always start as A = 0, B ~ N(0, 1)
+            unless False; PiSSA/OLoRA apply to linear kinds only. The original weights are kept
+            (one copy) so that ``disable_adapter`` gives the true base model.
         modules_to_save: modules trained in full (as a copy) and saved with the adapter.
-        fan_in_fan_out: the targeted ``nn.Linear`` stores its weight as (in, out).
+        fan_in_fan_out: PEFT's flag for layers storing (in, out) weights. deltatune knows each
+            layer kind's layout (a transformers Conv1D is read transposed), so the flag is not
+            needed; on ``nn.Linear`` it is ignored with a warning, as PEFT does.
+        lora_bias: a trainable bias on ``lora_B`` (merged into the host's bias).
+
+    Keys of a PEFT config that deltatune does not implement (``layer_replication``,
+    ``trainable_token_indices``, ``use_qalora``...) are kept in ``extra`` and refused at inject when
+    set, rather than silently ignored.
     """
 
     PEFT_TYPE = "LORA"
