@@ -81,9 +81,19 @@ def load_base(model_path: Optional[str], dtype: str = "float32", threads: Option
     from ..integrations.transformers import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(choose_threads(threads))
-    source = resolve_model(model_path)
+    source = resolve_model(model_path)  # fails fast (one line) when the model is not there
+    try:  # no loading bars on the terminal: the CLI prints its own lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
     tok = load_tokenizer(source)
-    model = load_model(source, dtype=getattr(torch, dtype))
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):  # GGUF's de-quantisation bar (plain tqdm)
+        model = load_model(source, dtype=getattr(torch, dtype))
     return model, tok, source
 
 
@@ -130,34 +140,48 @@ def build_method_config(cfg: TrainConfig):
         raise UsageError(f"--method {cfg.method}: {e}") from None
 
 
-def build_data(cfg: TrainConfig, tokenizer, log=None):
-    """(encoder, train items, evaluator examples, task name)."""
-    from .data import ChatEncoder, load_examples, split_examples
+def read_data(cfg: TrainConfig, log=None):
+    """(train examples, held-out examples, task name): the default task, or the rows of ``--data``.
+
+    Runs before the model is loaded, so that a bad file fails at once.
+    """
+    from .data import load_examples, split_examples
     from .task import build_task
 
-    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     if cfg.data is None:
         task = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed)
-        train_ex, eval_ex, name = task.train, task.eval, "inflection (lemminflect lexicon)"
-        _say(log, f"data: default task, {len(train_ex)} training questions from {task.n_train_lemmas} lemmas, "
-                  f"{len(eval_ex)} held-out words from {task.n_eval_lemmas} held-out lemmas")
+        _say(log, f"data: default task, {len(task.train)} training questions from {task.n_train_lemmas} lemmas, "
+                  f"{len(task.eval)} held-out words from {task.n_eval_lemmas} held-out lemmas")
+        return task.train, task.eval, "inflection (lemminflect lexicon)"
+    examples = load_examples(cfg.data)
+    if cfg.eval_data:
+        train_ex, eval_ex = examples, load_examples(cfg.eval_data)
     else:
-        examples = load_examples(cfg.data)
-        if cfg.eval_data:
-            train_ex, eval_ex = examples, load_examples(cfg.eval_data)
-        else:
-            train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
-        name = os.path.basename(cfg.data)
-        _say(log, f"data: {cfg.data}: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+        train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
+    _say(log, f"data: {cfg.data}: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+    return train_ex, eval_ex, os.path.basename(cfg.data)
+
+
+def encode_data(cfg: TrainConfig, tokenizer, train_ex, log=None):
+    """(encoder, encoded training items)."""
+    from .data import ChatEncoder
+
+    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     items = enc.encode_all(train_ex)
     _say(log, f"tokenised: {enc.stats.summary()}")
     if not items:
         raise UsageError("no training example has a target token left: check the data and --max-seq-len")
-    return enc, items, eval_ex, name
+    return enc, items
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
     """Train as ``deltatune train`` does; return the report dict (also written to ``out/report.json``)."""
+    return train_session(cfg, log, progress)["report"]
+
+
+def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+    """:func:`run_train`, returning ``{"report", "model", "tokenizer", "evaluator", "trainer"}`` (for tests
+    and notebooks: the trained model stays in memory)."""
     from ..formats.peft import save_adapter
     from ..inject import count_parameters, get_config, inject
     from . import methods as cli_methods
@@ -168,12 +192,13 @@ def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optio
 
     t_start = time.time()
     out = prepare_out(cfg.out, cfg.overwrite)
-    method_config = build_method_config(cfg)  # fail on a bad method before loading anything
+    method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
+    train_ex, eval_ex, task_name = read_data(cfg, log)
     torch.manual_seed(cfg.seed)
     _say(log, "loading model ...")
     model, tok, source = load_base(cfg.model, cfg.dtype, cfg.threads)
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {torch.get_num_threads()} threads)")
-    enc, items, eval_ex, task_name = build_data(cfg, tok, log)
+    enc, items = encode_data(cfg, tok, train_ex, log)
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if eval_ex else None
     extra = {}
@@ -275,7 +300,7 @@ def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optio
         except Exception as e:  # a plotting failure must not lose the run
             _say(log, f"warning: curves.png not written: {e}")
     _say(log, "\n" + format_table(report))
-    return report
+    return {"report": report, "model": model, "tokenizer": tok, "evaluator": evaluator, "trainer": trainer}
 
 
 # ----------------------------------------------------------------------------- other subcommands
@@ -348,14 +373,27 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
     model = merge_and_unload(model)
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model, as transformers would load it
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        for attr in ("gguf_file",):
-            if hasattr(cfg, attr):
-                delattr(cfg, attr)
+    _drop_gguf_marks(model)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def _drop_gguf_marks(model) -> None:
+    """A GGUF base is de-quantised on load, but transformers keeps its GGUF "quantizer", which refuses to
+    save; the weights are plain float tensors, so drop the marks and save them as safetensors."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        model.hf_quantizer = None
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        if hasattr(model, "quantization_method"):
+            try:
+                del model.quantization_method
+            except AttributeError:
+                pass
 
 
 def inspect_adapter(adapter: str) -> dict:

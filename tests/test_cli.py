@@ -1,0 +1,225 @@
+"""The deltatune command on a tiny local model folder (TL + TT): train, eval, generate, merge, inspect,
+options from YAML with flags winning, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_dv, make_tl, make_tt
+from deltatune.cli import main
+from deltatune.train.config import OptionError, TrainConfig, build_config
+from deltatune.train.report import REPORT_FIELDS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A transformers model folder (TL + TT) and a JSONL of 24 DV conversations."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "tl"
+    make_tl().save_pretrained(model_dir)
+    make_tt().save_pretrained(model_dir)
+    data = root / "dv.jsonl"
+    with open(data, "w") as fh:
+        for m in make_dv(24):
+            fh.write(json.dumps({"messages": m}) + "\n")
+    return str(model_dir), str(data)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_args(tiny, out, *extra):
+    model_dir, data = tiny
+    return ["train", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", "3",
+            "--batch-size", "4", "--eval-size", "4", "--eval-every", "2", "--ppl-size", "0", "--threads", "1",
+            "--no-progress", "--val-fraction", "0.2", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    assert main(train_args(tiny, out, "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2")) == 0
+    return str(out)
+
+
+def test_train_writes_adapter_report_metrics_and_curves(trained):
+    files = set(os.listdir(trained))
+    assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "metrics.jsonl", "curves.png"} <= files
+    assert not any(f.startswith("checkpoint-") for f in files)  # checkpoints are removed at the end
+    rep = json.load(open(os.path.join(trained, "report.json")))
+    for k in REPORT_FIELDS:
+        assert k in rep
+    assert rep["method"] == "lora" and rep["metric_name"] == "exact_match"
+    assert 0.0 <= rep["metric_before"] <= 1.0 and 0.0 <= rep["metric_after"] <= 1.0
+    assert rep["steps"] == 3 and rep["train_tokens"] > 0 and rep["peak_rss_bytes"] > 10 * 2**20
+    # LoRA r=4 on the 7 linear layers x 2 blocks of TL: r * (in + out) each
+    per_block = 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 2 + (64 + 32))
+    assert rep["trainable_params"] == 2 * per_block
+    cfg = json.load(open(os.path.join(trained, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["task_type"] == "CAUSAL_LM"
+    rows = [json.loads(line) for line in open(os.path.join(trained, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
+    assert rows[-1]["metric"] == rep["metric_after"]
+
+
+def test_existing_out_is_refused_without_overwrite(tiny, trained, capsys):
+    before = os.path.getmtime(os.path.join(trained, "report.json"))
+    code, out, err = run(capsys, *train_args(tiny, trained))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    assert os.path.getmtime(os.path.join(trained, "report.json")) == before
+
+
+def test_overwrite_replaces_a_previous_run_but_never_foreign_files(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(train_args(tiny, out, "--max-steps", "1")) == 0
+    (out / "checkpoint-9").mkdir()
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
+    assert not (out / "checkpoint-9").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, *train_args(tiny, foreign, "--overwrite"))
+    assert code == 2 and (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--max-stepz", "3"], "--max-stepz"),
+    (["train", "--max-steps", "zero"], "max-steps"),
+    (["train", "--max-steps", "-1", "--out", "OUT"], "max_steps"),
+    (["train", "--data", "/nonexistent/d.jsonl", "--out", "OUT", "--model", "MODEL"], "not found"),
+    (["train", "--model", "/nonexistent/model", "--out", "OUT"], "/nonexistent/model"),
+    (["train", "--method", "nope", "--out", "OUT"], "nope"),
+    (["train", "--config", "/nonexistent.yaml"], "config file"),
+    (["merge", "--adapter", "/nonexistent"], "--out"),
+    (["merge", "--adapter", "/nonexistent", "--out", "OUT"], "adapter"),
+    (["eval", "--adapter", "/nonexistent"], "adapter"),
+    (["inspect", "/nonexistent"], "adapter"),
+    (["generate", "--model", "MODEL"], "--prompt"),
+    (["frobnicate"], "frobnicate"),
+    ([], "command"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tiny, tmp_path, capsys, argv, needle):
+    argv = [a.replace("OUT", str(tmp_path / "o")).replace("MODEL", tiny[0]) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deltatune"), err
+    assert needle in lines[0]
+
+
+def test_malformed_data_row_is_named(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w7", "completion": "w8"}\n{"prompt": "w9"}\n')
+    code, _, err = run(capsys, "train", "--model", tiny[0], "--data", str(bad), "--out", str(tmp_path / "o"),
+                       "--no-progress", "--ppl-size", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "bad.jsonl" in err and "row 2" in err and "completion" in err
+
+
+def test_yaml_config_and_flags_win(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("max_steps: 7\nlr: 0.01\nbatch-size: 2\nmethod_options: {num_virtual_tokens: 4}\n")
+    from deltatune.train.config import read_yaml
+
+    cfg = build_config(read_yaml(str(y)), {"max_steps": 3, "lr": None, "method_options": {"x": 1}})
+    assert cfg.max_steps == 3 and cfg.lr == 0.01 and cfg.batch_size == 2
+    assert cfg.method_options == {"num_virtual_tokens": 4, "x": 1}
+    assert cfg.method_opts()["num_virtual_tokens"] == 4 and cfg.method_opts()["r"] == 16
+    assert build_config({}, {}).to_dict() == TrainConfig().to_dict()
+    with pytest.raises(OptionError, match="did you mean max_steps"):
+        build_config({"max_step": 3})
+    with pytest.raises(OptionError, match="must be an integer"):
+        build_config({"max_steps": 2.5})
+    assert build_config({"target_modules": "q_proj, v_proj"}).target_modules == ["q_proj", "v_proj"]
+
+
+def test_train_from_yaml_config(tiny, tmp_path):
+    y = tmp_path / "c.yaml"
+    model_dir, data = tiny
+    y.write_text(f"model: {model_dir}\ndata: {data}\nmax_steps: 5\nbatch_size: 4\nppl_size: 0\neval_size: 2\n"
+                 f"eval_every: 0\nprogress: false\nrank: 2\n".replace("rank", "r"))
+    out = tmp_path / "o"
+    assert main(["train", "--config", str(y), "--out", str(out), "--max-steps", "2", "--threads", "1"]) == 0
+    rep = json.load(open(out / "report.json"))
+    assert rep["steps"] == 2 and rep["config"]["r"] == 2 and rep["config"]["batch_size"] == 4
+
+
+def test_eval_generate_inspect_merge(tiny, trained, tmp_path, capsys):
+    from deltatune import load_adapter
+    from deltatune.formats.peft import read_adapter_tensors
+
+    model_dir, data = tiny
+    code, out, err = run(capsys, "eval", "--adapter", trained, "--model", model_dir, "--data", data, "--json",
+                         "--eval-size", "6")
+    assert code == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["metric_name"] == "exact_match" and res["n"] == 6 and res["eval_loss"] > 0
+
+    code, out, err = run(capsys, "generate", "--adapter", trained, "--model", model_dir, "--prompt", "w7 w8",
+                         "--prompt", "w9", "--max-new-tokens", "4", "--json")
+    assert code == 0
+    answers = [json.loads(line) for line in out.strip().splitlines()]
+    assert [a["prompt"] for a in answers] == ["w7 w8", "w9"]
+    assert all(set(a["answer"].split()) <= {f"w{i}" for i in range(6, 128)} for a in answers)
+
+    code, out, err = run(capsys, "inspect", trained, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["method"] == "LORA" and info["rank"] == 4 and info["targets"] == "all-linear"
+    tensors = read_adapter_tensors(trained)
+    assert info["parameters"] == sum(t.numel() for t in tensors.values())
+    assert len(info["modules"]) == 14
+    row = next(r for r in info["modules"] if r["module"] == "model.layers.1.mlp.down_proj")
+    A = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"]
+    B = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert abs(row["norm"] - float(torch.linalg.matrix_norm(2.0 * B @ A))) < 1e-5 and row["norm"] > 0
+    code, out, _ = run(capsys, "inspect", trained)
+    assert code == 0 and "model.layers.1.mlp.down_proj" in out and "rank:" in out
+
+    merged = tmp_path / "merged"
+    code, out, err = run(capsys, "merge", "--adapter", trained, "--model", model_dir, "--out", str(merged))
+    assert code == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert AutoTokenizer.from_pretrained(str(merged)).chat_template
+    adapted = load_adapter(make_tl(), trained)
+    x = torch.tensor([[1, 3, 7, 8, 9, 5, 4]])
+    with torch.no_grad():
+        d = (plain(x).logits - adapted(x).logits).abs().max()
+        moved = (make_tl()(x).logits - adapted(x).logits).abs().max()
+    assert float(d) < 1e-5 and float(moved) > 1e-4
+    code, _, err = run(capsys, "merge", "--adapter", trained, "--model", model_dir, "--out", str(merged))
+    assert code == 2 and "--overwrite" in err
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("train", "eval", "generate", "merge", "inspect"):
+        with pytest.raises(SystemExit) as ei:
+            main([cmd, "--help"])
+        assert ei.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: deltatune " + cmd in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--max-steps", "--method", "--out", "--config", "--overwrite", "--data", "--model"):
+        assert flag in out
+    assert "lora" in out
