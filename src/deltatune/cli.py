@@ -42,7 +42,7 @@ _TRAIN_FLAGS = [
     ("--rank", "r", int, "adapter rank r (default 16)"),
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 32)"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
-    ("--target-modules", "target_modules", str, "comma-separated module names, a regex, or all-linear (default)"),
+    ("--target-modules", "target_modules", str, "comma-separated module names, a regex, or all-linear (default: the method's; LoRA: all-linear)"),
     ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up, in optimizer steps (default 10)"),

@@ -40,7 +40,7 @@ class TrainConfig:
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    target_modules: Any = "all-linear"
+    target_modules: Any = None  # None = the method's default (LoRA: "all-linear")
     method_options: dict = field(default_factory=dict)
     # optimisation (steps are optimizer steps; see loop.py)
     lr: float = 1e-3

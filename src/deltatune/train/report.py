@@ -119,9 +119,10 @@ def format_table(report: dict) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     lines = [
-        f"{'':<22}{'before':>12}{'after':>12}",
-        f"{name:<22}{pct(report.get('metric_before')):>12}{pct(report.get('metric_after')):>12}",
-        f"{'perplexity (chitchat)':<22}{_fmt(report.get('perplexity_before')):>12}{_fmt(report.get('perplexity_after')):>12}",
+        f"{'':<26}{'before':>12}{'after':>12}",
+        f"{name:<26}{pct(report.get('metric_before')):>12}{pct(report.get('metric_after')):>12}",
+        f"{'perplexity (chitchat)':<26}{_fmt(report.get('perplexity_before')):>12}"
+        f"{_fmt(report.get('perplexity_after')):>12}",
     ]
     t, n = report.get("trainable_params"), report.get("total_params")
     rows = [
@@ -137,4 +138,4 @@ def format_table(report: dict) -> str:
     for k in sorted(report):
         if k not in REPORT_FIELDS and k in report.get("extra_fields", []):
             rows.append((k, _fmt(report[k])))
-    return "\n".join(lines + [f"{k:<22}{v}" for k, v in rows])
+    return "\n".join(lines + [f"{k:<26}{v}" for k, v in rows])
