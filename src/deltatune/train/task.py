@@ -116,18 +116,19 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
     """``train_size`` training questions and ``eval_size`` held-out questions (distinct words).
 
     Lemmas are split once with ``seed``: 15% held out. Training questions are distinct
-    (form, lemma) pairs from training lemmas; held-out questions use distinct held-out lemmas.
+    (form, lemma) pairs from training lemmas; held-out questions use distinct held-out lemmas. The
+    held-out questions depend only on ``seed`` and ``eval_size`` (the first N of a larger set are the
+    same), so ``deltatune eval`` scores the words a run was evaluated on.
 
     Raises:
         DataError: the lexicon cannot supply that many distinct questions.
     """
     table = read_lexicon(path)
     lemmas = sorted({lem for f in table.values() for lem in f})
-    rng = random.Random(seed)
-    held = set(rng.sample(lemmas, int(len(lemmas) * HELD_OUT_LEMMA_FRACTION)))
+    held = set(random.Random(seed).sample(lemmas, int(len(lemmas) * HELD_OUT_LEMMA_FRACTION)))
     forms = list(FORMS)
 
-    def draw(n, allowed, distinct_lemma: bool):
+    def draw(n, allowed, distinct_lemma: bool, rng: random.Random):
         pools = {f: sorted(lem for lem in table[f] if lem in allowed) for f in forms}
         for f in forms:
             rng.shuffle(pools[f])
@@ -148,6 +149,7 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
         return out
 
     train_lemmas = set(lemmas) - held
-    train = draw(int(train_size), train_lemmas, distinct_lemma=False)
-    ev = draw(int(eval_size), held, distinct_lemma=True)
+    # separate streams: the held-out questions do not depend on train_size (and vice versa)
+    train = draw(int(train_size), train_lemmas, distinct_lemma=False, rng=random.Random(f"train-{seed}"))
+    ev = draw(int(eval_size), held, distinct_lemma=True, rng=random.Random(f"eval-{seed}"))
     return InflectionTask(train=train, eval=ev, n_train_lemmas=len(train_lemmas), n_eval_lemmas=len(held))
