@@ -27,6 +27,7 @@ Examples::
     python bench/forward_overhead.py                         # the reference setting (a few minutes)
     python bench/forward_overhead.py --model tiny --pairs 3 --steps 5   # quick check (seconds)
     python bench/forward_overhead.py --profile /tmp/prof     # + one profiled step per library
+    python bench/forward_overhead.py --interleaved --threads 1 --seq 128   # one process, steadier ratios
 """
 
 from __future__ import annotations
@@ -200,6 +201,69 @@ def child(args) -> None:
     print("CHILD " + json.dumps(res), flush=True)
 
 
+# ----------------------------------------------------------------------------- interleaved (one process)
+def interleaved(args) -> None:
+    """All three models in one process, their forward passes interleaved step by step.
+
+    Slow drift of a busy machine then hits the three alike within each round, so the ratios are
+    steadier than across processes; peak memory is not separable per configuration here.
+    """
+    import copy
+
+    load0 = os.getloadavg()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import deltatune as dt
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    base = _load(args, torch)
+    targets = args.targets.split(",")
+    m_dt = dt.inject(copy.deepcopy(base), dt.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets,
+                                                        init_lora_weights=False))
+    _fill_adapter(dt.adapter_state_dict(m_dt), torch)
+    m_pf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=args.alpha,
+                                                                    target_modules=targets, init_lora_weights=False))
+    live = dict(m_pf.named_parameters())
+    _fill_adapter({k: live[re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k)]
+                   for k in get_peft_model_state_dict(m_pf)}, torch)
+    models = {"base": base.eval(), "deltatune": m_dt.eval(), "peft": m_pf.eval()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, base.config.vocab_size, (args.batch, args.seq), generator=g)
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        outs = {k: m(input_ids=ids, use_cache=False).logits[:, -1] for k, m in models.items()}
+        for i in range(args.warmup + args.steps * args.pairs):
+            order = list(LIBS) if i % 2 == 0 else list(reversed(LIBS))
+            for lib in order:
+                t = time.perf_counter()
+                models[lib](input_ids=ids, use_cache=False)
+                if i >= args.warmup:
+                    times[lib].append(time.perf_counter() - t)
+    ratio = {
+        "deltatune_over_base": _spread(d / b for d, b in zip(times["deltatune"], times["base"])),
+        "peft_over_base": _spread(p / b for p, b in zip(times["peft"], times["base"])),
+        "deltatune_over_peft": _spread(d / p for d, p in zip(times["deltatune"], times["peft"])),
+    }
+    res = {"bench": "forward_overhead", "mode": "interleaved", "argv": sys.argv, "args": vars(args),
+           "cpu": cpu_model(), "nproc": os.cpu_count(), "threads": args.threads, "versions": versions(),
+           "loadavg_start": load0, "step_s_median": {k: _spread(v) for k, v in times.items()}, "ratios": ratio,
+           "same_work": {"logits_abs_diff_max_deltatune_vs_peft":
+                         float((outs["deltatune"] - outs["peft"]).abs().max())},
+           "maxrss_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "loadavg_end": os.getloadavg()}
+    r = ratio
+    print(f"interleaved: deltatune x{r['deltatune_over_base']['median']:.3f}, peft x{r['peft_over_base']['median']:.3f} "
+          f"over base; deltatune/peft {r['deltatune_over_peft']['median']:.3f} "
+          f"[{r['deltatune_over_peft']['min']:.3f}-{r['deltatune_over_peft']['max']:.3f}]", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
 # ----------------------------------------------------------------------------- parent
 def run_child(args, lib: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--lib", lib,
@@ -281,11 +345,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="also write the RESULT json here")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of one extra step per "
                                                      "library to PREFIX.<lib>.txt")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="one process, the three models' steps interleaved (steadier ratios on a busy machine; "
+                         "--steps x --pairs timed steps each; no per-configuration memory)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lib", choices=LIBS, default="base", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args)
+    elif args.interleaved:
+        interleaved(args)
     else:
         parent(args)
 
