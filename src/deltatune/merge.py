@@ -131,7 +131,7 @@ def _check_finite(plan) -> None:
         by_host.setdefault(id(item[1]), []).append(item)
     for items in by_host.values():
         host = items[0][1]
-        w = unmerged_dense_weight(host, getattr(items[0][3], "fan_in_fan_out", False)).detach().to(torch.float32)
+        w = dense_weight(host, getattr(items[0][3], "fan_in_fan_out", False)).detach().to(torch.float32)
         b = host._parameters.get("bias")
         b = None if b is None else b.detach().to(torch.float32)
         for hname, _, aname, amod in items:
