@@ -10,7 +10,7 @@ import deltatune as dt
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["Give the plural of mouse.", "Give the past tense of the verb swim, please."]
-NEW = 6
+NEW = 4
 
 
 def _batch(tok):
@@ -53,8 +53,8 @@ def test_smollm_cached_and_uncached_greedy_generate_agree(smollm, method):
         gen = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
                    pad_token_id=tok.pad_token_id)
         with torch.no_grad():
-            first = model(ids, attention_mask=mask).logits[:, -1]
-            cached = model.generate(ids, use_cache=True, **gen)
+            out = model.generate(ids, use_cache=True, output_logits=True, return_dict_in_generate=True, **gen)
+            cached, first = out.sequences, out.logits[0]
             uncached = model.generate(ids, use_cache=False, **gen)
         assert (first - base_first).abs().max().item() > 1e-3  # the adapter is live
         assert cached.shape == (2, ids.shape[1] + NEW)
@@ -65,5 +65,6 @@ def test_smollm_cached_and_uncached_greedy_generate_agree(smollm, method):
             dt.delete_adapter(model, "itest")
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
-    with torch.no_grad():
-        assert torch.equal(model(ids, attention_mask=mask).logits[:, -1], base_first)  # the shared model is clean
+    # the shared session model is left as it was (delete_adapter restores the exact base output: unit tests)
+    assert dt.adapter_names(model) == [] and "prompt_adapters" not in model._modules
+    assert not model._forward_pre_hooks and not any("adaption" in n for n, _ in model.named_parameters())
