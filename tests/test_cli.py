@@ -3,6 +3,7 @@ options from YAML with flags winning, and one-line errors with exit code 2 for b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ import torch
 
 from conftest import make_dv, make_tl, make_tt
 from deltatune.cli import main
-from deltatune.train.config import OptionError, TrainConfig, build_config
+from deltatune.train.config import OptionError, TrainConfig, build_config, read_yaml
 from deltatune.train.report import REPORT_FIELDS
 
 
@@ -142,12 +143,34 @@ def test_yaml_config_and_flags_win(tmp_path):
     assert cfg.max_steps == 3 and cfg.lr == 0.01 and cfg.batch_size == 2
     assert cfg.method_options == {"num_virtual_tokens": 4, "x": 1}
     assert cfg.method_opts()["num_virtual_tokens"] == 4 and cfg.method_opts()["r"] == 16
-    assert build_config({}, {}).to_dict() == TrainConfig().to_dict()
+    assert build_config({}, {}).to_dict() == dataclasses.replace(TrainConfig(), lr=1e-3).to_dict()
     with pytest.raises(OptionError, match="did you mean max_steps"):
         build_config({"max_step": 3})
     with pytest.raises(OptionError, match="must be an integer"):
         build_config({"max_steps": 2.5})
     assert build_config({"target_modules": "q_proj, v_proj"}).target_modules == ["q_proj", "v_proj"]
+
+
+def test_learning_rate_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path, capsys):
+    from deltatune.train.methods import METHOD_BUILDERS, METHOD_LR
+
+    assert set(METHOD_LR) == set(METHOD_BUILDERS)  # every method has its default
+    expected = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "ia3": 1e-2, "p-tuning": 1e-2,
+                "prefix-tuning": 1e-2, "llama-adapter": 1e-2, "prompt-tuning": 3e-2}
+    for method, lr in expected.items():
+        assert build_config({}, {"method": method}).lr == lr, method
+        assert build_config({}, {"method": method, "lr": 5e-4}).lr == 5e-4  # a flag wins
+        assert build_config({"lr": 2e-4}, {"method": method}).lr == 2e-4  # so does the config file
+    with pytest.raises(OptionError, match="'lr' must be > 0"):
+        build_config({}, {"lr": 0})
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: fast\n")
+    with pytest.raises(OptionError, match="'lr' must be a number"):
+        build_config(read_yaml(str(y)))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_rows = {tuple(line.split()) for line in capsys.readouterr().out.splitlines()}
+    assert all((m, f"{lr:g}") in help_rows for m, lr in expected.items())  # --help lists each default
 
 
 def test_train_from_yaml_config(tiny, tmp_path):

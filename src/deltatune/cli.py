@@ -43,7 +43,7 @@ _TRAIN_FLAGS = [
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 32)"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
     ("--target-modules", "target_modules", str, "comma-separated module names, a regex, or all-linear (default: the method's; LoRA: all-linear)"),
-    ("--lr", "lr", float, "peak learning rate (default 1e-3)"),
+    ("--lr", "lr", float, "peak learning rate (default: the method's, listed below)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up, in optimizer steps (default 10)"),
     ("--schedule", "schedule", str, "cosine (default) or constant after warm-up"),
@@ -84,9 +84,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _method_epilog() -> str:
     try:
-        from .train.methods import METHOD_BUILDERS
+        from .train.methods import METHOD_BUILDERS, default_lr
 
-        return "methods: " + ", ".join(sorted(METHOD_BUILDERS))
+        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{default_lr(m):g}" for m in sorted(METHOD_BUILDERS))
     except Exception:  # pragma: no cover
         return ""
 
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an adapter (default: LoRA on SmolLM2, word-inflection task)",
                        description="Train an adapter and write it (PEFT format) with report.json, metrics.jsonl "
-                                   "and curves.png into --out.", epilog=_method_epilog())
+                                   "and curves.png into --out.", epilog=_method_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_flags(t)
 
     e = sub.add_parser("eval", help="score model + adapter on data (default: the task's held-out words)")

@@ -43,7 +43,7 @@ class TrainConfig:
     target_modules: Any = None  # None = the method's default (LoRA: "all-linear")
     method_options: dict = field(default_factory=dict)
     # optimisation (steps are optimizer steps; see loop.py)
-    lr: float = 1e-3
+    lr: Optional[float] = None  # peak LR; None = the method's default (train.methods.METHOD_LR; LoRA 1e-3)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
@@ -108,7 +108,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if isinstance(default, float) or name == "max_grad_norm":
+        if isinstance(default, float) or name in ("max_grad_norm", "lr"):
             return float(value)
     except (TypeError, ValueError):
         kind = "an integer" if isinstance(default, int) or name in ("max_steps", "threads", "save_every") else "a number"
@@ -171,6 +171,10 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
             merged[key] = _coerce(key, v, getattr(defaults, key))
     cfg = dataclasses.replace(defaults, **merged)
     cfg.method_options = method_options
+    if cfg.lr is None:
+        from .methods import default_lr
+
+        cfg.lr = default_lr(cfg.method)
     validate(cfg)
     return cfg
 
@@ -185,7 +189,7 @@ def validate(cfg: TrainConfig) -> None:
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
               "task_train_size", "r"):
         positive(n)
-    if cfg.lr <= 0:
+    if cfg.lr is None or cfg.lr <= 0:
         raise OptionError(f"option 'lr' must be > 0, got {cfg.lr!r}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise OptionError(f"option 'max_steps' must be > 0, got {cfg.max_steps!r}")

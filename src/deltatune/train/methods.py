@@ -10,14 +10,25 @@ from __future__ import annotations
 from typing import Callable
 
 METHOD_BUILDERS: dict[str, Callable[[dict], object]] = {}
+# CLI method name -> peak learning rate used when neither --lr nor a config file sets one. Soft
+# prompts and (IA)3 vectors train a few thousand parameters from an identity-like start and want
+# larger steps than LoRA (prompt tuning: Lester et al. used 0.3 with Adafactor; PEFT's examples 3e-2).
+METHOD_LR: dict[str, float] = {}
+DEFAULT_LR = 1e-3
 
 
-def register_cli_method(name: str):
+def register_cli_method(name: str, lr: float = DEFAULT_LR):
     def deco(fn):
         METHOD_BUILDERS[name] = fn
+        METHOD_LR[name] = float(lr)
         return fn
 
     return deco
+
+
+def default_lr(method: str) -> float:
+    """The peak learning rate of ``method`` when the user sets none (1e-3 for unknown names)."""
+    return METHOD_LR.get(method, DEFAULT_LR)
 
 
 @register_cli_method("lora")
@@ -76,7 +87,7 @@ def _opt_targets(v):
     return list(v)
 
 
-@register_cli_method("ia3")
+@register_cli_method("ia3", lr=1e-2)
 def build_ia3(opts: dict):
     """(IA)3 (arXiv:2205.05638). Options: ``target_modules`` (default, and for the CLI-wide
     "all-linear": the model type's standard (IA)3 targets, e.g. Llama k_proj, v_proj, down_proj),
@@ -173,7 +184,7 @@ def _run_tokenizer(opts: dict):
     return src.folder, ({"gguf_file": src.gguf_file} if src.gguf_file else None)
 
 
-@register_cli_method("prompt-tuning")
+@register_cli_method("prompt-tuning", lr=3e-2)
 def build_prompt_tuning(opts: dict):
     """Prompt tuning (arXiv:2104.08691). Options: ``num_virtual_tokens`` (20), ``prompt_tuning_init``
     ("TEXT" (default; the run's tokenizer) | "RANDOM" | "SAMPLE_VOCAB"), ``prompt_tuning_init_text``
@@ -194,7 +205,7 @@ def build_prompt_tuning(opts: dict):
                               **kw)
 
 
-@register_cli_method("p-tuning")
+@register_cli_method("p-tuning", lr=1e-2)
 def build_p_tuning(opts: dict):
     """P-tuning (arXiv:2103.10385). Options: ``num_virtual_tokens`` (20),
     ``encoder_reparameterization_type`` ("MLP" | "LSTM"), ``encoder_hidden_size`` (default: the
@@ -210,7 +221,7 @@ def build_p_tuning(opts: dict):
     )
 
 
-@register_cli_method("prefix-tuning")
+@register_cli_method("prefix-tuning", lr=1e-2)
 def build_prefix_tuning(opts: dict):
     """Prefix tuning (arXiv:2101.00190). Options: ``num_virtual_tokens`` (20), ``prefix_projection``
     (false), ``encoder_hidden_size`` (default: the prefix width, as PEFT)."""
@@ -221,7 +232,7 @@ def build_prefix_tuning(opts: dict):
                               encoder_hidden_size=_opt_int(opts, "encoder_hidden_size", None))
 
 
-@register_cli_method("llama-adapter")
+@register_cli_method("llama-adapter", lr=1e-2)
 def build_llama_adapter(opts: dict):
     """LLaMA-Adapter (arXiv:2303.16199). Options: ``adapter_len`` (10, the paper's), ``adapter_layers``
     (8 top layers), ``target_modules`` (the attention submodule name; default from the model type).
