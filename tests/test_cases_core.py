@@ -1,4 +1,4 @@
-"""Regression cases C01, C03, C05, C07, C11, C13 of ../shared/cases/regressions.md, with their
+"""Regression cases C01, C03, C05, C07, C10, C11, C13 of ../shared/cases/regressions.md, with their
 expected values, each generalized to every layer kind it concerns.
 
 Layer kinds: nn.Linear (TL), transformers Conv1D square and non-square (TG), nn.Embedding,
@@ -427,3 +427,70 @@ def test_c13_bf16_base_keeps_dtype(case, adapter_dtype, tmp_path):
     sm, sp = load_file(str(fm)), load_file(str(fp))
     assert {k: v.dtype for k, v in sm.items()} == {k: v.dtype for k, v in sp.items()}
     assert abs(os.path.getsize(fm) - os.path.getsize(fp)) <= 0.01 * os.path.getsize(fp)
+
+
+# ----------------------------------------------------------------------------- C10
+C10_METHODS = {
+    "lora": lambda: dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                  init_lora_weights=False),
+    "dora": lambda: dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                  init_lora_weights=False),
+    "ia3": lambda: dt.IA3Config(),
+    "bottleneck": lambda: dt.BottleneckConfig(style="pfeiffer", reduction_factor=4),
+}
+
+
+def _enable_checkpointing(model):
+    """Reentrant checkpointing WITHOUT transformers' embedding-output hook: transformers >= 5 adds
+    ``enable_input_require_grads`` itself, older releases and trainer code paths did not (the fault
+    of C10), so the hook is taken off again and deltatune must stand on its own."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+
+
+def _c10_grads(method, order, checkpointing, kind="TL"):
+    """Adapter gradients of a causal-LM loss on X with the base frozen; checkpointing (reentrant)
+    enabled before or after injection, or not at all."""
+    model = MAKERS[kind]()
+    model.train()
+    if checkpointing and order == "before":
+        _enable_checkpointing(model)
+    torch.manual_seed(0)
+    dt.inject(model, C10_METHODS[method]())
+    with torch.no_grad():  # emulate training so that every adapter tensor gets a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    if checkpointing and order == "after":
+        _enable_checkpointing(model)
+    x = torch.tensor(X_IDS)
+    loss = model(input_ids=x, labels=x).loss
+    assert loss.grad_fn is not None  # the failure mode: "element 0 of tensors does not require grad"
+    loss.backward()
+    base = {n: p.grad for n, p in model.named_parameters() if ".adapters." not in f".{n}"}
+    assert all(g is None for g in base.values()), [n for n, g in base.items() if g is not None]
+    assert not model.get_input_embeddings().weight.requires_grad  # checkpointing made nothing trainable
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    dt.delete_adapter(model, "default")
+    assert not model.get_input_embeddings()._forward_hooks  # the hook goes with the last adapter
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["TL", "TG"])
+@pytest.mark.parametrize("method", list(C10_METHODS))
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_c10_gradient_checkpointing_with_frozen_base_gives_adapter_gradients(method, order, kind):
+    if kind == "TG" and method in ("lora", "dora"):
+        C10_METHODS[f"{method}-tg"] = lambda m=method: dt.LoraConfig(
+            r=8, lora_alpha=16, target_modules=["c_attn"], use_dora=(m == "dora"), init_lora_weights=False)
+        method = f"{method}-tg"
+    ref = _c10_grads(method, order, checkpointing=False, kind=kind)
+    got = _c10_grads(method, order, checkpointing=True, kind=kind)
+    assert set(got) == set(ref) and got
+    for n, g in got.items():
+        assert g is not None, n
+        assert maxdiff(g, ref[n]) < 1e-5, n
+    lora_b = [g for n, g in got.items() if "lora_B" in n]
+    assert all(float(g.norm()) > 0 for g in lora_b)
+    assert float(sum(g.norm() for g in got.values())) > 0

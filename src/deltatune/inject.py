@@ -318,8 +318,43 @@ def inject(
     st.configs[adapter_name] = config
     if first:
         st.active = [adapter_name]
+        _install_checkpointing_input_hook(model, st, emb)
     _refresh_trainable(model)
     return model
+
+
+def _gradient_checkpointing_on(model: nn.Module) -> bool:
+    flag = getattr(model, "is_gradient_checkpointing", None)
+    if isinstance(flag, bool):
+        return flag
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _install_checkpointing_input_hook(model: nn.Module, st: AdapterState, emb: Optional[nn.Module]) -> None:
+    """Make the input-embedding output require grad while gradient checkpointing is on (case C10).
+
+    Reentrant checkpointing rebuilds a block's graph only when one of the block's inputs requires
+    grad. With the whole base frozen none does, the loss gets no ``grad_fn`` and the adapters inside
+    the checkpointed blocks get no gradient. transformers >= 5 hooks the embeddings itself when
+    checkpointing is enabled, earlier releases and other models do not, so deltatune does it for
+    every adapted model, in either order (checkpointing enabled before or after :func:`inject`).
+    The hook costs nothing without checkpointing and never makes a parameter trainable; it is
+    removed with the last adapter.
+    """
+    import weakref
+
+    if emb is None or "_ckpt_hook" in st.__dict__:
+        return
+    ref = weakref.ref(model)
+
+    def hook(module, args, output):
+        m = ref()
+        if (m is not None and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.is_floating_point() and not output.requires_grad and _gradient_checkpointing_on(m)):
+            output.requires_grad_(True)
+        return output
+
+    st.__dict__["_ckpt_hook"] = emb.register_forward_hook(hook)
 
 
 def _forget_adapter(model: nn.Module, st: AdapterState, adapter_name: str, keep_hooks: Optional[int] = None) -> None:
@@ -482,6 +517,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     del st.configs[adapter_name]
     st.active = [a for a in st.active if a != adapter_name]
     if not st.configs:
+        handle = st.__dict__.pop("_ckpt_hook", None)
+        if handle is not None:
+            handle.remove()
         model.__dict__.pop(STATE_ATTR, None)
     else:
         _refresh_trainable(model)

@@ -282,6 +282,7 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
         "steps": trainer.total_steps,
         "train_seconds": trainer.train_seconds,
         "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
+        "threads": torch.get_num_threads(),
         "final_loss": trainer.history[-1].loss if trainer.history else None,
         "task": task_name,
         "model": source.display,
