@@ -2,6 +2,7 @@
 #   make demo   run the main job: LoRA-train SmolLM2-135M on the default task, on this CPU
 #   make test   run the test suite (unit, integration on the real model, interop with real peft)
 # Each sets up .venv by itself the first time (CPU torch wheel from local disk, never a CUDA build).
+#   make verify-demo  the demo adapter in real peft + merged greedy answers;  make methods  the method table
 
 PY      ?= python3
 VENV    := .venv
@@ -11,7 +12,7 @@ TORCH   ?= torch==2.13.0+cpu
 EXTRAS  ?= train,test,quant
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test setup clean-venv bench
+.PHONY: demo test setup clean-venv verify-demo methods
 
 setup: $(STAMP)
 
@@ -28,6 +29,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# after `make demo`: its adapter in the real peft (logits) and merged (greedy answers on 50 held-out words)
+verify-demo: $(STAMP)
+	DELTATUNE_VERIFY_ADAPTER=$(DEMO_OUT) $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+		tests/test_integration_train.py -k "peft or merged"
+
+# the README's method table: every method on the demo task (about 75 min on 2 cores)
+methods: $(STAMP)
+	$(BIN)/python bench/method_table.py --out runs/methods
 
 clean-venv:
 	rm -rf $(VENV)
