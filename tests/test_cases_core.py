@@ -444,7 +444,10 @@ def _enable_checkpointing(model):
     """Reentrant checkpointing WITHOUT transformers' embedding-output hook: transformers >= 5 adds
     ``enable_input_require_grads`` itself, older releases and trainer code paths did not (the fault
     of C10), so the hook is taken off again and deltatune must stand on its own."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
 

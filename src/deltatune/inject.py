@@ -324,9 +324,13 @@ def inject(
 
 
 def _gradient_checkpointing_on(model: nn.Module) -> bool:
-    flag = getattr(model, "is_gradient_checkpointing", None)
-    if isinstance(flag, bool):
-        return flag
+    # transformers >= 5 names the flag is_activation_checkpointing (the old name warns); plain
+    # modules: any submodule with gradient_checkpointing = True (transformers' own convention)
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if getattr(type(model), attr, None) is not None:
+            flag = getattr(model, attr)
+            if isinstance(flag, bool):
+                return flag
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
