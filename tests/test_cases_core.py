@@ -448,8 +448,10 @@ def _enable_checkpointing(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    if hasattr(model, "_require_grads_hook"):
+    if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
+    emb = model.get_input_embeddings()
+    assert not emb._forward_hooks or get_state(model) is not None  # only deltatune's hook may remain
 
 
 def _c10_grads(method, order, checkpointing, kind="TL"):
