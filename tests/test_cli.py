@@ -98,6 +98,45 @@ def test_overwrite_replaces_a_previous_run_but_never_foreign_files(tiny, tmp_pat
     (foreign / "notes.txt").write_text("keep me")
     code, _, err = run(capsys, *train_args(tiny, foreign, "--overwrite"))
     assert code == 2 and (foreign / "notes.txt").read_text() == "keep me"
+    # a user's folder holding files with the names deltatune writes (an HF model copy, a project)
+    # is not deltatune's output: nothing in it is deleted, whatever the flags
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "config.json").write_text("{}")
+    (proj / "model.safetensors").write_text("weights")
+    (proj / "src" / "main.py").write_text("print(1)")
+    code, _, err = run(capsys, *train_args(tiny, proj, "--overwrite"))
+    assert code == 2 and "not written by deltatune" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(proj)) == ["config.json", "model.safetensors", "src"]
+    assert (proj / "src" / "main.py").read_text() == "print(1)"
+    # a file the user added to a run folder survives --overwrite; deltatune's own files are replaced
+    (out / "notes.txt").write_text("my notes")
+    old_report = (out / "report.json").read_text()
+    assert main(train_args(tiny, out, "--max-steps", "2", "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert json.loads((out / "report.json").read_text())["steps"] == 2 and (out / "report.json").read_text() != old_report
+    marker = json.loads((out / "deltatune-output.json").read_text())
+    assert marker["command"] == "train" and "adapter_model.safetensors" in marker["files"]
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(tiny, tmp_path, capsys):
+    out = tmp_path / "keep"
+    assert main(train_args(tiny, out, "--max-steps", "1")) == 0
+    before = sorted(os.listdir(out))
+    for bad in (["--model", str(tmp_path / "nonexistent")], ["--data", str(tmp_path / "missing.jsonl")],
+                ["--method", "nope"], ["--target-modules", "no_such_module"]):
+        code, _, err = run(capsys, *train_args(tiny, out, "--overwrite", *bad))
+        assert code == 2, bad
+        assert sorted(os.listdir(out)) == before, bad  # the previous run is still all there
+    # --out under a file, and merge into the adapter's own folder, are refused up front
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, *train_args(tiny, tmp_path / "afile" / "sub"))
+    assert code == 2 and "lies under the file" in err
+    code, _, err = run(capsys, "merge", "--adapter", str(out), "--model", tiny[0], "--out", str(out), "--overwrite")
+    assert code == 2 and "would replace the adapter folder" in err and sorted(os.listdir(out)) == before
+    code, _, err = run(capsys, "merge", "--adapter", str(out), "--model", tiny[0], "--out", str(tmp_path / "m"),
+                       "--dtype", "foo")
+    assert code == 2 and "--dtype" in err
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -20,38 +20,91 @@ import torch
 
 from .config import OptionError, TrainConfig
 
-# files a deltatune run or merge writes; a folder holding one of them may be overwritten
-_OUTPUT_MARKERS = ("report.json", "adapter_config.json", "metrics.jsonl", "config.json", "model.safetensors")
-
-
 class UsageError(ValueError):
     """Bad command-line input (one-line message; the CLI exits with code 2)."""
 
 
-def prepare_out(path: str, overwrite: bool) -> str:
-    """Create ``path``, or empty it when ``overwrite`` and it holds an earlier deltatune output.
+# Every folder deltatune writes (train --out, merge --out) holds this marker, written first. Only a
+# folder with the marker may be replaced with --overwrite, and then only deltatune's own entries
+# are deleted (the names below and those the marker lists); anything else the user put there stays.
+OUTPUT_MARKER = "deltatune-output.json"
+_OWN_NAMES = {"adapter_config.json", "adapter_model.safetensors", "report.json", "metrics.jsonl", "curves.png",
+              "README.md", "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "vocab.json", "merges.txt", "added_tokens.json", OUTPUT_MARKER}
+
+
+def _own_entry(name: str, listed: set) -> bool:
+    import re
+
+    return (name in _OWN_NAMES or name in listed or re.fullmatch(r"checkpoint-\d+", name) is not None
+            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None)
+
+
+def check_out(path: str, overwrite: bool) -> str:
+    """Check that ``path`` can take a new output (nothing is changed); return it absolute.
 
     Raises:
-        UsageError: ``path`` exists, is not empty and ``overwrite`` is False; or it is a file; or it
-            holds files deltatune did not write (never deleted, whatever the flags).
+        UsageError: ``path`` is a file or lies under one; it exists, is not empty and ``overwrite``
+            is False; or it is not empty and was not written by deltatune (no marker file, and not a
+            training run of a version before the marker: ``report.json`` + ``adapter_config.json``):
+            such a folder is never emptied, whatever the flags.
     """
     path = os.path.abspath(os.path.expanduser(path))
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
     if os.path.isfile(path):
         raise UsageError(f"--out {path} is a file: give a folder")
+    if parent and parent != path and not os.path.isdir(parent):
+        raise UsageError(f"--out {path} lies under the file {parent}: give a folder")
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
             raise UsageError(f"--out {path} exists and is not empty: pass --overwrite or choose another folder")
-        if not any(os.path.exists(os.path.join(path, m)) for m in _OUTPUT_MARKERS):
-            raise UsageError(f"--out {path} is not empty and holds no deltatune output: refusing to delete it; "
-                             "choose another folder")
+        legacy_run = all(os.path.isfile(os.path.join(path, n)) for n in ("report.json", "adapter_config.json"))
+        if not os.path.isfile(os.path.join(path, OUTPUT_MARKER)) and not legacy_run:
+            raise UsageError(f"--out {path} is not empty and was not written by deltatune (no {OUTPUT_MARKER}): "
+                             "refusing to delete anything in it; choose another folder")
+    return path
+
+
+def prepare_out(path: str, overwrite: bool, command: str = "train") -> str:
+    """:func:`check_out`, then create ``path`` or delete deltatune's earlier output in it, and write the marker.
+
+    Only deltatune's own entries go (the files and ``checkpoint-N`` folders a run or merge writes,
+    and whatever the marker lists); any other file stays where it is.
+    """
+    path = check_out(path, overwrite)
+    if os.path.isdir(path) and os.listdir(path):
+        try:
+            with open(os.path.join(path, OUTPUT_MARKER), encoding="utf-8") as fh:
+                listed = set(json.load(fh).get("files", []))
+        except (OSError, ValueError, AttributeError):
+            listed = set()
         for name in os.listdir(path):
+            if not _own_entry(name, listed):
+                continue
             p = os.path.join(path, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)
             else:
                 os.unlink(p)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        write_marker(path, command, files=[])
+    except OSError as e:
+        raise UsageError(f"--out {path} cannot be written: {e.strerror or e}") from None
     return path
+
+
+def write_marker(path: str, command: str, files: Optional[list] = None) -> None:
+    """(Re)write the marker of an output folder; ``files``: the entries deltatune wrote there."""
+    from ..formats.peft import atomic_write_bytes
+
+    if files is None:
+        files = sorted(n for n in os.listdir(path) if n != OUTPUT_MARKER)
+    body = {"written_by": "deltatune", "command": command, "files": files}
+    atomic_write_bytes(os.path.join(path, OUTPUT_MARKER), (json.dumps(body, indent=1) + "\n").encode())
 
 
 def _say(log: Optional[Callable], msg: str) -> None:
@@ -174,6 +227,17 @@ def encode_data(cfg: TrainConfig, tokenizer, train_ex, log=None):
     return enc, items
 
 
+def _check_injection(model, method_config) -> None:
+    """Inject and delete the adapter once, with torch's RNG forked (the real injection later draws the
+    same initial values): a config that cannot apply to this model fails here, before anything is
+    written or the base model is scored. ``delete_adapter`` restores the exact base model."""
+    from ..inject import delete_adapter, inject
+
+    with torch.random.fork_rng(devices=[]):
+        inject(model, method_config, "deltatune-check")
+        delete_adapter(model, "deltatune-check")
+
+
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
     """Train as ``deltatune train`` does; return the report dict (also written to ``out/report.json``)."""
     return train_session(cfg, log, progress)["report"]
@@ -191,7 +255,7 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
     from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 
     t_start = time.time()
-    out = prepare_out(cfg.out, cfg.overwrite)
+    check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     train_ex, eval_ex, task_name = read_data(cfg, log)
     torch.manual_seed(cfg.seed)
@@ -205,6 +269,8 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
     preparer = cli_methods.MODEL_PREPARERS.get(cfg.method)
     if preparer is not None:
         extra = dict(preparer(model, cfg.method_opts()) or {})
+    _check_injection(model, method_config)  # e.g. target modules that match nothing: before --out is touched
+    out = prepare_out(cfg.out, cfg.overwrite, "train")
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
     ppl_probe = PerplexityProbe(tok, cfg.ppl_size) if cfg.ppl_size else None
 
@@ -300,6 +366,7 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
                         title=f"{cfg.method} on {task_name}")
         except Exception as e:  # a plotting failure must not lose the run
             _say(log, f"warning: curves.png not written: {e}")
+    write_marker(out, "train")
     _say(log, "\n" + format_table(report))
     return {"report": report, "model": model, "tokenizer": tok, "evaluator": evaluator, "trainer": trainer}
 
@@ -367,16 +434,23 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
     from ..formats.peft import load_adapter
     from ..merge import merge_and_unload
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     base = base_for_adapter(adapter, model_path)
-    out = prepare_out(out, overwrite)
+    a, o = os.path.realpath(adapter), os.path.realpath(os.path.expanduser(out))
+    if a == o or a.startswith(o + os.sep):
+        raise UsageError(f"--out {out} would replace the adapter folder {adapter}: choose another folder")
+    check_out(out, overwrite)  # nothing is deleted before the adapter has been loaded and merged
     model, tok, _ = load_base(base, dtype)
     load_adapter(model, adapter)
     model = merge_and_unload(model)
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model, as transformers would load it
     _drop_gguf_marks(model)
+    out = prepare_out(out, overwrite, "merge")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    write_marker(out, "merge")
     return out
 
 
