@@ -200,7 +200,7 @@ def test_learning_rate_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path
         assert build_config({}, {"method": method}).lr == lr, method
         assert build_config({}, {"method": method, "lr": 5e-4}).lr == 5e-4  # a flag wins
         assert build_config({"lr": 2e-4}, {"method": method}).lr == 2e-4  # so does the config file
-    with pytest.raises(OptionError, match="'lr' must be > 0"):
+    with pytest.raises(OptionError, match="'lr' must be a finite number > 0"):
         build_config({}, {"lr": 0})
     y = tmp_path / "c.yaml"
     y.write_text("lr: fast\n")
@@ -316,3 +316,95 @@ def test_every_registered_method_trains_through_the_one_loop(tiny, tmp_path, cap
     res = ev(load_adapter(make_tl(), str(out)))
     assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5
     assert res["metric"] == rep["metric_after"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-grad-norm", "-1"], "max_grad_norm"),
+    (["--lora-alpha", "0"], "lora_alpha"),
+    (["--lora-alpha", "-5"], "lora_alpha"),
+    (["--threads", "0"], "threads"),
+    (["--threads", "-1"], "threads"),
+    (["--save-every", "-1"], "save_every"),
+    (["--lr", "nan"], "'lr'"),
+    (["--weight-decay", "-1"], "weight_decay"),
+    (["--lora-dropout", "1.5"], "lora_dropout"),
+    (["--method-opt", "r=[1"], "--method-opt"),
+    (["--method-opt", "=3"], "KEY=VALUE"),
+    (["--method-opt", "use_rslora=maybe"], "use_rslora"),
+])
+def test_bad_numbers_and_options_are_refused_before_training(tiny, tmp_path, capsys, extra, needle):
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *train_args(tiny, out, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    assert needle in lines[0]
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("method: [lora]\n", "'method'"), ("model: {a: 1}\n", "'model'"), ("data: [a]\n", "'data'"),
+    ("out: [5]\n", "'out'"), ("target_modules: 5\n", "target_modules"), ("rank: x\n", "'r'"),
+])
+def test_yaml_values_of_the_wrong_type_are_one_line_errors(tiny, tmp_path, capsys, yaml_text, needle):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml_text)
+    code, _, err = run(capsys, "train", "--config", str(y))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_yaml_keys_may_be_spelled_as_the_flags():
+    assert build_config({"rank": 4, "max-steps": 2}).r == 4
+
+
+def test_single_target_module_name_and_no_held_out_set(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(train_args(tiny, out, "--target-modules", "q_proj", "--val-fraction", "0", "--max-steps", "1")) == 0
+    rep = json.load(open(out / "report.json"))
+    assert rep["metric_after"] is None and rep["eval_examples"] is None  # no held-out set: no metric
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["target_modules"] == ["q_proj"] and rep["trainable_params"] == 2 * 16 * (32 + 32)  # r=16 on q_proj (32->32) of 2 blocks
+
+
+def test_diverging_run_stops_with_one_line_and_saves_no_adapter(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *train_args(tiny, out, "--lr", "1e30", "--max-grad-norm", "0"))
+    assert code == 2 and "diverged" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_damaged_adapter_files_are_one_line_errors(trained, tiny, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    for argv in (["inspect", str(bad)], ["eval", "--adapter", str(bad), "--model", tiny[0], "--eval-size", "2"]):
+        code, _, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    (bad / "adapter_config.json").write_text("[1]")
+    code, _, err = run(capsys, "inspect", str(bad))
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1
+
+
+def test_merge_refuses_prompt_methods(tiny, tmp_path, capsys):
+    out = tmp_path / "pt"
+    assert main(train_args(tiny, out, "--method", "prompt-tuning", "--method-opt", "num_virtual_tokens=2",
+                           "--method-opt", "prompt_tuning_init=RANDOM", "--max-steps", "1")) == 0
+    code, _, err = run(capsys, "merge", "--adapter", str(out), "--model", tiny[0], "--out", str(tmp_path / "m"))
+    assert code == 2 and "cannot be merged" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_error_after_model_load_is_one_line_in_a_fresh_process(tiny, tmp_path):
+    """Library import-time chatter (torchao, torch pytree notes) must not break the one-line rule."""
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "deltatune")
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "deltatune.cli"]
+    p = subprocess.run(argv + train_args(tiny, tmp_path / "o", "--target-modules", "no_such_proj")[0:],
+                       capture_output=True, text=True, timeout=240)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "no_such_proj" in lines[0], p.stderr

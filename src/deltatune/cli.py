@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
     for flag, dest, typ in (("--eval-size", "eval_size", int), ("--eval-batch-size", "eval_batch_size", int),
                             ("--max-new-tokens", "max_new_tokens", int), ("--max-seq-len", "max_seq_len", int),
-                            ("--seed", "seed", int), ("--dtype", "dtype", str)):
+                            ("--seed", "seed", int), ("--dtype", "dtype", str), ("--threads", "threads", int)):
         e.add_argument(flag, dest=dest, type=typ, default=None)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--json", action="store_true", help="print JSON lines {prompt, answer}")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder")
     m.add_argument("--adapter", required=True, help="adapter folder")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     m.add_argument("--dtype", default="float32", help="dtype of the written weights (float32 or bfloat16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
 
     i = sub.add_parser("inspect", help="method, targets, rank, parameter count, per-layer adapter norms")
     i.add_argument("adapter", help="adapter folder")
@@ -147,7 +149,12 @@ def _train_config(args):
             if "=" not in kv:
                 raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
             k, v = kv.split("=", 1)
-            mo[k.strip()] = yaml.safe_load(v)
+            if not k.strip():
+                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
+            try:
+                mo[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError:
+                raise OptionError(f"--method-opt {kv!r}: the value is not valid (a number, true/false, text or [a, b])") from None
         flags["method_options"] = mo
     yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
     return build_config(yaml_values, flags)
@@ -166,8 +173,9 @@ def cmd_eval(args) -> int:
     from .train.pipeline import run_eval
 
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
-                                           "seed", "dtype")}
+                                           "seed", "dtype", "threads")}
     cfg = build_config(read_yaml(args.config) if args.config else {}, flags)
+    _set_threads(cfg.threads)
     res = run_eval(args.adapter, args.model, args.data, cfg)
     if args.json:
         print(json.dumps(res))
@@ -202,6 +210,9 @@ def cmd_generate(args) -> int:
         prompts += _read_prompts(args.prompts_file)
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts-file FILE")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be >= 1")
+    _set_threads(args.threads)
     answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
                            system=args.system, batch_size=args.batch_size)
     for p, a in zip(prompts, answers):
@@ -214,9 +225,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _set_threads(n) -> None:
+    if n is not None:
+        if n < 1:
+            from .train.pipeline import UsageError
+
+            raise UsageError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_merge(args) -> int:
     from .train.pipeline import run_merge
 
+    _set_threads(args.threads)
     out = run_merge(args.adapter, args.out, args.model, overwrite=args.overwrite, dtype=args.dtype)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -258,12 +281,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``deltatune`` command; returns the exit code (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("DELTATUNE_DEBUG"))
+    if not debug:
+        _quiet_libraries()
     errors = _user_errors()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
-            raise CLIError("deltatune: choose a command: train, eval, generate, merge, inspect (see deltatune --help)")
+            raise CLIError("deltatune: error: choose a command: train, eval, generate, merge, inspect (see deltatune --help)")
         return COMMANDS[args.command](args) or 0
     except errors as e:
         if debug:
@@ -281,6 +306,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else: still one line (a damaged file, a library's own error)
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or "(no message)"
+        print(f"deltatune: error: {type(e).__name__}: {msg} (run with DELTATUNE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' import-time chatter (torchao's kernel probes, torch's pytree deprecation
+    notes, bitsandbytes' kernel hub, datasets' and transformers' info logs) off the terminal, so that
+    an error stays one line. ``DELTATUNE_DEBUG=1`` leaves them on."""
+    import logging
+
+    for name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "bitsandbytes", "datasets",
+                 "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -155,6 +155,23 @@ def merged_adapters(model: nn.Module) -> list[str]:
     return out
 
 
+def _names_to_merge(st, adapter_names) -> list:
+    """The adapters a merge concerns (default: the active ones), checked.
+
+    Raises:
+        KeyError: an unknown name. ValueError: a method whose config refuses merging (prompt
+            methods: nothing of theirs lives in a weight), with the reason.
+    """
+    names = list(st.active if adapter_names is None else adapter_names)
+    for n in names:
+        if n not in st.configs:
+            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+        refusal = getattr(st.configs[n], "MERGE_REFUSAL", None)
+        if refusal:
+            raise ValueError(f"adapter {n!r} ({st.configs[n].peft_type}) cannot be merged: {refusal}")
+    return names
+
+
 def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
     """Merge adapters (default: the active ones) into the base weights, reversibly.
 
@@ -168,10 +185,7 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, sa
         KeyError: an unknown adapter name.
     """
     st = _require_state(model)
-    names = list(st.active if adapter_names is None else adapter_names)
-    for n in names:
-        if n not in st.configs:
-            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+    names = _names_to_merge(st, adapter_names)
     plan = []
     for hname, host, aname, amod in iter_adapter_modules(model):
         if aname in names and not getattr(amod, "merged", False) and _mergeable(host, amod, aname, hname):
@@ -240,10 +254,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[Iterable[str]] = 
     from .inject import release_base_parameters
 
     st = _require_state(model)
-    names = list(st.active if adapter_names is None else adapter_names)
-    for n in names:
-        if n not in st.configs:
-            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+    names = _names_to_merge(st, adapter_names)
     unmerge(model)
     items = [it for it in iter_adapter_modules(model) if it[2] in names]
     plan = [it for it in items if not getattr(it[3], "replaces_host", False) and _mergeable(it[1], it[3], it[2], it[0])]

@@ -421,11 +421,13 @@ def attach_modules_to_save(model: nn.Module, config, adapter_name: str, state: A
     mts = config.modules_to_save or []
     if not mts:
         return names
+    # Hugging Face PEFT's rule for modules_to_save (peft.utils.other._set_trainable): a plain string
+    # suffix match, so "norm" also takes every "input_layernorm"; kept so that files interoperate
     for name, mod in list(model.named_modules()):
-        if name and _list_match(mts, name) and ".adapters." not in f".{name}.":
+        if name and any(name.endswith(m) for m in mts) and ".adapters." not in f".{name}.":
             attach(mod, adapter_name, make_module_copy(mod), state)
             names.append(name)
-    missing = [m for m in mts if not any(n == m or n.endswith("." + m) for n in names)]
+    missing = [m for m in mts if not any(n.endswith(m) for n in names)]
     if missing:
         leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
         near = []

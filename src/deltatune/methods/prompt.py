@@ -98,6 +98,9 @@ class PromptLearningConfig(AdapterConfig):
     and saved so, as PEFT does.
     """
 
+    MERGE_REFUSAL = ("its virtual tokens are extra inputs, not a change of any weight; keep the adapter "
+                     "and load it with load_adapter (or deltatune generate --adapter)")
+
     num_virtual_tokens: Optional[int] = None
     token_dim: Optional[int] = None
     num_transformer_submodules: Optional[int] = None

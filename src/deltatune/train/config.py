@@ -154,9 +154,11 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
     known = TrainConfig.field_names()
     merged: dict = {}
     method_options: dict = {}
+    aliases = {"rank": "r"}  # keys may also be spelled as the flags
     for source, values in (("config file", yaml_values or {}), ("flag", flag_values or {})):
         for k, v in values.items():
-            key = str(k).replace("-", "_")
+            key = str(k).replace("-", "_").lstrip("_")
+            key = aliases.get(key, key)
             if key not in known:
                 near = difflib.get_close_matches(key, known, n=3)
                 hint = f" (did you mean {', '.join(near)}?)" if near else ""
@@ -189,8 +191,32 @@ def validate(cfg: TrainConfig) -> None:
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
               "task_train_size", "r"):
         positive(n)
-    if cfg.lr is None or cfg.lr <= 0:
-        raise OptionError(f"option 'lr' must be > 0, got {cfg.lr!r}")
+    import math
+
+    if cfg.lr is None or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise OptionError(f"option 'lr' must be a finite number > 0, got {cfg.lr!r}")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise OptionError(f"option 'lora_alpha' must be > 0, got {cfg.lora_alpha!r}")
+    if not (0.0 <= cfg.lora_dropout < 1.0):
+        raise OptionError(f"option 'lora_dropout' must be in [0, 1), got {cfg.lora_dropout!r}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise OptionError(f"option 'weight_decay' must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
+        raise OptionError(f"option 'max_grad_norm' must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise OptionError(f"option 'threads' must be >= 1 (leave it out for the automatic choice), got {cfg.threads!r}")
+    if cfg.save_every is not None and cfg.save_every < 0:
+        raise OptionError(f"option 'save_every' must be >= 0 (0 = no checkpoints), got {cfg.save_every!r}")
+    for n in ("model", "data", "eval_data"):
+        v = getattr(cfg, n)
+        if v is not None and not isinstance(v, str):
+            raise OptionError(f"option {n!r} must be a path, got {v!r}")
+    for n in ("out", "method", "schedule", "train_on", "dtype"):
+        if not isinstance(getattr(cfg, n), str):
+            raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
+    tm = cfg.target_modules
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise OptionError(f"option 'target_modules' must be a name, a comma-separated list or a regex, got {tm!r}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise OptionError(f"option 'max_steps' must be > 0, got {cfg.max_steps!r}")
     for n in ("warmup_steps", "eval_every", "eval_size", "eval_loss_size", "ppl_size"):

@@ -140,6 +140,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
 # ----------------------------------------------------------------------------- trainer
 
 
+class NonFiniteLoss(ValueError):
+    """The loss or the gradient norm of a step is NaN or infinite (the step is not taken)."""
+
+
 @dataclass
 class StepLog:
     step: int
@@ -230,6 +234,11 @@ class Trainer:
         if self.max_grad_norm:
             gn = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         lr = float(self.optimizer.param_groups[0]["lr"])
+        if not math.isfinite(total) or (gn is not None and not math.isfinite(gn)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"training diverged at step {self.step + 1}: loss {total / max(1, n_window):.4g}, "
+                                f"gradient norm {gn} (lr {lr:g}); nothing was updated: lower --lr or keep "
+                                "gradient clipping on (--max-grad-norm 1)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

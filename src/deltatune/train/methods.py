@@ -28,7 +28,7 @@ def register_cli_method(name: str, lr: float = DEFAULT_LR):
 
 def default_lr(method: str) -> float:
     """The peak learning rate of ``method`` when the user sets none (1e-3 for unknown names)."""
-    return METHOD_LR.get(method, DEFAULT_LR)
+    return METHOD_LR.get(method, DEFAULT_LR) if isinstance(method, str) else DEFAULT_LR
 
 
 @register_cli_method("lora")
@@ -39,9 +39,9 @@ def build_lora(opts: dict):
         r=int(opts.get("r", 16)),
         lora_alpha=float(opts.get("lora_alpha", 32)),
         lora_dropout=float(opts.get("lora_dropout", 0.0)),
-        target_modules=opts.get("target_modules") or "all-linear",
-        use_rslora=bool(opts.get("use_rslora", False)),
-        use_dora=bool(opts.get("use_dora", False)),
+        target_modules=_opt_targets(opts.get("target_modules")) or "all-linear",
+        use_rslora=bool(_opt_bool(opts.get("use_rslora"), "use_rslora")),
+        use_dora=bool(_opt_bool(opts.get("use_dora"), "use_dora")),
     )
 
 
@@ -151,9 +151,8 @@ def prepare_qlora(model, opts: dict) -> dict:
     """
     from ..quant import quant_stats, quantize_base
 
-    dq = opts.get("double_quant", True)
-    if isinstance(dq, str):
-        dq = dq.strip().lower() not in ("0", "false", "no", "off")
+    dq = _opt_bool(opts.get("double_quant"), "double_quant")
+    dq = True if dq is None else dq
     quantize_base(model, quant_type=opts.get("quant_type") or "nf4", double_quant=bool(dq),
                   compute_dtype=opts.get("compute_dtype") or "float32",
                   backend=opts.get("quant_backend") or "bitsandbytes")

@@ -113,7 +113,7 @@ def _fmt(v) -> str:
 
 def format_table(report: dict) -> str:
     """The short table printed at the end of ``deltatune train``."""
-    name = report.get("metric_name", "metric")
+    name = report.get("metric_name") or "metric"
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
