@@ -51,6 +51,9 @@ VARIANTS = {
     "rank_pattern": lambda k: {"rank_pattern": {TARGETS[k][0]: 2, TARGETS[k][-1]: 6},
                                "alpha_pattern": {TARGETS[k][1]: 32}},
     "modules_to_save": lambda k: {"modules_to_save": {"TL": ["lm_head"], "TG": ["ln_f"]}[k]},
+    # PEFT matches modules_to_save by plain string suffix: "norm" is model.norm AND every
+    # input_layernorm / post_attention_layernorm; "ln_2" every h.N.ln_2
+    "modules_to_save_suffix": lambda k: {"modules_to_save": {"TL": ["norm"], "TG": ["ln_2"]}[k]},
     "embedding": lambda k: {"target_modules": {"TL": ["embed_tokens", "q_proj", "v_proj"],
                                                "TG": ["wte", "c_attn"]}[k]},
     "embedding_dora": lambda k: {"use_dora": True, "target_modules": {"TL": ["embed_tokens", "q_proj"],
