@@ -499,3 +499,21 @@ def test_c10_gradient_checkpointing_with_frozen_base_gives_adapter_gradients(met
     lora_b = [g for n, g in got.items() if "lora_B" in n]
     assert all(float(g.norm()) > 0 for g in lora_b)
     assert float(sum(g.norm() for g in got.values())) > 0
+
+
+def test_loading_into_an_existing_adapter_of_another_config_is_an_error(tmp_path):
+    """The file's weights would run under the model's config (alpha 8 instead of 64): refused."""
+    src = make_tl()
+    dt.inject(src, dt.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj"], init_lora_weights=False))
+    dt.save_adapter(src, str(tmp_path / "a64"))
+    dst = make_tl()
+    dt.inject(dst, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in dt.adapter_state_dict(dst).items()}
+    with pytest.raises(ValueError, match="lora_alpha: 8 here, 64 in the file"):
+        dt.load_adapter(dst, str(tmp_path / "a64"))
+    assert all(torch.equal(v, before[k]) for k, v in dt.adapter_state_dict(dst).items())  # nothing loaded
+    # the same config (dropout and init differ: they do not change what is computed) loads
+    same = make_tl()
+    dt.inject(same, dt.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj"], lora_dropout=0.1))
+    dt.load_adapter(same, str(tmp_path / "a64"))
+    assert maxdiff(run(same, "TL"), run(src, "TL")) < 1e-6

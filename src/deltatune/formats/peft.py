@@ -278,6 +278,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     _check_base_shapes(model, tensors, directory)  # before anything is injected or written
     st = get_state(model)
     fresh = st is None or adapter_name not in st.configs
+    if not fresh:
+        _check_same_config(st.configs[adapter_name], cfg, adapter_name, directory)
     if fresh:
         inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
     remerge = [] if fresh else [n for n in merged_adapters(model) if n == adapter_name]
@@ -300,6 +302,30 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if remerge:
         merge(model, adapter_names=remerge)
     return model
+
+
+# config fields that do not change what an adapter computes (bookkeeping)
+_NEUTRAL_FIELDS = {"inference_mode", "base_model_name_or_path", "revision", "task_type", "peft_version",
+                   "auto_mapping", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
+                   "prompt_tuning_init_text", "init_lora_weights", "init_ia3_weights", "init_weights",
+                   "lora_dropout", "dropout", "encoder_dropout"}
+
+
+def _check_same_config(have, saved, adapter_name: str, directory: str) -> None:
+    """Loading weights into an existing adapter keeps that adapter's config, so the file's config
+    must compute the same thing (same method, rank, scaling, targets ...).
+
+    Raises:
+        ValueError: the configs differ; the message names the fields and both values.
+    """
+    a, b = have.to_dict(), saved.to_dict()
+    diff = [k for k in sorted(set(a) | set(b)) if k not in _NEUTRAL_FIELDS and a.get(k) != b.get(k)
+            and not (isinstance(a.get(k), (list, tuple)) and isinstance(b.get(k), (list, tuple))
+                     and sorted(map(str, a[k])) == sorted(map(str, b[k])))]
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} in the file" for k in diff[:4])
+        raise ValueError(f"the model's adapter {adapter_name!r} was made with another config than {directory} "
+                         f"({shown}): load the file under another adapter_name, or delete_adapter() first")
 
 
 def base_param_key(pname: str, hosts) -> str:
