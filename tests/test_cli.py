@@ -408,3 +408,13 @@ def test_error_after_model_load_is_one_line_in_a_fresh_process(tiny, tmp_path):
                        capture_output=True, text=True, timeout=240)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "no_such_proj" in lines[0], p.stderr
+
+
+def test_eval_without_data_scores_the_runs_own_held_out_split(trained, tiny, capsys):
+    rep = json.load(open(os.path.join(trained, "report.json")))
+    code, out, _ = run(capsys, "eval", "--adapter", trained, "--model", tiny[0], "--json", "--threads", "1")
+    assert code == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["n"] == rep["eval_examples"] and res["metric"] == rep["metric_after"]
+    assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5
+    assert "held-out split" in res["data"]

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score model + adapter on data (default: the task's held-out words)")
     e.add_argument("--adapter", help="adapter folder (default: the bare base model)")
     e.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
-    e.add_argument("--data", help="evaluation data file (all rows are scored)")
+    e.add_argument("--data", help="evaluation data file (all rows are scored; default: the held-out split of the "
+                                  "adapter's training run, from its report.json, else the default task's words)")
     e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
     for flag, dest, typ in (("--eval-size", "eval_size", int), ("--eval-batch-size", "eval_batch_size", int),
                             ("--max-new-tokens", "max_new_tokens", int), ("--max-seq-len", "max_seq_len", int),
@@ -174,7 +175,10 @@ def cmd_eval(args) -> int:
 
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
                                            "seed", "dtype", "threads")}
-    cfg = build_config(read_yaml(args.config) if args.config else {}, flags)
+    from .train.pipeline import run_settings
+
+    recorded = run_settings(args.adapter) if not args.data else {}  # the run's own held-out split
+    cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
     res = run_eval(args.adapter, args.model, args.data, cfg)
     if args.json:

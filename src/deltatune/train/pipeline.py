@@ -388,22 +388,43 @@ def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: 
 
 def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[str], cfg: TrainConfig,
              log: Optional[Callable] = print) -> dict:
-    """Metric (and eval loss) of model + adapter on ``data`` (all rows), or on the default task's held-out words."""
+    """Metric (and eval loss) of model + adapter on ``data`` (all rows); without ``data``, on the held-out
+    split that ``cfg`` describes: ``cfg.data``'s (as training split it; see :func:`run_settings`), or the
+    default task's held-out words."""
     from .data import ChatEncoder, load_examples
     from .evaluate import Evaluator
-    from .task import build_task
 
-    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype)
-    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     if data:
         examples = load_examples(data)
     else:
-        examples = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed).eval
+        if cfg.data and not os.path.isfile(cfg.data):
+            raise UsageError(f"the adapter was trained on {cfg.data}, which is not here any more: pass --data FILE")
+        examples = read_data(cfg)[1]
+        if not examples:
+            raise UsageError("the run had no held-out split: pass --data FILE")
+        data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
+    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype)
+    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
     res = ev(model)
     res.update({"adapter": adapter, "model": source.display, "data": data or "default task (held-out words)"})
     return res
+
+
+def run_settings(adapter: Optional[str]) -> dict:
+    """The data options a training run recorded in ``adapter/report.json`` (empty when there is none), so
+    that ``deltatune eval --adapter DIR`` scores the same held-out examples as the run did."""
+    p = os.path.join(adapter, "report.json") if adapter else ""
+    if not p or not os.path.isfile(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as fh:
+            conf = json.load(fh).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "max_seq_len", "train_on")
+    return {k: conf[k] for k in keys if conf.get(k) is not None}
 
 
 def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
