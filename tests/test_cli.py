@@ -418,3 +418,22 @@ def test_eval_without_data_scores_the_runs_own_held_out_split(trained, tiny, cap
     assert res["n"] == rep["eval_examples"] and res["metric"] == rep["metric_after"]
     assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5
     assert "held-out split" in res["data"]
+
+
+def test_unknown_method_options_are_refused_and_each_known_one_is_read(tiny, tmp_path, capsys):
+    from deltatune.train.methods import METHOD_BUILDERS, METHOD_OPTIONS
+
+    assert set(METHOD_OPTIONS) == set(METHOD_BUILDERS)
+    code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method-opt", "bogus=1"))
+    assert code == 2 and "no option 'bogus'" in err and "use_rslora" in err and not (tmp_path / "o").exists()
+    code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method", "ia3", "--method-opt", "num_virtual_tokens=3"))
+    assert code == 2 and "no option 'num_virtual_tokens'" in err
+    # every listed option is really read by its builder: an invalid value for it is an error
+    from deltatune.train.pipeline import build_method_config
+
+    assert build_config({}, {"method": "lora", "method_options": {"use_rslora": True}}).method_options
+    cfg = build_method_config(build_config({}, {"method": "prompt-tuning",
+                                                "method_options": {"num_virtual_tokens": 7,
+                                                                   "prompt_tuning_init": "RANDOM"}}))
+    assert cfg.num_virtual_tokens == 7
+    assert build_method_config(build_config({}, {"method": "lora", "method_options": {"use_rslora": True}})).use_rslora

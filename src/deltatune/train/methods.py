@@ -15,6 +15,22 @@ METHOD_BUILDERS: dict[str, Callable[[dict], object]] = {}
 # larger steps than LoRA (prompt tuning: Lester et al. used 0.3 with Adafactor; PEFT's examples 3e-2).
 METHOD_LR: dict[str, float] = {}
 DEFAULT_LR = 1e-3
+# CLI method name -> the method-specific option names its builder (and preparer) reads from
+# --method-opt / method_options; any other name there is an error (a typo must not be ignored)
+_LORA_OPTS = ("use_rslora", "use_dora")
+METHOD_OPTIONS: dict[str, tuple] = {
+    "lora": _LORA_OPTS, "dora": _LORA_OPTS,
+    "qlora": _LORA_OPTS + ("quant_type", "double_quant", "compute_dtype", "quant_backend"),
+    "ia3": ("feedforward_modules", "init_ia3_weights"),
+    "bottleneck": ("style", "reduction_factor", "non_linearity", "init_weights", "scaling", "original_ln_before",
+                   "original_ln_after", "residual_before_ln", "mh_adapter", "output_adapter", "leave_out",
+                   "adapter_dropout"),
+    "prompt-tuning": ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
+    "p-tuning": ("num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size",
+                 "encoder_num_layers", "encoder_dropout"),
+    "prefix-tuning": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
+    "llama-adapter": ("adapter_len", "adapter_layers"),
+}
 
 
 def register_cli_method(name: str, lr: float = DEFAULT_LR):

@@ -187,6 +187,11 @@ def build_method_config(cfg: TrainConfig):
     if builder is None:
         known = ", ".join(sorted(cli_methods.METHOD_BUILDERS))
         raise UsageError(f"unknown --method {cfg.method!r}; available: {known}")
+    accepted = cli_methods.METHOD_OPTIONS.get(cfg.method, ())
+    unknown = [k for k in cfg.method_options if k not in accepted and k not in TrainConfig.field_names()]
+    if unknown:
+        raise UsageError(f"--method {cfg.method} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(accepted) or '(none)'}")
     try:
         return builder(cfg.method_opts())
     except (TypeError, ValueError) as e:
