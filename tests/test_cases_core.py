@@ -517,3 +517,11 @@ def test_loading_into_an_existing_adapter_of_another_config_is_an_error(tmp_path
     dt.inject(same, dt.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj"], lora_dropout=0.1))
     dt.load_adapter(same, str(tmp_path / "a64"))
     assert maxdiff(run(same, "TL"), run(src, "TL")) < 1e-6
+
+
+def test_set_adapter_refuses_a_name_twice():
+    m = make_tl()
+    dt.inject(m, dt.LoraConfig(r=2, target_modules=["q_proj"]), "l")
+    with pytest.raises(ValueError, match="twice"):
+        dt.set_adapter(m, ["l", "l"])
+    assert dt.active_adapters(m) == ["l"]

@@ -448,6 +448,7 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
 
     Raises:
         KeyError: an unknown name (the message lists the model's adapters).
+        ValueError: a name given twice.
     """
     from .merge import merged_adapters, unmerge
 
@@ -456,6 +457,8 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
     for n in names:
         if n not in st.configs:
             raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"set_adapter: {names} names an adapter twice; each adapter applies once")
     leaving = [n for n in merged_adapters(model) if n not in names]
     if leaving:
         warnings.warn(f"set_adapter: unmerging {leaving}, which are merged but no longer active", stacklevel=2)
