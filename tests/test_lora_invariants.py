@@ -546,3 +546,17 @@ def test_save_is_atomic_when_a_write_fails(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     with torch.no_grad():
         assert torch.equal(run(dt.load_adapter(make_tl(), str(tmp_path)), "TL"), L_old)
+
+
+def test_saved_files_have_the_usual_permissions(tmp_path):
+    """Atomic writes go through a temporary file (mkstemp makes it 0600); the result must be readable
+    by others as any file the user creates (umask applied), e.g. by a serving process."""
+    model = make_tl()
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    old = os.umask(0o022)
+    try:
+        dt.save_adapter(model, str(tmp_path))
+    finally:
+        os.umask(old)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.stat(tmp_path / f).st_mode & 0o777 == 0o644, f

@@ -96,9 +96,9 @@ def write_report(path: str, report: dict) -> None:
     missing = [k for k in REPORT_FIELDS if k not in report]
     if missing:
         raise ValueError(f"report is missing fields {missing}")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump({k: _clean(v) for k, v in report.items()}, fh, indent=2)
-        fh.write("\n")
+    from ..formats.peft import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps({k: _clean(v) for k, v in report.items()}, indent=2) + "\n").encode())
 
 
 def _fmt(v) -> str:
