@@ -234,3 +234,23 @@ def test_plain_text_rows_train_every_token_and_end_with_eos():
     out = enc.encode(Example(text="w7 w8 w9"))
     assert out["input_ids"] == [1, 7, 8, 9, 2]
     assert out["labels"][1:] == [7, 8, 9, 2]
+
+
+def test_held_out_split_keeps_duplicated_prompts_on_one_side():
+    from deltatune.train.data import Example, split_examples
+
+    rows = []
+    for i in range(20):
+        msgs = [{"role": "user", "content": f"w{6 + i}"}, {"role": "assistant", "content": f"w{40 + i}"}]
+        rows += [Example(messages=msgs)] * (3 if i % 4 == 0 else 1)  # some rows three times
+    rows.append(Example(messages=[{"role": "user", "content": "w6"}, {"role": "assistant", "content": "w99"}]))
+    train, held = split_examples(rows, 0.25, seed=0)
+    key = lambda e: e.messages[0]["content"]  # noqa: E731
+    assert held and train and not ({key(e) for e in train} & {key(e) for e in held})
+    assert len(train) + len(held) == len(rows)
+    # distinct rows split exactly as before: a seeded permutation, the first n held out
+    distinct = [Example(messages=[{"role": "user", "content": f"w{6 + i}"},
+                                  {"role": "assistant", "content": "w7"}]) for i in range(10)]
+    tr, he = split_examples(distinct, 0.2, seed=0)
+    perm = __import__("torch").randperm(10, generator=__import__("torch").Generator().manual_seed(0)).tolist()
+    assert [distinct.index(e) for e in he] == sorted(perm[:2])

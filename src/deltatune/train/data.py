@@ -179,18 +179,35 @@ def load_examples(path: str) -> list[Example]:
 
 
 def split_examples(examples: list, val_fraction: float, seed: int, max_eval: Optional[int] = None):
-    """(train, held-out): a seeded random ``val_fraction`` of the rows (at least 1, at most max_eval)."""
+    """(train, held-out): a seeded random ``val_fraction`` of the rows (at least 1; about ``max_eval`` at most).
+
+    Rows with the same prompt (the conversation before its last answer, or the same text) go to
+    the same side, so a duplicated row never leaks from training into the held-out set; the held-out
+    side then holds at least the requested number of rows where the duplicates allow.
+    """
+    import json as _json
+
     if val_fraction <= 0 or len(examples) < 2:
         return list(examples), []
+    groups: dict = {}
+    for i, e in enumerate(examples):
+        key = _json.dumps(e.prompt_messages(), sort_keys=True) if e.messages is not None else e.text
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())  # in order of first appearance
+    if len(members) < 2:
+        return list(examples), []
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(examples), generator=g).tolist()
+    perm = torch.randperm(len(members), generator=g).tolist()
     n = max(1, int(round(len(examples) * val_fraction)))
     if max_eval:
         n = min(n, max_eval)
-    n = min(n, len(examples) - 1)
-    held = sorted(perm[:n])
-    keep = sorted(perm[n:])
-    return [examples[i] for i in keep], [examples[i] for i in held]
+    held_idx: list = []
+    for k, gi in enumerate(perm[:-1]):  # at least one group stays for training
+        if len(held_idx) >= n:
+            break
+        held_idx += members[gi]
+    held = set(held_idx)
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 # ----------------------------------------------------------------------------- tokenising
