@@ -117,6 +117,9 @@ def test_overwrite_replaces_a_previous_run_but_never_foreign_files(tiny, tmp_pat
     assert json.loads((out / "report.json").read_text())["steps"] == 2 and (out / "report.json").read_text() != old_report
     marker = json.loads((out / "deltatune-output.json").read_text())
     assert marker["command"] == "train" and "adapter_model.safetensors" in marker["files"]
+    assert "notes.txt" not in marker["files"] and marker["kept"] == ["notes.txt"]
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0  # and again: still kept
+    assert (out / "notes.txt").read_text() == "my notes"
 
 
 def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(tiny, tmp_path, capsys):

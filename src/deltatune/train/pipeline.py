@@ -29,7 +29,7 @@ class UsageError(ValueError):
 # are deleted (the names below and those the marker lists); anything else the user put there stays.
 OUTPUT_MARKER = "deltatune-output.json"
 _OWN_NAMES = {"adapter_config.json", "adapter_model.safetensors", "report.json", "metrics.jsonl", "curves.png",
-              "README.md", "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "vocab.json", "merges.txt", "added_tokens.json", OUTPUT_MARKER}
 
@@ -75,14 +75,16 @@ def prepare_out(path: str, overwrite: bool, command: str = "train") -> str:
     and whatever the marker lists); any other file stays where it is.
     """
     path = check_out(path, overwrite)
+    kept: list = []
     if os.path.isdir(path) and os.listdir(path):
         try:
             with open(os.path.join(path, OUTPUT_MARKER), encoding="utf-8") as fh:
                 listed = set(json.load(fh).get("files", []))
         except (OSError, ValueError, AttributeError):
             listed = set()
-        for name in os.listdir(path):
+        for name in sorted(os.listdir(path)):
             if not _own_entry(name, listed):
+                kept.append(name)  # the user's: stays, and is never listed as deltatune's
                 continue
             p = os.path.join(path, name)
             if os.path.isdir(p) and not os.path.islink(p):
@@ -91,20 +93,28 @@ def prepare_out(path: str, overwrite: bool, command: str = "train") -> str:
                 os.unlink(p)
     try:
         os.makedirs(path, exist_ok=True)
-        write_marker(path, command, files=[])
+        write_marker(path, command, files=[], kept=kept)
     except OSError as e:
         raise UsageError(f"--out {path} cannot be written: {e.strerror or e}") from None
     return path
 
 
-def write_marker(path: str, command: str, files: Optional[list] = None) -> None:
-    """(Re)write the marker of an output folder; ``files``: the entries deltatune wrote there."""
+def write_marker(path: str, command: str, files: Optional[list] = None, kept: Optional[list] = None) -> None:
+    """(Re)write the marker of an output folder. ``files``: the entries deltatune wrote there (default:
+    all but those the marker records as the user's, ``kept``, which were there before the run)."""
     from ..formats.peft import atomic_write_bytes
 
+    marker = os.path.join(path, OUTPUT_MARKER)
+    if kept is None:
+        try:
+            with open(marker, encoding="utf-8") as fh:
+                kept = list(json.load(fh).get("kept", []))
+        except (OSError, ValueError, AttributeError):
+            kept = []
     if files is None:
-        files = sorted(n for n in os.listdir(path) if n != OUTPUT_MARKER)
-    body = {"written_by": "deltatune", "command": command, "files": files}
-    atomic_write_bytes(os.path.join(path, OUTPUT_MARKER), (json.dumps(body, indent=1) + "\n").encode())
+        files = sorted(n for n in os.listdir(path) if n != OUTPUT_MARKER and n not in kept)
+    body = {"written_by": "deltatune", "command": command, "files": files, "kept": sorted(kept)}
+    atomic_write_bytes(marker, (json.dumps(body, indent=1) + "\n").encode())
 
 
 def _say(log: Optional[Callable], msg: str) -> None:
