@@ -17,26 +17,16 @@ METHOD_LR: dict[str, float] = {}
 DEFAULT_LR = 1e-3
 # CLI method name -> the method-specific option names its builder (and preparer) reads from
 # --method-opt / method_options; any other name there is an error (a typo must not be ignored)
+METHOD_OPTIONS: dict[str, tuple] = {}
 _LORA_OPTS = ("use_rslora", "use_dora")
-METHOD_OPTIONS: dict[str, tuple] = {
-    "lora": _LORA_OPTS, "dora": _LORA_OPTS,
-    "qlora": _LORA_OPTS + ("quant_type", "double_quant", "compute_dtype", "quant_backend"),
-    "ia3": ("feedforward_modules", "init_ia3_weights"),
-    "bottleneck": ("style", "reduction_factor", "non_linearity", "init_weights", "scaling", "original_ln_before",
-                   "original_ln_after", "residual_before_ln", "mh_adapter", "output_adapter", "leave_out",
-                   "adapter_dropout"),
-    "prompt-tuning": ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"),
-    "p-tuning": ("num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size",
-                 "encoder_num_layers", "encoder_dropout"),
-    "prefix-tuning": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
-    "llama-adapter": ("adapter_len", "adapter_layers"),
-}
 
 
-def register_cli_method(name: str, lr: float = DEFAULT_LR):
+def register_cli_method(name: str, lr: float = DEFAULT_LR, options: tuple = ()):
+    """Register a builder under ``name`` with its default peak lr and its --method-opt names."""
     def deco(fn):
         METHOD_BUILDERS[name] = fn
         METHOD_LR[name] = float(lr)
+        METHOD_OPTIONS[name] = tuple(options)
         return fn
 
     return deco
@@ -47,7 +37,7 @@ def default_lr(method: str) -> float:
     return METHOD_LR.get(method, DEFAULT_LR) if isinstance(method, str) else DEFAULT_LR
 
 
-@register_cli_method("lora")
+@register_cli_method("lora", options=_LORA_OPTS)
 def build_lora(opts: dict):
     from ..methods.lora import LoraConfig
 
@@ -61,7 +51,7 @@ def build_lora(opts: dict):
     )
 
 
-@register_cli_method("dora")
+@register_cli_method("dora", options=_LORA_OPTS)
 def build_dora(opts: dict):
     return build_lora({**opts, "use_dora": True})
 
@@ -103,7 +93,7 @@ def _opt_targets(v):
     return list(v)
 
 
-@register_cli_method("ia3", lr=1e-2)
+@register_cli_method("ia3", lr=1e-2, options=("feedforward_modules", "init_ia3_weights"))
 def build_ia3(opts: dict):
     """(IA)3 (arXiv:2205.05638). Options: ``target_modules`` (default, and for the CLI-wide
     "all-linear": the model type's standard (IA)3 targets, e.g. Llama k_proj, v_proj, down_proj),
@@ -118,7 +108,9 @@ def build_ia3(opts: dict):
                      init_ia3_weights=True if init is None else init)
 
 
-@register_cli_method("bottleneck")
+@register_cli_method("bottleneck", options=(
+    "style", "reduction_factor", "non_linearity", "init_weights", "scaling", "original_ln_before",
+    "original_ln_after", "residual_before_ln", "mh_adapter", "output_adapter", "leave_out", "adapter_dropout"))
 def build_bottleneck(opts: dict):
     """Bottleneck adapters (Houlsby arXiv:1902.00751, Pfeiffer arXiv:2005.00247, parallel
     arXiv:2110.04366). Options (AdapterHub names; unset ones take the style's default): ``style``
@@ -149,7 +141,7 @@ def build_bottleneck(opts: dict):
                             **kw)
 
 
-@register_cli_method("qlora")
+@register_cli_method("qlora", options=_LORA_OPTS + ("quant_type", "double_quant", "compute_dtype", "quant_backend"))
 def build_qlora(opts: dict):
     """QLoRA (arXiv:2305.14314) trains the same LoRA as ``lora``; the 4-bit base is the preparer's."""
     return build_lora(opts)
@@ -199,7 +191,8 @@ def _run_tokenizer(opts: dict):
     return src.folder, ({"gguf_file": src.gguf_file} if src.gguf_file else None)
 
 
-@register_cli_method("prompt-tuning", lr=3e-2)
+@register_cli_method("prompt-tuning", lr=3e-2,
+                     options=("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text"))
 def build_prompt_tuning(opts: dict):
     """Prompt tuning (arXiv:2104.08691). Options: ``num_virtual_tokens`` (20), ``prompt_tuning_init``
     ("TEXT" (default; the run's tokenizer) | "RANDOM" | "SAMPLE_VOCAB"), ``prompt_tuning_init_text``
@@ -220,7 +213,8 @@ def build_prompt_tuning(opts: dict):
                               **kw)
 
 
-@register_cli_method("p-tuning", lr=1e-2)
+@register_cli_method("p-tuning", lr=1e-2, options=("num_virtual_tokens", "encoder_reparameterization_type",
+                                                      "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"))
 def build_p_tuning(opts: dict):
     """P-tuning (arXiv:2103.10385). Options: ``num_virtual_tokens`` (20),
     ``encoder_reparameterization_type`` ("MLP" | "LSTM"), ``encoder_hidden_size`` (default: the
@@ -236,7 +230,8 @@ def build_p_tuning(opts: dict):
     )
 
 
-@register_cli_method("prefix-tuning", lr=1e-2)
+@register_cli_method("prefix-tuning", lr=1e-2,
+                     options=("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"))
 def build_prefix_tuning(opts: dict):
     """Prefix tuning (arXiv:2101.00190). Options: ``num_virtual_tokens`` (20), ``prefix_projection``
     (false), ``encoder_hidden_size`` (default: the prefix width, as PEFT)."""
@@ -247,7 +242,7 @@ def build_prefix_tuning(opts: dict):
                               encoder_hidden_size=_opt_int(opts, "encoder_hidden_size", None))
 
 
-@register_cli_method("llama-adapter", lr=1e-2)
+@register_cli_method("llama-adapter", lr=1e-2, options=("adapter_len", "adapter_layers"))
 def build_llama_adapter(opts: dict):
     """LLaMA-Adapter (arXiv:2303.16199). Options: ``adapter_len`` (10, the paper's), ``adapter_layers``
     (8 top layers), ``target_modules`` (the attention submodule name; default from the model type).
