@@ -118,6 +118,12 @@ class LoraConfig(LayerAdapterConfig):
             )
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The factor ``s`` on ``B @ A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA
+    (Kalajdzievski, arXiv:2312.03732)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
 def pattern_value(patterns: dict, key: str, default):
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first pattern matching the end of ``key``."""
     for p, v in (patterns or {}).items():
@@ -155,7 +161,7 @@ class LoraAdapter(nn.Module):
         self.linear_like = kind.linear_like
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.use_dora = use_dora
         self.uses_base_output = use_dora  # the forward hook passes base_output= (see inject._adapter_hook)
         # The layer kind owns the storage layout (a transformers Conv1D is read transposed by its
