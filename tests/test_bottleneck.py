@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.bottleneck import BottleneckAdapter, BottleneckConfig, decoder_sites
+from deltatune.integrations.hf_geometry import decoder_sites
+from deltatune.methods.bottleneck import BottleneckAdapter, BottleneckConfig
 
 STYLES = ["houlsby", "pfeiffer", "parallel"]
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.inject import get_state
+from deltatune.adapters import get_state
 from deltatune.merge import merged_adapters
 
 from conftest import X_IDS, emulate_training, make_tg, make_tl
@@ -150,7 +150,7 @@ def _expected_keys(model, adapter_name):
             continue
         a = ad._modules[adapter_name]
         pre = f"base_model.model.{path}."
-        if getattr(a, "replaces_host", False):
+        if a.side == "replace":  # a modules_to_save copy
             keys |= {pre + k for k in a.state_dict()}
         elif a.kind == "embedding":
             keys |= {pre + "lora_embedding_A", pre + "lora_embedding_B"}
@@ -232,7 +232,7 @@ def _load_base(folder, kind):
 def _effective(mod):
     """The weight a module computes with: its active modules_to_save copy's, else its own."""
     ads = mod._modules.get("adapters")
-    if ads is not None and "default" in ads and getattr(ads["default"], "replaces_host", False):
+    if ads is not None and "default" in ads and ads["default"].side == "replace":
         return ads["default"].weight
     return mod.weight
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.inject import _adapter_hook, get_state
+from deltatune.adapters import _input_hook, _output_hook, get_state
 from deltatune.merge import merged_adapters
 
 from conftest import X_IDS, emulate_training, make_tg, make_tl
@@ -143,7 +143,7 @@ def trainable_expected(model, kind, variant, cfg):
     """Names that must require grad: adapter tensors and modules_to_save copies (under
     ``.adapters.``), and the trained base biases of the ``bias`` option."""
     names = {n for n, _ in model.named_parameters() if ".adapters." in f".{n}"}
-    hosts = get_state(model).__dict__["_hosts"]["default"]
+    hosts = dt.get_record(model, "default").hosts
     for n, _ in model.named_parameters():
         if ".adapters." in f".{n}" or not n.endswith("bias"):
             continue
@@ -272,7 +272,8 @@ def _assert_plain(model):
     """No deltatune child, hook, forward override or attribute is left anywhere."""
     for name, mod in model.named_modules():
         assert "adapters" not in mod._modules, name
-        assert not any(h is _adapter_hook for h in mod._forward_hooks.values()), name
+        assert not any(h is _output_hook for h in mod._forward_hooks.values()), name
+        assert not any(h is _input_hook for h in mod._forward_pre_hooks.values()), name
         assert "forward" not in mod.__dict__, name
         assert not [k for k in mod.__dict__ if k.startswith("_deltatune")], (name, list(mod.__dict__))
 
@@ -445,27 +446,38 @@ def test_print_trainable_parameters_line(capsys):
     assert m.group(3) == f"{100 * t / n:.4f}"
 
 
-def test_bias_training_is_a_union_over_active_adapters_and_restored_on_delete():
+def test_trained_biases_are_each_adapters_own_and_follow_the_active_set():
+    """An adapter's trained biases are its own: the model holds them only while it is active; two
+    adapters training the same bias cannot be active together (each would see the other's values)."""
     model = make_tg()
-    bias_before = model.transformer.h[0].ln_1.bias.detach().clone()
+    ln_b = model.transformer.h[0].ln_1.bias
+    attn_b = model.transformer.h[0].attn.c_attn.bias
+    ln0, attn0 = ln_b.detach().clone(), attn_b.detach().clone()
     dt.inject(model, dt.LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only"), "lo")
     dt.inject(model, dt.LoraConfig(r=2, target_modules=["c_fc"], bias="all"), "all")
     dt.inject(model, dt.LoraConfig(r=2, target_modules=["c_proj"]), "none")
-    ln_b = model.transformer.h[0].ln_1.bias
-    attn_b = model.transformer.h[0].attn.c_attn.bias
     assert attn_b.requires_grad and not ln_b.requires_grad
-    dt.set_adapter(model, ["lo", "all"])
-    assert attn_b.requires_grad and ln_b.requires_grad
+    with pytest.raises(ValueError, match=r"'lo' and 'all' both change the base tensor 'transformer\.h\.0\.attn"):
+        dt.set_adapter(model, ["lo", "all"])
+    assert dt.active_adapters(model) == ["lo"] and attn_b.requires_grad  # nothing changed
+    with torch.no_grad():
+        attn_b.add_(2.0)  # "lo" trains its bias
     dt.set_adapter(model, ["all", "none"])  # "none" must not switch off what "all" trains
     assert ln_b.requires_grad and attn_b.requires_grad
+    assert torch.equal(attn_b, attn0)  # "all" starts from the original, not from "lo"'s values
     with torch.no_grad():
         ln_b.add_(1.0)
     dt.set_adapter(model, "none")
     assert not ln_b.requires_grad and not attn_b.requires_grad
-    dt.delete_adapter(model, "all")
-    assert torch.equal(model.transformer.h[0].ln_1.bias, bias_before)  # trained bias restored
+    assert torch.equal(ln_b, ln0) and torch.equal(attn_b, attn0)  # inactive adapters change nothing
+    dt.set_adapter(model, "all")
+    assert torch.equal(ln_b, ln0 + 1.0)  # its own values are back
     dt.set_adapter(model, "lo")
-    assert attn_b.requires_grad and not ln_b.requires_grad
+    assert torch.equal(attn_b, attn0 + 2.0) and torch.equal(ln_b, ln0)
+    dt.delete_adapter(model, "all")
+    dt.delete_adapter(model, "lo")
+    assert torch.equal(ln_b, ln0) and torch.equal(attn_b, attn0)  # originals restored
+    assert not ln_b.requires_grad and not attn_b.requires_grad
 
 
 def test_adapter_dtype_option_and_default():

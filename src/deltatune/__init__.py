@@ -3,32 +3,35 @@
 Public API (all functions take the model and change it in place; none wraps it)::
 
     inject(model, config, adapter_name="default")       -> model
-    set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names
+    set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names / get_record
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
 """
 
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .integrations import transformers as _transformers  # noqa: F401  (registers transformers' model knowledge)
+from .adapters import AdapterRecord, LayerAdapter, get_record
 from .config import AdapterConfig, config_from_dict, load_config
 from .formats.peft import adapter_state_dict, load_adapter, save_adapter
 from .inject import (
     active_adapters,
     adapter_names,
     count_parameters,
-    delete_adapter,
-    disable_adapter,
     get_config,
     inject,
+    parameter_groups,
     print_trainable_parameters,
-    set_adapter,
 )
-from .merge import merge, merge_and_unload, merged_adapters, unload, unmerge
-from .methods.lora import LoraConfig
-from .quant import quant_stats, quantize_base
-from .methods.ia3 import IA3Config
-from .methods.bottleneck import BottleneckConfig
+from .lifecycle import delete_adapter, disable_adapter, merge_and_unload, set_adapter, unload
+from .merge import merge, merged_adapters, unmerge
 from .methods.adaption_prompt import AdaptionPromptConfig
-from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
+from .methods.lora import LoraConfig
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from .quant import quant_stats, quantize_base
 
 __version__ = "0.1.0"
 
@@ -50,6 +53,10 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "get_config",
+    "get_record",
+    "AdapterRecord",
+    "LayerAdapter",
+    "parameter_groups",
     "merge",
     "unmerge",
     "merge_and_unload",

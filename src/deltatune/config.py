@@ -6,7 +6,8 @@ back unchanged, so a config from a newer PEFT survives a round trip.
 
 A method registers its config class with :func:`register_config` under PEFT's ``peft_type``
 string ("LORA", "IA3", "PROMPT_TUNING", ...); :func:`config_from_dict` picks the class from that
-field.
+field. The built-in methods register when ``deltatune`` is imported (``deltatune/__init__.py``
+imports :mod:`deltatune.methods`), so nothing here imports a method.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
+
+from ._io import atomic_write_bytes
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -37,6 +40,12 @@ class AdapterConfig:
     """Fields every adapter config has (PEFT's ``PeftConfig``)."""
 
     PEFT_TYPE: ClassVar[str] = ""
+    # why adapters of this method can never be merged (None: merging is up to each layer adapter)
+    merge_error: ClassVar[Optional[str]] = None
+    # fields that do not change what an adapter computes (init recipes, dropout, bookkeeping): two
+    # configs that differ only in these describe the same trained adapter
+    neutral_fields: ClassVar[frozenset] = frozenset(
+        {"inference_mode", "base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping"})
 
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
@@ -77,8 +86,6 @@ class AdapterConfig:
 
     def save(self, directory: str) -> str:
         """Write ``adapter_config.json`` into ``directory`` atomically; return its path."""
-        from .formats.peft import atomic_write_bytes
-
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
@@ -96,9 +103,6 @@ def config_from_dict(d: dict) -> AdapterConfig:
     Raises:
         ValueError: the ``peft_type`` is missing or not one deltatune implements.
     """
-    # Importing the methods registers their configs.
-    from . import methods  # noqa: F401
-
     pt = d.get("peft_type")
     if pt not in _CONFIG_REGISTRY:
         raise ValueError(

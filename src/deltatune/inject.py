@@ -1,230 +1,102 @@
-"""Attach adapters to a model, and manage them: active set, disable, delete, trainable report.
+"""Add adapters to a model, remove them, and keep what trains and what the base tensors hold right.
 
-One mechanism serves every layer method. A targeted module (the *host*) keeps its own class, its
-own parameters and their names; it gains a child ``adapters`` (an ``nn.ModuleDict`` keyed by adapter
-name) and one forward hook that lets each active adapter change the host's output::
+:func:`inject` creates the adapter's :class:`~deltatune.adapters.AdapterRecord` and hands it to
+the method's injector (registered with :func:`register_method`), which attaches modules to hosts
+through :func:`deltatune.adapters.attach` and fills the record. :func:`remove` is the one path
+that takes an adapter away again (``delete_adapter`` and a failed ``inject`` both use it).
 
-    out = host(x)                       # the untouched base computation
-    for name in active adapters:        # LoRA adds scale * B(A(dropout(x))), IA3 scales, ...
-        out = host.adapters[name](x, out, host=host)
+Trainability follows one rule (:meth:`AdapterRecord.trains`): an adapter's parameters require
+grad while it is active and not loaded for inference; the base stays frozen, except the base
+biases that a training adapter trains (LoRA's ``bias`` option).
 
-So ``q_proj.weight`` stays ``q_proj.weight`` (a base checkpoint still loads into an adapted model)
-and the adapter lives at ``q_proj.adapters.default.lora_A.weight``. ``modules_to_save`` copies are
-stored the same way (``lm_head.adapters.default.weight``) and replace the host's computation while
-their adapter is active.
-
-Model-wide state (configs, the active set, the disabled flag) is one :class:`AdapterState` held as
-``model._deltatune_state`` and shared by reference with every host.
-
-:func:`inject` returns the same model object: there is no wrapper model.
+Base tensors changed in place. Some adapters change base parameters themselves: LoRA's
+``bias="all"/"lora_only"`` trains base biases, PiSSA/OLoRA init rewrites the base weight into a
+residual. Each such adapter holds its own values of those tensors (a
+:class:`~deltatune.adapters.BaseTensor` slot); a parameter holds the values of the one active
+adapter that claims it, and its original values otherwise (no adapter claiming it is active, or
+adapters are disabled). So an inactive adapter never changes what the others compute, and two
+adapters that change the same base tensor cannot be active together (:func:`check_base_conflicts`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import types
-import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
 
+from .adapters import (
+    STATE_ATTR,
+    AdapterRecord,
+    AdapterState,
+    BaseTensor,
+    detach,
+    get_record,
+    get_state,
+    require_state,
+    unmerged_parameter,
+)
 from .config import AdapterConfig
+from .geometry import GEOMETRY
 
-STATE_ATTR = "_deltatune_state"
-ADAPTERS = "adapters"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-@dataclass
-class AdapterState:
-    """Model-wide adapter bookkeeping (one object per adapted model)."""
-
-    configs: dict = field(default_factory=dict)  # name -> AdapterConfig
-    active: list = field(default_factory=list)  # names, in application order
-    disabled: bool = False
 
 
 # ----------------------------------------------------------------------------- method registry
 
-_METHODS: dict[type, Callable] = {}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's entry points: ``inject(model, config, record, *, adapter_dtype, **options)`` fills
+    the record; optional ``to_disk(model, name, config) -> {file key: tensor}`` and
+    ``from_disk(model, name, config, tensors) -> leftover tensors`` for tensors outside the
+    per-layer key rule (prompt methods)."""
+
+    inject: Callable
+    to_disk: Optional[Callable] = None
+    from_disk: Optional[Callable] = None
 
 
-def register_method(config_cls: type, injector: Callable) -> None:
-    """Register ``injector(model, config, adapter_name, state, **options)`` for ``config_cls``."""
-    _METHODS[config_cls] = injector
+_METHODS: dict[type, MethodSpec] = {}
 
 
-def _injector_for(config: AdapterConfig) -> Callable:
-    from . import methods  # noqa: F401  (registers the built-in methods)
+def register_method(config_cls: type, injector: Callable, *, to_disk: Optional[Callable] = None,
+                    from_disk: Optional[Callable] = None) -> None:
+    """Register a method for ``config_cls`` (and, through the class hierarchy, its subclasses)."""
+    _METHODS[config_cls] = MethodSpec(injector, to_disk, from_disk)
 
+
+def method_for(config: AdapterConfig) -> MethodSpec:
+    """The registered :class:`MethodSpec` of ``config``'s class (or of its nearest base class).
+
+    Raises:
+        TypeError: no method is registered for it.
+    """
     for cls in type(config).__mro__:
         if cls in _METHODS:
             return _METHODS[cls]
     raise TypeError(f"no deltatune method is registered for {type(config).__name__}")
 
 
-# ----------------------------------------------------------------------------- state access
-
-
-def get_state(model: nn.Module, create: bool = False) -> Optional[AdapterState]:
-    st = model.__dict__.get(STATE_ATTR)
-    if st is None and create:
-        st = AdapterState()
-        model.__dict__[STATE_ATTR] = st
-    return st
-
-
-def _require_state(model: nn.Module) -> AdapterState:
-    st = get_state(model)
-    if st is None or not st.configs:
-        raise ValueError("this model has no deltatune adapters: call deltatune.inject(model, config) first")
-    return st
+# ----------------------------------------------------------------------------- reading the state
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of every adapter on ``model``, in the order they were added."""
     st = get_state(model)
-    return list(st.configs) if st else []
+    return list(st.records) if st else []
 
 
 def get_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
-    st = _require_state(model)
-    if adapter_name not in st.configs:
-        raise KeyError(f"no adapter named {adapter_name!r}; this model has {list(st.configs)}")
-    return st.configs[adapter_name]
+    """The config of ``adapter_name``. Raises ``ValueError`` (no adapters) or ``KeyError`` (unknown name)."""
+    return get_record(model, adapter_name).config
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     st = get_state(model)
     return list(st.active) if st else []
-
-
-def iter_hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every module that hosts adapters."""
-    for name, mod in model.named_modules():
-        ad = mod._modules.get(ADAPTERS)
-        if isinstance(ad, nn.ModuleDict) and name.split(".")[-1] != ADAPTERS:
-            yield name, mod
-
-
-def iter_adapter_modules(model: nn.Module, adapter_name: Optional[str] = None):
-    """(host name, host, adapter name, adapter module) for every attached layer adapter."""
-    for hname, host in iter_hosts(model):
-        for aname, amod in host.adapters.items():
-            if adapter_name is None or aname == adapter_name:
-                yield hname, host, aname, amod
-
-
-# ----------------------------------------------------------------------------- hooks
-
-
-def _adapter_hook(host: nn.Module, args, kwargs, output):
-    """The one forward hook of a host: ``out = adapter(x, out, host=host)`` per active adapter.
-
-    ``x`` is the host's first positional input, or its first keyword input when it was called
-    with keywords only. An adapter whose attribute ``uses_base_output`` is true (DoRA) also gets
-    ``base_output=``, the host's own output before any adapter changed it.
-
-    Without autograd (inference), when no other hook can have seen the host's output (ours is the
-    first forward hook, there are no global ones, and no active adapter here needs the base
-    output), adapters with ``supports_inplace`` are called with ``inplace=True`` and may add into
-    ``out`` in place: this saves a full copy of the output per layer.
-    """
-    st: AdapterState = host.__dict__.get(STATE_ATTR)
-    if st is None or st.disabled or not st.active:
-        return output
-    ads = host._modules.get(ADAPTERS)
-    if ads is None:
-        return output
-    x = args[0] if args else next(iter(kwargs.values()), None)
-    run = []
-    owned = not torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not _global_forward_hooks
-    for name in st.active:
-        a = ads._modules.get(name)
-        if a is None or getattr(a, "merged", False) or getattr(a, "replaces_host", False):
-            continue
-        run.append(a)
-        owned = owned and not getattr(a, "uses_base_output", False)
-    if owned:
-        owned = next(iter(host._forward_hooks.values())) is _adapter_hook
-    base = output
-    for a in run:
-        if owned and getattr(a, "supports_inplace", False):
-            output = a(x, output, host=host, inplace=True)
-        elif getattr(a, "uses_base_output", False):
-            output = a(x, output, host=host, base_output=base)
-            owned = False
-        else:
-            output = a(x, output, host=host)
-            owned = False
-    return output
-
-
-def _has_adapter_hook(host: nn.Module) -> bool:
-    return any(h is _adapter_hook for h in host._forward_hooks.values())
-
-
-def _remove_adapter_hook(host: nn.Module) -> None:
-    for k in [k for k, h in host._forward_hooks.items() if h is _adapter_hook]:
-        del host._forward_hooks[k]
-        host._forward_hooks_with_kwargs.pop(k, None)
-        host._forward_hooks_always_called.pop(k, None)
-
-
-def _replacing_forward(host: nn.Module, *args, **kwargs):
-    """Forward of a host with ``modules_to_save`` copies: the active copy runs instead of the host."""
-    st: AdapterState = host.__dict__.get(STATE_ATTR)
-    if st is not None and not st.disabled:
-        ads = host._modules.get(ADAPTERS)
-        for name in reversed(st.active):
-            a = ads._modules.get(name) if ads is not None else None
-            if a is not None and getattr(a, "replaces_host", False):
-                return a(*args, **kwargs)
-    return type(host).forward(host, *args, **kwargs)
-
-
-def attach(host: nn.Module, adapter_name: str, adapter: nn.Module, state: AdapterState) -> None:
-    """Attach ``adapter`` to ``host`` under ``adapter_name`` and install the host's hook once.
-
-    An adapter whose attribute ``replaces_host`` is true (``modules_to_save`` copies) runs instead
-    of the host's own forward while active; every other adapter is called as
-    ``adapter(x, out, host=host) -> new out`` after the host's forward.
-    """
-    if ADAPTERS not in host._modules:
-        host.add_module(ADAPTERS, nn.ModuleDict())
-    if adapter_name in host.adapters:
-        raise ValueError(f"module already has an adapter named {adapter_name!r}")
-    host.adapters[adapter_name] = adapter
-    adapter.train(host.training)  # a new module starts in train mode; follow the host (eval => no dropout)
-    host.__dict__[STATE_ATTR] = state
-    if getattr(adapter, "replaces_host", False):
-        if not isinstance(host.__dict__.get("forward"), types.MethodType):
-            host.forward = types.MethodType(_replacing_forward, host)
-    elif not _has_adapter_hook(host):
-        host.register_forward_hook(_adapter_hook, with_kwargs=True)
-
-
-def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
-    """Remove one adapter from ``host``; remove the hook and ``adapters`` child when none remain."""
-    ads = host._modules.get(ADAPTERS)
-    if ads is None or adapter_name not in ads:
-        return None
-    mod = ads[adapter_name]
-    del ads[adapter_name]
-    if len(ads) == 0:
-        del host._modules[ADAPTERS]
-        _remove_adapter_hook(host)
-        if isinstance(host.__dict__.get("forward"), types.MethodType):
-            del host.__dict__["forward"]
-        host.__dict__.pop(STATE_ATTR, None)
-    return mod
-
-
-# ----------------------------------------------------------------------------- public API
 
 
 _MODULEDICT_PROBE = nn.ModuleDict()
@@ -245,6 +117,9 @@ def validate_adapter_name(name: str) -> None:
         raise ValueError(
             f"adapter name {name!r} is reserved (an attribute of torch.nn.ModuleDict): pick another name"
         )
+
+
+# ----------------------------------------------------------------------------- inject / remove
 
 
 def inject(
@@ -279,274 +154,204 @@ def inject(
         TypeError: the config's method is unknown.
     """
     validate_adapter_name(adapter_name)
-    st = get_state(model, create=True)
-    if adapter_name in st.configs:
+    st = get_state(model)
+    if st is not None and adapter_name in st.records:
         raise ValueError(
             f"this model already has an adapter named {adapter_name!r}: pick another name or delete_adapter() it"
         )
-    try:
-        injector = _injector_for(config)
-    except Exception:
-        if not st.configs:
-            model.__dict__.pop(STATE_ATTR, None)
-        raise
-    first = not st.configs
-    emb_fn = getattr(model, "get_input_embeddings", None)
-    emb = emb_fn() if callable(emb_fn) else None
-    if "vocab_at_inject" not in st.__dict__ and emb is not None and hasattr(emb, "num_embeddings"):
-        st.__dict__["vocab_at_inject"] = emb.num_embeddings
+    spec = method_for(config)
+    first = st is None or not st.records
+    st = get_state(model, create=True)
     grad_before = [(p, p.requires_grad) for p in model.parameters()] if first else []
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
-    n_hooks = len(st.__dict__.get("_trainable_hooks", []))
+        for setup in GEOMETRY.on_first_adapter:
+            setup(model, st)
+    rec = st.records[adapter_name] = AdapterRecord(adapter_name, config)
     try:
-        injector(model, config, adapter_name, st, adapter_dtype=adapter_dtype, **options)
-    except Exception:
-        # leave nothing half-attached
-        cleanup = st.__dict__.get("_delete_hooks", {}).pop(adapter_name, None)
-        if cleanup is not None:
-            cleanup(model)
-        for _, host, aname, _ in list(iter_adapter_modules(model, adapter_name)):
-            detach(host, aname)
-        _forget_adapter(model, st, adapter_name, n_hooks)
+        spec.inject(model, config, rec, adapter_dtype=adapter_dtype, **options)
+    except BaseException:
+        remove(model, adapter_name)  # leave nothing half-attached
         for p, g in grad_before:
             p.requires_grad_(g)
-        if not st.configs:
-            model.__dict__.pop(STATE_ATTR, None)
         raise
-    st.configs[adapter_name] = config
     if first:
         st.active = [adapter_name]
-        _install_checkpointing_input_hook(model, st, emb)
-    _refresh_trainable(model)
+    sync_base_tensors(model)
+    refresh_trainable(model)
     return model
 
 
-def _gradient_checkpointing_on(model: nn.Module) -> bool:
-    # transformers >= 5 names the flag is_activation_checkpointing (the old name warns); plain
-    # modules: any submodule with gradient_checkpointing = True (transformers' own convention)
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if getattr(type(model), attr, None) is not None:
-            flag = getattr(model, attr)
-            if isinstance(flag, bool):
-                return flag
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _install_checkpointing_input_hook(model: nn.Module, st: AdapterState, emb: Optional[nn.Module]) -> None:
-    """Make the input-embedding output require grad while gradient checkpointing is on (case C10).
-
-    Reentrant checkpointing rebuilds a block's graph only when one of the block's inputs requires
-    grad. With the whole base frozen none does, the loss gets no ``grad_fn`` and the adapters inside
-    the checkpointed blocks get no gradient. transformers >= 5 hooks the embeddings itself when
-    checkpointing is enabled, earlier releases and other models do not, so deltatune does it for
-    every adapted model, in either order (checkpointing enabled before or after :func:`inject`).
-    The hook costs nothing without checkpointing and never makes a parameter trainable; it is
-    removed with the last adapter.
-    """
-    import weakref
-
-    if emb is None or "_ckpt_hook" in st.__dict__:
+def remove(model: nn.Module, adapter_name: str) -> None:
+    """Take ``adapter_name`` off the model: its cleanups, its modules on every host, its claims on
+    base tensors (restored when no one else claims them), its record. When it was the last adapter,
+    the model-level hooks and the state go too. The adapter must not be merged (see
+    :func:`deltatune.delete_adapter`, which unmerges first)."""
+    st = get_state(model)
+    rec = st.records.get(adapter_name) if st is not None else None
+    if rec is None:
         return
-    ref = weakref.ref(model)
-
-    def hook(module, args, output):
-        m = ref()
-        if (m is not None and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                and output.is_floating_point() and not output.requires_grad and _gradient_checkpointing_on(m)):
-            output.requires_grad_(True)
-        return output
-
-    st.__dict__["_ckpt_hook"] = emb.register_forward_hook(hook)
-
-
-def _forget_adapter(model: nn.Module, st: AdapterState, adapter_name: str, keep_hooks: Optional[int] = None) -> None:
-    """Drop the model-wide bookkeeping of one adapter and restore the base tensors it changed."""
-    owned = st.__dict__.get("_trainable_hook_owner", {}).pop(adapter_name, [])
-    hooks = st.__dict__.get("_trainable_hooks", [])
-    if keep_hooks is not None:
-        del hooks[keep_hooks:]
-    hooks[:] = [h for h in hooks if not any(h is o for o in owned)]
-    st.__dict__.get("_hosts", {}).pop(adapter_name, None)
-    release_base_parameters(model, st, adapter_name)
+    for fn in reversed(rec.cleanup):
+        fn(model)
+    for path in rec.hosts:
+        detach(model.get_submodule(path) if path else model, adapter_name)
+    st.active = [a for a in st.active if a != adapter_name]
+    release_base_tensors(model, adapter_name)
+    del st.records[adapter_name]
+    if not st.records:
+        for h in st.model_hooks.values():
+            h.remove()
+        st.model_hooks.clear()
+        model.__dict__.pop(STATE_ATTR, None)
+    else:
+        sync_base_tensors(model)
+        refresh_trainable(model)
 
 
-def _refresh_trainable(model: nn.Module) -> None:
-    st = _require_state(model)
-    for _, _, aname, amod in iter_adapter_modules(model):
-        cfg = st.configs.get(aname)
-        train = aname in st.active and not (cfg is not None and cfg.inference_mode)
-        for p in amod.parameters():
+# ----------------------------------------------------------------------------- what trains
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Apply the trainable rule to every adapter's parameters and to the base biases they train."""
+    st = require_state(model)
+    biases = set()
+    for rec in st.records.values():
+        train = rec.trains(st)
+        for p in rec.parameters(model):
             p.requires_grad_(train)
-    for fn in list(st.__dict__.get("_trainable_hooks", [])):
-        fn(model, st)
+        if train:
+            biases.update(rec.bias_params)
+    params = dict(model.named_parameters())
+    for n in st.trained_biases | biases:
+        if n in params:
+            params[n].requires_grad_(n in biases)
+    st.trained_biases = biases
 
 
-def add_trainable_hook(state: AdapterState, fn: Callable, adapter_name: Optional[str] = None) -> None:
-    """Register ``fn(model, state)`` to run whenever trainability is recomputed (bias options...).
+def parameter_groups(model: nn.Module) -> tuple[list, list]:
+    """(decay, no_decay): the trainable parameters split by their neutral value.
 
-    With ``adapter_name``, the hook is removed when that adapter is deleted.
+    Weight decay pulls a tensor towards 0, which is right only where 0 is the tensor's neutral
+    value (LoRA A/B, bottleneck projections, prompt embeddings and encoders, LLaMA-Adapter prompts
+    and gates). Magnitudes (DoRA), scaling vectors ((IA)3), learned scalings, ``modules_to_save``
+    copies (neutral: the original module) and every bias never decay; each adapter module names its
+    exceptions in ``no_decay``.
     """
-    state.__dict__.setdefault("_trainable_hooks", []).append(fn)
-    if adapter_name is not None:
-        state.__dict__.setdefault("_trainable_hook_owner", {}).setdefault(adapter_name, []).append(fn)
+    st = get_state(model)
+    no_decay = set()
+    for rec in (st.records.values() if st is not None else ()):
+        for _, mod in rec.adapter_modules(model):
+            own = dict(mod.named_parameters())
+            no_decay.update(id(own[n]) for n in mod.no_decay if n in own)
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in no_decay or name == "bias" or name.endswith(".bias"):
+            keep.append(p)
+        else:
+            decay.append(p)
+    return decay, keep
 
 
 # ----------------------------------------------------------------------------- base tensors changed in place
 
 
-def keep_base_parameter(model: nn.Module, state: AdapterState, param_name: str, adapter_name: str) -> None:
-    """Record base parameter ``param_name`` before ``adapter_name`` changes it in place.
-
-    For adapters that train or rewrite base tensors (LoRA's ``bias="all"/"lora_only"``, the
-    residual weights of PiSSA/OLoRA init). With the original kept (one copy per tensor):
-    :func:`disable_adapter` computes exactly the base model, and deleting the last adapter that
-    changed the tensor restores it (:func:`merge_and_unload` keeps the changed values instead).
-    """
-    snaps = state.__dict__.setdefault("_base_snapshots", {})
-    if param_name in snaps:
-        snaps[param_name][1].add(adapter_name)
-        return
-    p = model.get_parameter(param_name)
-    snaps[param_name] = [p.detach().clone(), {adapter_name}]
-
-
-def release_base_parameters(model: nn.Module, state: AdapterState, adapter_name: str, *, restore: bool = True) -> None:
-    """Forget ``adapter_name``'s claims on kept base tensors; restore those no adapter claims now.
-
-    ``restore=False`` (merge_and_unload) keeps the changed values in the model instead.
-    """
-    snaps = state.__dict__.get("_base_snapshots", {})
-    for name in list(snaps):
-        owners = snaps[name][1]
-        if adapter_name not in owners:
-            continue
-        owners.discard(adapter_name)
-        if not restore:
-            del snaps[name]
-        elif not owners:
-            with torch.no_grad():
-                model.get_parameter(name).copy_(snaps.pop(name)[0])
+def claim_base_tensor(model: nn.Module, rec: AdapterRecord, param_name: str) -> nn.Parameter:
+    """Give ``rec``'s adapter its own values of base parameter ``param_name`` (a copy of the
+    original), and make the parameter hold them until :func:`sync_base_tensors`; return the
+    parameter, which the injector may now change in place (a PiSSA residual, a trained bias)."""
+    st = get_state(model)
+    slot = st.base_tensors.setdefault(param_name, BaseTensor())
+    _set_owner(model, param_name, slot, None)
+    p = unmerged_parameter(model, param_name)
+    slot.stash[None] = p.data
+    p.data = p.data.clone()
+    slot.owner = rec.name
+    if param_name not in rec.base_tensors:
+        rec.base_tensors.append(param_name)
+    return p
 
 
-def _swap_base_parameters(model: nn.Module, state: AdapterState) -> None:
-    """Exchange the kept originals with the current values (twice = no change)."""
-    for name, entry in state.__dict__.get("_base_snapshots", {}).items():
-        p = model.get_parameter(name)
-        cur = p.data
-        p.data = entry[0]
-        entry[0] = cur
+def _set_owner(model: nn.Module, param_name: str, slot: BaseTensor, owner: Optional[str]) -> bool:
+    if slot.owner == owner:
+        return False
+    p = unmerged_parameter(model, param_name)
+    slot.stash[slot.owner] = p.data
+    p.data = slot.stash.pop(owner)
+    slot.owner = owner
+    return True
 
 
-def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
-    """Make ``adapter_name`` (or a list of names, applied in order) the active adapter set.
-
-    Active adapters apply in forward and are trainable; the others are frozen and skipped.
-    Merged adapters that are not in the new set are unmerged first (with a warning), so the model
-    computes exactly what the new set says.
-
-    Raises:
-        KeyError: an unknown name (the message lists the model's adapters).
-        ValueError: a name given twice.
-    """
-    from .merge import merged_adapters, unmerge
-
-    st = _require_state(model)
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+def check_base_conflicts(st: AdapterState, names: Iterable[str]) -> None:
+    """Raise ``ValueError`` when two of ``names`` change the same base tensor (see module docstring)."""
+    seen: dict = {}
     for n in names:
-        if n not in st.configs:
-            raise KeyError(f"no adapter named {n!r}; this model has {list(st.configs)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"set_adapter: {names} names an adapter twice; each adapter applies once")
-    leaving = [n for n in merged_adapters(model) if n not in names]
-    if leaving:
-        warnings.warn(f"set_adapter: unmerging {leaving}, which are merged but no longer active", stacklevel=2)
-        unmerge(model, adapter_names=leaving)
-    st.active = names
-    _refresh_trainable(model)
+        rec = st.records.get(n)
+        for t in (rec.base_tensors if rec is not None else ()):
+            if t in seen and seen[t] != n:
+                raise ValueError(
+                    f"adapters {seen[t]!r} and {n!r} both change the base tensor {t!r} in place (trained biases, "
+                    "PiSSA/OLoRA residual weights), so neither could compute what it computes alone: activate "
+                    "one of them at a time")
+            seen[t] = n
 
 
-@contextlib.contextmanager
-def disable_adapter(model: nn.Module):
-    """Context manager: inside it the model computes exactly the base model's output.
-
-    Adapter contributions are skipped, ``modules_to_save`` copies are bypassed (the original
-    modules run), base tensors an adapter changed in place (trained biases, PiSSA/OLoRA residual
-    weights) hold their original values, and merged adapters are unmerged on entry (restoring the
-    exact base weights) and merged again on exit. The previous state is restored also when the
-    block raises.
-    """
-    from .merge import merged_adapters, merge, unmerge
-
-    st = _require_state(model)
-    remerge = merged_adapters(model)
-    if remerge:
-        unmerge(model)
-    prev = st.disabled
-    st.disabled = True
-    if not prev:
-        _swap_base_parameters(model, st)
-    try:
-        yield model
-    finally:
-        if not prev:
-            _swap_base_parameters(model, st)
-        st.disabled = prev
-        if remerge:
-            merge(model, adapter_names=remerge)
+def sync_base_tensors(model: nn.Module) -> list[str]:
+    """Make every claimed base parameter hold the values of its one acting claimant (else the
+    original); return the names of the parameters whose values changed."""
+    st = get_state(model)
+    acting = [] if st is None or st.disabled else st.active
+    changed = []
+    for pname, slot in (st.base_tensors.items() if st is not None else ()):
+        owner = next((n for n in acting if pname in st.records[n].base_tensors), None)
+        if _set_owner(model, pname, slot, owner):
+            changed.append(pname)
+    return changed
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove one adapter (its modules, hooks and config). Unmerges it first if merged.
-
-    Base tensors it changed in place (trained biases, PiSSA/OLoRA residuals) get their original
-    values back unless another adapter still changes them. When the last adapter goes, the model
-    is a plain base model again (its base parameters stay frozen; call ``requires_grad_(True)`` to
-    train them).
-
-    Raises:
-        KeyError: no adapter of that name.
-    """
-    from .merge import merged_adapters, unmerge
-
-    st = _require_state(model)
-    if adapter_name not in st.configs:
-        raise KeyError(f"no adapter named {adapter_name!r}; this model has {list(st.configs)}")
-    if adapter_name in merged_adapters(model):
-        unmerge(model, adapter_names=[adapter_name])
-    cleanup = st.__dict__.get("_delete_hooks", {}).pop(adapter_name, None)
-    if cleanup is not None:
-        cleanup(model)
-    for _, host, aname, _ in list(iter_adapter_modules(model, adapter_name)):
-        detach(host, aname)
-    _forget_adapter(model, st, adapter_name)
-    del st.configs[adapter_name]
-    st.active = [a for a in st.active if a != adapter_name]
-    if not st.configs:
-        handle = st.__dict__.pop("_ckpt_hook", None)
-        if handle is not None:
-            handle.remove()
-        model.__dict__.pop(STATE_ATTR, None)
-    else:
-        _refresh_trainable(model)
+def base_tensor_value(model: nn.Module, adapter_name: str, param_name: str) -> torch.Tensor:
+    """``adapter_name``'s own values of a base tensor it claims (the parameter's, when it holds them)."""
+    slot = get_state(model).base_tensors[param_name]
+    if slot.owner == adapter_name:
+        return unmerged_parameter(model, param_name).data
+    return slot.stash[adapter_name]
 
 
-def add_delete_hook(state: AdapterState, adapter_name: str, fn: Callable) -> None:
-    """Register ``fn(model)`` to run when ``adapter_name`` is deleted (model-level methods)."""
-    state.__dict__.setdefault("_delete_hooks", {})[adapter_name] = fn
+def release_base_tensors(model: nn.Module, adapter_name: str, *, keep: bool = False) -> None:
+    """Drop ``adapter_name``'s claims on base tensors; a tensor no one claims any more holds its
+    original values again. ``keep=True`` (merge_and_unload): where the adapter's values are in the
+    parameter, they stay there for good (the original is dropped)."""
+    st = get_state(model)
+    for pname in list(st.base_tensors):
+        slot = st.base_tensors[pname]
+        if slot.owner != adapter_name and adapter_name not in slot.stash:
+            continue
+        if slot.owner == adapter_name:
+            if keep:
+                slot.stash.pop(None, None)
+                slot.owner = None
+            else:
+                _set_owner(model, pname, slot, None)
+        slot.stash.pop(adapter_name, None)
+        if slot.owner is None and not slot.stash:
+            del st.base_tensors[pname]
+
+
+# ----------------------------------------------------------------------------- counting
+
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts. Total counts each tensor once (tied weights once)."""
+    """(trainable, total) parameter counts. Total counts each tensor once (tied weights once);
+    4-bit packed storage counts the weights it represents."""
     seen = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel()
-        # 4-bit packed storage counts the parameters it represents
-        n = getattr(p, "quant_numel", None) or n
+        n = getattr(p, "quant_numel", None) or p.numel()
         total += n
         if p.requires_grad:
             trainable += n

@@ -8,9 +8,10 @@ in-memory names to file keys::
 e.g. ``model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight`` <->
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The adapter name never
 appears in a file, so no adapter name can corrupt keys (PEFT issues #2252, #2699). Trained base
-biases (``bias="all"/"lora_only"``) are saved under ``base_model.model.<param name>``.
-Model-level methods (prompt tuning, prefix tuning) register their own tensors with
-:func:`register_format`.
+biases (``bias="all"/"lora_only"``) are saved under ``base_model.model.<param name>`` (each
+adapter's own values of them). Model-level methods (prompt tuning, prefix tuning) give their own
+tensors through the ``to_disk`` / ``from_disk`` of their registered method
+(:func:`deltatune.inject.register_method`).
 
 Writes are atomic: each file is written to a temporary name in the same folder, flushed and
 renamed over the target; the config is written last.
@@ -20,62 +21,26 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from .._io import atomic_write_bytes
+from ..adapters import ADAPTERS, get_record, get_state, is_adapter_path, require_state, unmerged_parameter
 from ..config import CONFIG_NAME, AdapterConfig, load_config
+from ..geometry import GEOMETRY
+from ..inject import base_tensor_value, inject, method_for, refresh_trainable
+from ..lifecycle import delete_adapter
+from ..merge import merge, merged_adapters, unmerge
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
-CONFIG_NAME_MODEL = "config.json"  # a transformers model folder's config
 PREFIX = "base_model.model."
-
-# config class -> (to_disk(model, name, config) -> dict, from_disk(model, name, config, dict) -> dict of leftovers)
-_FORMATS: dict[type, tuple[Callable, Callable]] = {}
-
-
-def register_format(config_cls: type, to_disk: Callable, from_disk: Callable) -> None:
-    """Let a model-level method save/load tensors outside the per-layer rule.
-
-    ``to_disk(model, adapter_name, config) -> {file key: tensor}``;
-    ``from_disk(model, adapter_name, config, tensors) -> tensors it did not consume``.
-    """
-    _FORMATS[config_cls] = (to_disk, from_disk)
-
-
-def _format_for(config):
-    for cls in type(config).__mro__:
-        if cls in _FORMATS:
-            return _FORMATS[cls]
-    return None
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, never half."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _layer_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """In-memory name -> file key for every tensor of ``adapter_name`` (per-layer rule)."""
-    from ..inject import ADAPTERS
-
     out = {}
     marker = f".{ADAPTERS}.{adapter_name}."
     for name, t in model.state_dict(keep_vars=True).items():
@@ -98,42 +63,32 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
     this adapter (PEFT wraps it then). A module saved as a ``modules_to_save`` copy is not saved
     twice. The unmerged weight is saved even while adapters are merged.
     """
-    from ..inject import get_config, get_state
-    from ..merge import _BACKUP
-    from ..methods.lora import bias_parameter_names
-
-    cfg = get_config(model, adapter_name)
+    rec = get_record(model, adapter_name)
     sd = model.state_dict(keep_vars=True)
     out = {disk: sd[mem].detach() for mem, disk in _layer_keys(model, adapter_name).items()}
-    hosts = get_state(model).__dict__.get("_hosts", {}).get(adapter_name, [])
-    for pname in bias_parameter_names(model, cfg, hosts):
-        out[base_param_key(pname, hosts)] = sd[pname].detach()
-    fmt = _format_for(cfg)
-    if fmt is not None:
-        out.update(fmt[0](model, adapter_name, cfg))
+    for pname in rec.bias_params:
+        out[base_param_key(pname, rec.hosts)] = base_tensor_value(model, adapter_name, pname).detach()
+    spec = method_for(rec.config)
+    if spec.to_disk is not None:
+        out.update(spec.to_disk(model, adapter_name, rec.config))
     if save_embedding_layers:
         only = None if save_embedding_layers is True else set(save_embedding_layers)
         for path, mod in _embedding_modules(model):
             if only is not None and path not in only:
                 continue
-            ad = getattr(mod, "_modules", {}).get("adapters")
+            ad = mod._modules.get(ADAPTERS)
             mine = ad._modules.get(adapter_name) if ad is not None else None
-            if mine is not None and getattr(mine, "replaces_host", False):
+            if mine is not None and mine.side == "replace":
                 continue  # saved already, as the modules_to_save copy
-            w = mod.__dict__.get(_BACKUP, mod._parameters["weight"])
+            w = unmerged_parameter(model, f"{path}.weight")
             key = f"{PREFIX}{path}.base_layer.weight" if mine is not None else f"{PREFIX}{path}.weight"
             out[key] = w.detach()
     return out
 
 
 def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the input embedding and the output head (transformers models)."""
-    mods = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        m = fn() if callable(fn) else None
-        if m is not None:
-            mods.append(m)
+    """(path, module) of the input embedding and the output head."""
+    mods = [m for m in (GEOMETRY.input_embedding(model), GEOMETRY.output_embedding(model)) if m is not None]
     return [(name, mod) for name, mod in model.named_modules()
             if any(mod is m for m in mods) and isinstance(getattr(mod, "_parameters", {}).get("weight"), torch.Tensor)]
 
@@ -143,39 +98,12 @@ def _embedding_weight_names(model: nn.Module) -> list[str]:
 
 
 def base_vocab_sizes(model: nn.Module) -> dict[str, int]:
-    """Vocabulary sizes this model's base is known to have had, by where deltatune learnt them.
-
-    Sources: ``loaded`` (recorded by :func:`deltatune.integrations.transformers.load_model`),
-    ``inject`` (the input embedding's rows when the first adapter was injected), ``base_config``
-    (``vocab_size`` in ``config.json`` of the base model's local folder, ``model.config._name_or_path``
-    or the adapter's ``base_model_name_or_path``; never fetched from a hub).
-    """
-    from ..inject import get_state
-
-    out = {}
-    v = model.__dict__.get("_deltatune_base_vocab_size")
-    if isinstance(v, int):
-        out["loaded"] = v
+    """Vocabulary sizes this model's base is known to have had, by source (see
+    ``deltatune.integrations.hf_geometry.base_vocab_sizes``); the adapters' recorded base model
+    folders are among the places looked at."""
     st = get_state(model)
-    v = st.__dict__.get("vocab_at_inject") if st is not None else None
-    if isinstance(v, int):
-        out["inject"] = v
-    paths = [getattr(getattr(model, "config", None), "_name_or_path", None)]
-    if st is not None:
-        paths += [getattr(c, "base_model_name_or_path", None) for c in st.configs.values()]
-    for path in paths:
-        cfg_path = os.path.join(path, CONFIG_NAME_MODEL) if isinstance(path, str) and path else None
-        if cfg_path and os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as fh:
-                    d = json.load(fh)
-            except (OSError, ValueError):
-                continue
-            v = d.get("vocab_size") or (d.get("text_config") or {}).get("vocab_size")
-            if isinstance(v, int):
-                out["base_config"] = v
-                break
-    return out
+    paths = [r.config.base_model_name_or_path for r in st.records.values()] if st is not None else []
+    return GEOMETRY.base_vocab_sizes(model, [p for p in paths if p])
 
 
 def _config_for_save(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
@@ -208,26 +136,24 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
     """
     from safetensors.torch import save as st_save
 
-    from ..inject import _require_state, get_config
-
-    st = _require_state(model)
+    st = require_state(model)
     if adapter_name is None:
-        names = list(st.configs)
+        names = list(st.records)
         root = "default" if "default" in names else names[0]
         jobs = [(n, directory if n == root else os.path.join(directory, n)) for n in names]
     else:
-        get_config(model, adapter_name)
+        get_record(model, adapter_name)
         jobs = [(adapter_name, directory)]
     written = []
     for name, d in jobs:
         os.makedirs(d, exist_ok=True)
         emb = save_embedding_layers
         if emb == "auto":
-            emb = _vocab_resized(model) or st.__dict__.get("carries_embeddings", {}).get(name, False)
+            emb = _vocab_resized(model) or list(st.records[name].carries_embeddings)
         tensors = {k: v.contiguous().clone()
                    for k, v in adapter_state_dict(model, name, save_embedding_layers=emb).items()}
         atomic_write_bytes(os.path.join(d, WEIGHTS_NAME), st_save(tensors, metadata={"format": "pt"}))
-        _config_for_save(model, st.configs[name]).save(d)
+        _config_for_save(model, st.records[name].config).save(d)
         written.append(d)
     return written
 
@@ -235,8 +161,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
 def _vocab_resized(model: nn.Module) -> bool:
     """True when the input embedding's rows differ from a known base vocabulary size
     (:func:`base_vocab_sizes`)."""
-    fn = getattr(model, "get_input_embeddings", None)
-    emb = fn() if callable(fn) else None
+    emb = GEOMETRY.input_embedding(model)
     w = getattr(emb, "weight", None) if emb is not None else None
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return False
@@ -272,17 +197,14 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         FileNotFoundError: missing files. ValueError: unmatched, missing or mis-shaped keys (named),
             or a config deltatune cannot read.
     """
-    from ..inject import _refresh_trainable, delete_adapter, get_state, inject
-    from ..merge import merge, merged_adapters, unmerge
-
     cfg = load_config(directory)
     cfg.inference_mode = not is_trainable
     tensors = read_adapter_tensors(directory)
     _check_base_shapes(model, tensors, directory)  # before anything is injected or written
     st = get_state(model)
-    fresh = st is None or adapter_name not in st.configs
+    fresh = st is None or adapter_name not in st.records
     if not fresh:
-        _check_same_config(st.configs[adapter_name], cfg, adapter_name, directory)
+        _check_same_config(st.records[adapter_name].config, cfg, adapter_name, directory)
     if fresh:
         inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
     remerge = [] if fresh else [n for n in merged_adapters(model) if n == adapter_name]
@@ -296,22 +218,15 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         elif remerge:
             merge(model, adapter_names=remerge)
         raise
-    st = get_state(model)
+    rec = get_record(model, adapter_name)
     if carried:  # saved again with the adapter ("auto"), as the file had them
-        st.__dict__.setdefault("carries_embeddings", {})[adapter_name] = carried
+        rec.carries_embeddings = carried
     if not fresh:
-        st.configs[adapter_name].inference_mode = not is_trainable
-    _refresh_trainable(model)
+        rec.config.inference_mode = not is_trainable
+    refresh_trainable(model)
     if remerge:
         merge(model, adapter_names=remerge)
     return model
-
-
-# config fields that do not change what an adapter computes (bookkeeping)
-_NEUTRAL_FIELDS = {"inference_mode", "base_model_name_or_path", "revision", "task_type", "peft_version",
-                   "auto_mapping", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
-                   "prompt_tuning_init_text", "init_lora_weights", "init_ia3_weights", "init_weights",
-                   "lora_dropout", "dropout", "encoder_dropout"}
 
 
 def _check_same_config(have, saved, adapter_name: str, directory: str) -> None:
@@ -322,7 +237,8 @@ def _check_same_config(have, saved, adapter_name: str, directory: str) -> None:
         ValueError: the configs differ; the message names the fields and both values.
     """
     a, b = have.to_dict(), saved.to_dict()
-    diff = [k for k in sorted(set(a) | set(b)) if k not in _NEUTRAL_FIELDS and a.get(k) != b.get(k)
+    neutral = type(have).neutral_fields | type(saved).neutral_fields
+    diff = [k for k in sorted(set(a) | set(b)) if k not in neutral and a.get(k) != b.get(k)
             and not (isinstance(a.get(k), (list, tuple)) and isinstance(b.get(k), (list, tuple))
                      and sorted(map(str, a[k])) == sorted(map(str, b[k])))]
     if diff:
@@ -363,7 +279,7 @@ def _check_base_shapes(model: nn.Module, tensors: dict, directory: str) -> None:
         ValueError: a resized vocabulary (names the embedding and the head and both sizes, and the
             fix) or another shape mismatch (names the keys and shapes).
     """
-    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if ".adapters." not in f".{n}"}
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not is_adapter_path(n)}
     emb_names = set(_embedding_weight_names(model))
     vocab_bad, other_bad = [], []
     for k in sorted(tensors):
@@ -396,16 +312,15 @@ def _check_base_shapes(model: nn.Module, tensors: dict, directory: str) -> None:
 def _load_tensors(model, adapter_name, tensors, directory) -> list[str]:
     """Copy the file's tensors into the adapter; return the paths of the embedding modules whose
     full weights the file carried."""
-    from ..inject import get_config, get_state
-    from ..methods.lora import bias_parameter_names
-
-    cfg = get_config(model, adapter_name)
-    fmt = _format_for(cfg)
+    rec = get_record(model, adapter_name)
+    spec = method_for(rec.config)
     sd = model.state_dict(keep_vars=True)
     want = {disk: mem for mem, disk in _layer_keys(model, adapter_name).items()}
-    hosts = get_state(model).__dict__.get("_hosts", {}).get(adapter_name, [])
-    for pname in bias_parameter_names(model, cfg, hosts):
-        want[base_param_key(pname, hosts)] = pname
+    own = {}  # file key -> this adapter's own values of a base tensor (trained biases)
+    for pname in rec.bias_params:
+        key = base_param_key(pname, rec.hosts)
+        want[key] = pname
+        own[key] = base_tensor_value(model, adapter_name, pname)
     # the other spelling of a host's base tensor (with/without ".base_layer") is accepted too
     alias = {}
     for k in want:
@@ -415,8 +330,8 @@ def _load_tensors(model, adapter_name, tensors, directory) -> list[str]:
     for k, v in tensors.items():
         k2 = alias.get(k, k)
         rest[k if (k2 != k and k2 in tensors) else k2] = v
-    if fmt is not None:
-        rest = fmt[1](model, adapter_name, cfg, rest)
+    if spec.from_disk is not None:
+        rest = spec.from_disk(model, adapter_name, rec.config, rest)
     # full embedding weights saved beside the adapter (PEFT's save_embedding_layers): optional
     # keys, as <path>.base_layer.weight (any module) or <path>.weight (input embedding / head)
     emb_names = set(_embedding_weight_names(model))
@@ -449,7 +364,7 @@ def _load_tensors(model, adapter_name, tensors, directory) -> list[str]:
         raise ValueError(f"cannot load adapter {directory!r} as {adapter_name!r}: " + "; ".join(problems))
     with torch.no_grad():
         for k, v in rest.items():
-            p = sd[want_all[k]]
+            p = own[k] if k in own else sd[want_all[k]]
             p.copy_(v.to(dtype=p.dtype, device=p.device))
     return sorted(optional[k][: -len(".weight")] for k in optional if optional[k] in emb_names)
 

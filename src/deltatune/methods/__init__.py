@@ -4,4 +4,5 @@ from . import lora  # noqa: F401
 from . import ia3  # noqa: F401
 from . import bottleneck  # noqa: F401
 from . import prompt  # noqa: F401
+from . import prefix  # noqa: F401
 from . import adaption_prompt  # noqa: F401

@@ -21,7 +21,8 @@ compatibility).
 
 Storage: the adapter is a child ``<attention>.adapters.<name>`` (so its file keys are PEFT's
 ``base_model.model.<attention path>.adaption_prompt`` / ``.adaption_gate`` by the one key rule);
-one forward hook with kwargs per attention module adds the term. LLaMA-Adapter cannot be merged.
+it is an output-side adapter of the attention module, so the host's routing hook adds the term
+(reading the call's hidden states and position embeddings). LLaMA-Adapter cannot be merged.
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import AdapterRecord, attach, module_device, resolve_dtype
 from ..config import AdapterConfig, register_config
-from ..inject import ADAPTERS, STATE_ATTR, AdapterState, add_delete_hook, register_method
-
-_HOOK_ATTR = "_deltatune_adaption_hook"
-
-# transformers model_type -> default target_modules (PEFT's table)
-DEFAULT_TARGETS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
+from ..geometry import config_value, default_targets
+from ..inject import register_method
 
 
 @register_config
@@ -49,7 +47,7 @@ class AdaptionPromptConfig(AdapterConfig):
 
     Fields:
         target_modules: name (last component) of the attention submodules, e.g. "self_attn"
-            (Llama-like models) or "attn" (GPT-2). Default: from the model type, else "self_attn".
+            (Llama-like models) or "attn" (GPT-2). Default: PEFT's for the architecture, else "self_attn".
         adapter_len: L, the number of prompt tokens per adapted layer (int > 0). Required.
         adapter_layers: how many attention layers, counted from the top, get a prompt. Required.
     """
@@ -90,8 +88,13 @@ class AdaptionPromptAdapter(nn.Module):
     output (B, T, hidden) in the output's dtype.
     """
 
+    side = "output"
+    merged = False
     merge_error = ("LLaMA-Adapter adds attention over learned prompt tokens; it has no weight delta to merge "
                    "(use it unmerged, or delete_adapter it)")
+    uses_base_output = False
+    supports_inplace = False
+    no_decay = ()  # the gate's neutral value is 0; the prompt does nothing while the gate is 0
 
     def __init__(self, attn: nn.Module, adapter_len: int, hidden: int, *, dtype=torch.float32, device=None):
         super().__init__()
@@ -100,9 +103,21 @@ class AdaptionPromptAdapter(nn.Module):
         self.adaption_prompt = nn.Parameter(torch.empty(1, adapter_len, hidden, dtype=dtype, device=device).normal_())
         self.adaption_gate = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
 
-    def forward(self, x, out, host=None):
-        """Compatibility with the layer-adapter hook: the work is done by :meth:`extra`."""
-        return out
+    def merge_into(self, host, w):
+        raise ValueError(self.merge_error)
+
+    merge_bias = merge_into
+
+    def forward(self, x, out, call):
+        """The attention output ``out`` (a tensor, or a tuple whose first element is it) plus the
+        gated prompt term; ``x`` is the attention's hidden states (B, T, hidden)."""
+        pe = call.kwargs.get("position_embeddings")
+        if pe is None and len(call.args) > 1 and isinstance(call.args[1], tuple):
+            pe = call.args[1]
+        is_tuple = isinstance(out, tuple)
+        o = out[0] if is_tuple else out
+        o = o + self.extra(call.host, x, pe).to(o.dtype)
+        return (o,) + tuple(out[1:]) if is_tuple else o
 
     def extra(self, attn: nn.Module, hidden_states: torch.Tensor, position_embeddings=None) -> torch.Tensor:
         B, T, _ = hidden_states.shape
@@ -155,30 +170,8 @@ class AdaptionPromptAdapter(nn.Module):
         return f"kind={self.kind}, adapter_len={self.adapter_len}"
 
 
-def _adaption_hook(attn: nn.Module, args: tuple, kwargs: dict, output):
-    st: AdapterState = attn.__dict__.get(STATE_ATTR)
-    if st is None or st.disabled or not st.active:
-        return None
-    ads = attn._modules.get(ADAPTERS)
-    if ads is None:
-        return None
-    mods = [ads._modules[n] for n in st.active if isinstance(ads._modules.get(n), AdaptionPromptAdapter)]
-    if not mods:
-        return None
-    h = kwargs.get("hidden_states", args[0] if args else None)
-    pe = kwargs.get("position_embeddings")
-    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
-        pe = args[1]
-    is_tuple = isinstance(output, tuple)
-    out = output[0] if is_tuple else output
-    for m in mods:
-        out = out + m.extra(attn, h, pe).to(out.dtype)
-    return (out,) + tuple(output[1:]) if is_tuple else out
-
-
 def _targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    target = config.target_modules or DEFAULT_TARGETS.get(mtype, "self_attn")
+    target = config.target_modules or default_targets("adaption_prompt", model) or "self_attn"
     names = [n for n, _ in model.named_modules() if n == target or n.endswith("." + target)]
     if not names:
         raise ValueError(f"no module named {target!r} in the model: set AdaptionPromptConfig.target_modules to the "
@@ -190,8 +183,8 @@ def _targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
     return names[-config.adapter_layers:]
 
 
-def inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig, adapter_name: str,
-                           state: AdapterState, *, adapter_dtype=None) -> None:
+def inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig, rec: AdapterRecord, *,
+                           adapter_dtype=None) -> None:
     """Injector for :class:`AdaptionPromptConfig` (see :func:`deltatune.inject`).
 
     Raises:
@@ -201,48 +194,20 @@ def inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig, adapt
     if not config.adapter_len or not config.adapter_layers:
         raise ValueError("AdaptionPromptConfig needs adapter_len and adapter_layers (e.g. 10 and 2)")
     names = _targets(model, config)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    hosts = []
+    hidden = config_value(model, "hidden_size")
     for n in names:
         attn = model.get_submodule(n)
         if _attention_kind(attn) is None:
             raise TypeError(f"{n} ({type(attn).__name__}) is not an attention module LLaMA-Adapter knows: it needs "
                             "q_proj/k_proj/v_proj/o_proj (Llama-like) or c_attn (GPT-2)")
-        hosts.append(attn)
-    if adapter_dtype is None:
-        dtype = torch.float32
-    elif adapter_dtype == "base":
-        dtype = hosts[0].q_proj.weight.dtype if hasattr(hosts[0], "q_proj") else hosts[0].c_attn.weight.dtype
-    else:
-        dtype = getattr(torch, adapter_dtype) if isinstance(adapter_dtype, str) else adapter_dtype
-    for attn in hosts:
-        if ADAPTERS in attn._modules and adapter_name in attn._modules[ADAPTERS]:
-            raise ValueError(f"module already has an adapter named {adapter_name!r}")
-    for attn in hosts:
-        dev = next(attn.parameters()).device
+    first = model.get_submodule(names[0])
+    ref = first.q_proj.weight if hasattr(first, "q_proj") else first.c_attn.weight
+    dtype = resolve_dtype(adapter_dtype, ref)
+    for n in names:
+        attn = model.get_submodule(n)
         h = hidden or getattr(attn, "embed_dim", None) or attn.config.hidden_size
-        ad = AdaptionPromptAdapter(attn, config.adapter_len, h, dtype=dtype, device=dev)
-        if ADAPTERS not in attn._modules:
-            attn.add_module(ADAPTERS, nn.ModuleDict())
-        attn._modules[ADAPTERS][adapter_name] = ad
-        attn.__dict__[STATE_ATTR] = state
-        if attn.__dict__.get(_HOOK_ATTR) is None:
-            attn.__dict__[_HOOK_ATTR] = attn.register_forward_hook(_adaption_hook, with_kwargs=True)
-    add_delete_hook(state, adapter_name, _delete_hook(adapter_name, hosts))
-
-
-def _delete_hook(adapter_name: str, hosts: list):
-    def fn(model):
-        for attn in hosts:
-            ads = attn._modules.get(ADAPTERS)
-            others = [n for n, m in (ads.items() if ads is not None else ())
-                      if n != adapter_name and isinstance(m, AdaptionPromptAdapter)]
-            if not others:
-                h = attn.__dict__.pop(_HOOK_ATTR, None)
-                if h is not None:
-                    h.remove()
-
-    return fn
+        attach(model, n, rec.name, AdaptionPromptAdapter(attn, config.adapter_len, h, dtype=dtype,
+                                                          device=module_device(attn)))
 
 
 register_method(AdaptionPromptConfig, inject_adaption_prompt)

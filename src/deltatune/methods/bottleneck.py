@@ -30,7 +30,8 @@ block's residual connection after the adapter. Where AdapterHub's parallel adapt
 stream, deltatune's reads the sublayer's own input (the normalised hidden states on pre-norm models),
 which is the literal "parallel to the sublayer" of He et al. and also works on plain modules.
 
-Placement (the model's geometry, read by :func:`decoder_sites`): the transformer blocks are the
+Placement (the model's geometry, ``GEOMETRY.decoder_sites`` of :mod:`deltatune.geometry`, supplied
+by :mod:`deltatune.integrations.transformers`): the transformer blocks are the
 elements of an ``nn.ModuleList`` whose elements are all of one class and each have an attention
 child and a feed-forward child, found by name (attention: ``self_attn``, ``attn``, ``attention``,
 ``self_attention``; feed-forward: ``mlp``, ``feed_forward``, ``ffn``, ``block_sparse_moe``) or else
@@ -64,11 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LayerAdapterConfig, register_config
-from ..inject import AdapterState, add_delete_hook, attach, register_method
+from ..adapters import AdapterRecord, attach, attach_modules_to_save, module_device, resolve_dtype
+from ..config import AdapterConfig, LayerAdapterConfig, register_config
+from ..geometry import GEOMETRY, Site, config_value
+from ..inject import register_method
 from ..layers import layer_kind
-from ..targets import _layer_index, find_targets, is_excluded
-from .lora import _resolve_dtype, attach_modules_to_save
+from ..targets import find_targets, is_excluded, layer_indexer
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 
@@ -141,6 +143,7 @@ class BottleneckConfig(LayerAdapterConfig):
     """
 
     PEFT_TYPE = "BOTTLENECK"
+    neutral_fields = AdapterConfig.neutral_fields | {"init_weights", "dropout"}
 
     style: str = "houlsby"
     reduction_factor: Optional[Union[float, dict]] = None
@@ -210,26 +213,58 @@ class BottleneckConfig(LayerAdapterConfig):
         )
 
 
-class _Tap:
-    """Holds the tensor a forward pre-hook saw last (the residual stream, or a host's input)."""
+MERGE_ERROR = (
+    "a bottleneck adapter has a non-linearity between its down- and up-projection, so it is not a "
+    "linear map and cannot be folded into any weight matrix; keep it as a module (it costs "
+    "2*h*d extra multiply-adds per token), or train LoRA/(IA)3 if you need a mergeable adapter"
+)
 
-    __slots__ = ("value",)
 
-    def __init__(self):
-        self.value = None
+class _Slot:
+    """The residual stream a :class:`ResidualTap` saw last, for the ``readers`` adapters that read it
+    in the same forward pass (cleared after the last read, so no activation outlives the pass)."""
+
+    __slots__ = ("value", "readers", "left")
+
+    def __init__(self, readers: int = 1):
+        self.value, self.readers, self.left = None, readers, 0
+
+    def put(self, v: torch.Tensor) -> None:
+        self.value, self.left = v, self.readers
 
     def take(self) -> Optional[torch.Tensor]:
-        v, self.value = self.value, None
+        v = self.value
+        self.left -= 1
+        if self.left <= 0:
+            self.value = None
         return v
 
 
-def _first_tensor(args, kwargs):
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    v = kwargs.get("hidden_states")
-    if isinstance(v, torch.Tensor):
-        return v
-    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+class ResidualTap(nn.Module):
+    """An input-side adapter on a block's pre-norm module: it records the norm's input (the
+    residual stream entering the sublayer) for the bottleneck adapters of the same name that need
+    it, and returns the input unchanged. It has no parameters and acts exactly when they do (the
+    same routing rule), so it needs no hook of its own."""
+
+    side = "input"
+    merged = False
+    merge_error = MERGE_ERROR
+    uses_base_output = False
+    supports_inplace = False
+    no_decay = ()
+
+    def __init__(self, slot: _Slot):
+        super().__init__()
+        self.slot = slot
+
+    def forward(self, x: torch.Tensor, out, call) -> torch.Tensor:
+        self.slot.put(x)
+        return x
+
+    def merge_into(self, host, w):
+        raise ValueError(self.merge_error)
+
+    merge_bias = merge_into
 
 
 class BottleneckAdapter(nn.Module):
@@ -238,7 +273,7 @@ class BottleneckAdapter(nn.Module):
     Submodules/parameters (file keys ``<host path>.<name>``): ``adapter_down`` (Linear in -> d),
     ``adapter_up`` (Linear d -> out), and ``scaling`` (shape (1,) or (out,)) when it is learned.
 
-    Called as ``adapter(x, out, host=host) -> new out``; ``out`` is the host's output, a tensor
+    Called by the host's output hook as ``adapter(x, out, call) -> new out``; ``out`` is the host's output, a tensor
     (B, ..., out) or a tuple whose first element is one (attention modules), and a tuple comes back
     with its first element replaced. Adapter maths runs in the adapter dtype and is cast back to the
     output's dtype.
@@ -248,11 +283,11 @@ class BottleneckAdapter(nn.Module):
             pass (the model did not call the pre-norm module found at injection).
     """
 
-    merge_error = (
-        "a bottleneck adapter has a non-linearity between its down- and up-projection, so it is not a "
-        "linear map and cannot be folded into any weight matrix; keep it as a module (it costs "
-        "2*h*d extra multiply-adds per token), or train LoRA/(IA)3 if you need a mergeable adapter"
-    )
+    side = "output"
+    merge_error = MERGE_ERROR
+    uses_base_output = False
+    supports_inplace = False
+    no_decay = ("scaling",)  # a learned scaling starts at 1
 
     def __init__(self, in_features: int, out_features: int, bottleneck: int, *, mode: str, non_linearity: str,
                  scaling: Union[float, str], original_ln_before: bool, original_ln_after: bool,
@@ -274,7 +309,7 @@ class BottleneckAdapter(nn.Module):
         self.original_ln_before = bool(original_ln_before)
         self.original_ln_after = bool(original_ln_after)
         self.residual_before_ln = bool(residual_before_ln)
-        self.merged = False  # never becomes True; the merge helpers read it
+        self.merged = False  # never becomes True (not mergeable)
         self.adapter_down = nn.Linear(in_features, bottleneck, dtype=dtype, device=device)
         self.adapter_up = nn.Linear(bottleneck, out_features, dtype=dtype, device=device)
         if scaling == "learned":
@@ -286,9 +321,7 @@ class BottleneckAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.init_weights = init_weights
         self._init(init_weights)
-        # filled by the injector: where the residual stream / the host input is captured
-        self.__dict__["residual_tap"] = None
-        self.__dict__["input_tap"] = None
+        self.residual: Optional[_Slot] = None  # set by the injector when needs_residual
 
     @property
     def needs_residual(self) -> bool:
@@ -316,13 +349,20 @@ class BottleneckAdapter(nn.Module):
         up = self.adapter_up(self._act(self.adapter_down(a)))  # (B, T, d) -> (B, T, out)
         return self.dropout(up * self.scaling)
 
-    def forward(self, x, out, host: nn.Module):
+    def merge_into(self, host, w):
+        raise ValueError(self.merge_error)
+
+    merge_bias = merge_into
+
+    def forward(self, x, out, call):
+        """``out`` -> the sublayer output with the adapter applied (class docstring); ``x`` is the
+        sublayer's input (parallel adapters read it)."""
         h, rest = (out, None) if isinstance(out, torch.Tensor) else (out[0], out[1:])
         dt = self.adapter_down.weight.dtype
         hh = h.to(dt)
         r = None
         if self.needs_residual:
-            r = self.residual_tap.take() if self.residual_tap is not None else None
+            r = self.residual.take() if self.residual is not None else None
             if r is None:
                 raise RuntimeError(
                     "this bottleneck adapter needs the block's residual stream, but its pre-norm module did not "
@@ -330,9 +370,7 @@ class BottleneckAdapter(nn.Module):
                 )
             r = r.to(dt)
         if self.mode == "parallel":
-            xin = self.input_tap.take() if self.input_tap is not None else None
-            if xin is None:
-                xin = x
+            xin = x
             if xin is None:
                 raise RuntimeError("the parallel adapter did not see its sublayer's input in this forward pass")
             new = hh + self.bottleneck_forward(xin.to(dt))
@@ -356,81 +394,6 @@ class BottleneckAdapter(nn.Module):
             extra += ", original_ln_after=False"
         return (f"mode={self.mode}, {self.in_features}->{self.bottleneck}->{self.out_features}, "
                 f"non_linearity={self.non_linearity}, scaling={s}{extra}")
-
-
-# ----------------------------------------------------------------------------- model geometry
-
-ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-ATTN_NORMS = ("input_layernorm", "ln_1", "attention_norm", "ln_attn")
-FFN_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "ln_mlp")
-
-
-@dataclass
-class Site:
-    """One place for an adapter: the host sublayer, its block index and its pre-norm (or None)."""
-
-    host: str
-    layer: Optional[int]
-    kind: str  # "attention" | "feed_forward" | "module"
-    norm: Optional[str] = None
-
-
-def _named_child(block: nn.Module, names, class_test) -> Optional[str]:
-    for n in names:
-        if isinstance(block._modules.get(n), nn.Module):
-            return n
-    for n, c in block.named_children():
-        if class_test(type(c).__name__):
-            return n
-    return None
-
-
-def _is_attention_class(cls: str) -> bool:
-    return "Attention" in cls and "Cross" not in cls
-
-
-def _is_ffn_class(cls: str) -> bool:
-    return "MLP" in cls or "FeedForward" in cls
-
-
-def decoder_sites(model: nn.Module) -> list[Site]:
-    """Every attention and feed-forward sublayer of the model's transformer blocks (module docstring).
-
-    Returns an empty list when the model has no such blocks.
-    """
-    sites = []
-    for lname, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or ".adapters." in f".{lname}.":
-            continue
-        blocks = list(mod)
-        if len({type(b) for b in blocks}) != 1:
-            continue
-        first = blocks[0]
-        attn = _named_child(first, ATTN_NAMES, _is_attention_class)
-        ffn = _named_child(first, FFN_NAMES, _is_ffn_class)
-        if attn is None or ffn is None:
-            continue
-        anorm = next((n for n in ATTN_NORMS if n in first._modules), None)
-        fnorm = next((n for n in FFN_NORMS if n in first._modules), None)
-        norms = [n for n, c in first.named_children() if "Norm" in type(c).__name__]
-        if fnorm is None and anorm is not None and norms == [anorm]:
-            fnorm = anorm  # parallel block (GPT-J, Phi, Falcon): both sublayers read one norm of r
-        prefix = f"{lname}." if lname else ""
-        for i in range(len(blocks)):
-            sites.append(Site(f"{prefix}{i}.{attn}", i, "attention", f"{prefix}{i}.{anorm}" if anorm else None))
-            sites.append(Site(f"{prefix}{i}.{ffn}", i, "feed_forward", f"{prefix}{i}.{fnorm}" if fnorm else None))
-    return sites
-
-
-def _hidden_size(model: nn.Module) -> Optional[int]:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    for k in ("hidden_size", "n_embd", "d_model"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int):
-            return v
-    return None
 
 
 def host_dims(host: nn.Module) -> tuple[int, int]:
@@ -463,8 +426,9 @@ def _sites_for(model: nn.Module, config: BottleneckConfig) -> list[Site]:
                     f"{n} is a {type(mod).__name__}, which would run the adapter as one of its own layers: target "
                     f"its last layer instead (e.g. '{n}.{len(mod) - 1}')"
                 )
-        return [Site(n, _layer_index(n, config.layers_pattern), "module") for n in names]
-    found = decoder_sites(model)
+        index_of = layer_indexer(model, config.layers_pattern)
+        return [Site(n, index_of(n), "module") for n in names]
+    found = GEOMETRY.decoder_sites(model)
     if not found:
         raise ValueError(
             "found no transformer blocks (a ModuleList of layers with attention and feed-forward children) in "
@@ -487,77 +451,49 @@ def _sites_for(model: nn.Module, config: BottleneckConfig) -> list[Site]:
     return out
 
 
-def _make_tap(module: nn.Module, state: AdapterState, adapter_name: str, tap: _Tap):
-    def hook(mod, args, kwargs):
-        if state.disabled or adapter_name not in state.active:
-            tap.value = None
-        else:
-            tap.value = _first_tensor(args, kwargs)
-        return None
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def inject_bottleneck(model: nn.Module, config: BottleneckConfig, adapter_name: str, state: AdapterState, *,
-                      adapter_dtype=None) -> None:
-    """Attach a :class:`BottleneckAdapter` at every site of ``config`` (module docstring)."""
+def inject_bottleneck(model: nn.Module, config: BottleneckConfig, rec: AdapterRecord, *, adapter_dtype=None) -> None:
+    """Attach a :class:`BottleneckAdapter` at every site of ``config`` (module docstring), and one
+    :class:`ResidualTap` on each pre-norm whose input (the residual stream) an adapter needs."""
     sites = _sites_for(model, config)
-    hidden = _hidden_size(model)
+    hidden = config_value(model, "hidden_size", "n_embd", "d_model")
     mode = "parallel" if config.style == "parallel" else "sequential"
-    handles = []
-    hosts = []
-    try:
-        _attach_all(model, config, adapter_name, state, sites, hidden, mode, adapter_dtype, handles, hosts)
-        attach_modules_to_save(model, config, adapter_name, state)
-    except Exception:
-        for h in handles:  # inject() detaches the adapters; the taps are ours to remove
-            h.remove()
-        raise
-    state.__dict__.setdefault("_hosts", {})[adapter_name] = hosts
-
-    def cleanup(m: nn.Module) -> None:
-        for h in handles:
-            h.remove()
-
-    add_delete_hook(state, adapter_name, cleanup)
-
-
-def _attach_all(model, config, adapter_name, state, sites, hidden, mode, adapter_dtype, handles, hosts):
-    for s in sites:
-        host = model.get_submodule(s.host)
-        if s.kind == "module" or hidden is None:
-            fin, fout = host_dims(host)
-        else:
-            fin = fout = hidden
-        d = max(1, int(fin // config.reduction_for(s.layer)))
-        dtype = _resolve_dtype(adapter_dtype, next((m for m in host.modules() if layer_kind(m) is not None), host))
-        dev = next((p.device for p in host.parameters()), torch.device("cpu"))
-        if dev.type == "meta":
-            dev = torch.device("cpu")
-        ad = BottleneckAdapter(
-            fin, fout, d, mode=mode, non_linearity=config.non_linearity, scaling=config.scaling,
-            original_ln_before=config.original_ln_before, original_ln_after=config.original_ln_after,
-            residual_before_ln=config.residual_before_ln, init_weights=config.init_weights,
-            dropout=float(config.dropout), dtype=dtype, device=dev,
-        )
+    adapters = [(s, _make_adapter(model, config, s, hidden, mode, adapter_dtype)) for s in sites]
+    slots: dict = {}
+    for s, ad in adapters:
         if ad.needs_residual:
-            if s.norm is None:
-                why = ("original_ln_before=True" if ad.original_ln_before and mode == "sequential"
-                       else "original_ln_after=False")
-                raise ValueError(
-                    f"{why} needs the residual stream entering {s.host}, which deltatune finds only in transformer "
-                    "blocks with a known pre-norm module (input_layernorm/ln_1, post_attention_layernorm/ln_2, ...): "
-                    "set original_ln_before=False and original_ln_after=True for plain modules"
-                )
-            tap = _Tap()
-            handles.append(_make_tap(model.get_submodule(s.norm), state, adapter_name, tap))
-            ad.__dict__["residual_tap"] = tap
-        if mode == "parallel":
-            tap = _Tap()
-            handles.append(_make_tap(host, state, adapter_name, tap))
-            ad.__dict__["input_tap"] = tap
-        attach(host, adapter_name, ad, state)
-        hosts.append(s.host)
+            slot = slots.setdefault(s.norm, _Slot(0))
+            slot.readers += 1
+            ad.residual = slot
+    for norm, slot in slots.items():
+        attach(model, norm, rec.name, ResidualTap(slot))
+    for s, ad in adapters:
+        attach(model, s.host, rec.name, ad)
+    attach_modules_to_save(model, config, rec.name)
+
+
+def _make_adapter(model, config, s: Site, hidden, mode, adapter_dtype) -> BottleneckAdapter:
+    host = model.get_submodule(s.host)
+    if s.kind == "module" or hidden is None:
+        fin, fout = host_dims(host)
+    else:
+        fin = fout = hidden
+    d = max(1, int(fin // config.reduction_for(s.layer)))
+    weight_ref = next((m for m in host.modules() if layer_kind(m) is not None), host)
+    ad = BottleneckAdapter(
+        fin, fout, d, mode=mode, non_linearity=config.non_linearity, scaling=config.scaling,
+        original_ln_before=config.original_ln_before, original_ln_after=config.original_ln_after,
+        residual_before_ln=config.residual_before_ln, init_weights=config.init_weights,
+        dropout=float(config.dropout), dtype=resolve_dtype(adapter_dtype, getattr(weight_ref, "weight", None)),
+        device=module_device(host),
+    )
+    if ad.needs_residual and s.norm is None:
+        why = "original_ln_before=True" if ad.original_ln_before and mode == "sequential" else "original_ln_after=False"
+        raise ValueError(
+            f"{why} needs the residual stream entering {s.host}, which deltatune finds only in transformer "
+            "blocks with a known pre-norm module (input_layernorm/ln_1, post_attention_layernorm/ln_2, ...): "
+            "set original_ln_before=False and original_ln_after=True for plain modules"
+        )
+    return ad
 
 
 register_method(BottleneckConfig, inject_bottleneck)

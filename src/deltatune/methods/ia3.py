@@ -17,10 +17,10 @@ weight's rows (``W' = diag(l) W``, ``b' = l * b``) or columns (``W' = W diag(l)`
 The file format is Hugging Face PEFT's: one tensor ``base_model.model.<path>.ia3_l`` per layer and
 ``peft_type: "IA3"``, so adapters move between deltatune and ``peft`` both ways.
 
-Where the forward runs: output scaling runs in the shared post-forward hook of :mod:`deltatune.inject`
-(``adapter(x, out, host=host)``); input scaling needs the input before the layer runs, so a
-feed-forward host also gets one forward pre-hook (:func:`_input_scale_hook`) that follows the same
-rules (active, not merged, not disabled). It is removed when the adapter is deleted.
+Where the forward runs: both through the host's routing point (:mod:`deltatune.adapters`): an
+output target is an output-side adapter (``out = adapter(x, out, call)``), a feed-forward target
+an input-side one (``x = adapter(x, None, call)``, before the host runs), so both follow the same
+rule (active, in active order, not merged, not disabled).
 """
 
 from __future__ import annotations
@@ -32,37 +32,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import LayerAdapterConfig, TargetSpec, register_config
-from ..inject import ADAPTERS, STATE_ATTR, AdapterState, add_delete_hook, attach, register_method
+from ..adapters import AdapterRecord, attach, attach_modules_to_save, module_device, resolve_dtype
+from ..config import AdapterConfig, LayerAdapterConfig, TargetSpec, register_config
+from ..geometry import default_targets
+from ..inject import register_method
 from ..layers import layer_kind
 from ..targets import find_targets
-from .lora import _resolve_dtype, attach_modules_to_save
-
-# (target_modules, feedforward_modules) per transformers ``model_type``: Hugging Face PEFT's
-# defaults, used when ``target_modules`` / ``feedforward_modules`` are None.
-IA3_DEFAULTS: dict[str, tuple[list, list]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    "llama4": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "gpt_bigcode": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "gpt_neo": (["q_proj", "v_proj", "c_proj"], ["c_proj"]),
-    "gptj": (["q_proj", "v_proj", "fc_out"], ["fc_out"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-}
 
 
 @register_config
@@ -72,8 +47,9 @@ class IA3Config(LayerAdapterConfig):
 
     Fields:
         target_modules: list of names (exact or dotted suffix), a regex string (full match), or
-            ``"all-linear"``; None: the model type's standard targets (:data:`IA3_DEFAULTS`, e.g.
-            Llama ``k_proj, v_proj, down_proj``). Resolved in place when injected.
+            ``"all-linear"``; None: the model type's standard targets (PEFT's table, supplied by
+            :mod:`deltatune.integrations.transformers`; e.g. Llama ``k_proj, v_proj, down_proj``).
+            Resolved in place when injected.
         feedforward_modules: the targets whose INPUT is scaled (list: a target whose name ends with
             an entry; string: regex full match). Must be a subset of a list ``target_modules``.
             None: the model type's standard ones; on a model type deltatune does not know, pass
@@ -91,6 +67,7 @@ class IA3Config(LayerAdapterConfig):
     """
 
     PEFT_TYPE = "IA3"
+    neutral_fields = AdapterConfig.neutral_fields | {"init_ia3_weights"}
 
     feedforward_modules: TargetSpec = None
     fan_in_fan_out: bool = False
@@ -134,15 +111,18 @@ class IA3Adapter(nn.Module):
     target or ``(1, in)`` for a feed-forward target on linear kinds (``nn.Linear``, transformers
     ``Conv1D``, registered quantized linears); ``(1, C, 1, ...)`` on ``nn.Conv1d/2d/3d``.
 
-    Called as ``adapter(x, out, host=host) -> out * l`` (output targets; identity for feed-forward
-    targets, whose input is scaled by :meth:`scale_input` in a pre-hook). Maths runs in the adapter
-    dtype; results are cast back to the dtype of ``out`` / ``x``.
+    Called by the host's routing hooks: an output target as ``adapter(x, out, call) -> out * l``, a
+    feed-forward target (``side == "input"``) as ``adapter(x, None, call) -> x * l``. Maths runs in
+    the adapter dtype; results are cast back to the dtype of ``out`` / ``x``.
 
     Raises:
         TypeError: the host is not a linear layer or a convolution (e.g. ``nn.Embedding``).
     """
 
-    fan_in_fan_out = False  # merge reads the canonical (out, in) layout from the layer kind
+    merge_error = None
+    uses_base_output = False
+    supports_inplace = False
+    no_decay = ("ia3_l",)  # a scaling vector: neutral at 1, not 0
 
     def __init__(self, host: nn.Module, is_feedforward: bool, init_ia3_weights: bool = True,
                  dtype: Optional[torch.dtype] = None):
@@ -156,11 +136,10 @@ class IA3Adapter(nn.Module):
         self.kind = kind.name
         self.conv = not kind.linear_like
         self.is_feedforward = bool(is_feedforward)
+        self.side = "input" if self.is_feedforward else "output"
         self.in_features, self.out_features = kind.in_features(host), kind.out_features(host)
         self.merged = False
-        dev = next((p.device for p in host.parameters(recurse=False)), torch.device("cpu"))
-        if dev.type == "meta":
-            dev = torch.device("cpu")
+        dev = module_device(host, recurse=False)
         n = self.in_features if self.is_feedforward else self.out_features
         if self.conv:
             self.groups = getattr(host, "groups", 1)
@@ -179,14 +158,10 @@ class IA3Adapter(nn.Module):
             return self.ia3_l
         return self.ia3_l.reshape(-1)
 
-    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * l`` for a feed-forward target; x: (B, ..., in) or (B, C_in, *spatial)."""
-        return (x.to(self.ia3_l.dtype) * self._vector()).to(x.dtype)
-
-    def forward(self, x, out: torch.Tensor, host: nn.Module) -> torch.Tensor:
-        if self.is_feedforward:
-            return out
-        return (out.to(self.ia3_l.dtype) * self._vector()).to(out.dtype)
+    def forward(self, x: torch.Tensor, out, call) -> torch.Tensor:
+        """Input side: ``x * l`` (x: (B, ..., in) or (B, C_in, *spatial)); output side: ``out * l``."""
+        v = x if self.is_feedforward else out
+        return (v.to(self.ia3_l.dtype) * self._vector()).to(v.dtype)
 
     # -- merge ---------------------------------------------------------------------------
     def merge_into(self, host: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -213,73 +188,35 @@ class IA3Adapter(nn.Module):
         return f"kind={self.kind}, scales={where}, size={self.ia3_l.numel()}"
 
 
-_PRE_HOOK = "_deltatune_ia3_pre_hook"
-
-
-def _input_scale_hook(host: nn.Module, args):
-    """Forward pre-hook of a feed-forward host: scale its input by every active (IA)3 vector."""
-    st: Optional[AdapterState] = host.__dict__.get(STATE_ATTR)
-    ads = host._modules.get(ADAPTERS)
-    if st is None or st.disabled or ads is None or not args:
-        return None
-    x = args[0]
-    changed = False
-    for name in st.active:
-        a = ads._modules.get(name)
-        if isinstance(a, IA3Adapter) and a.is_feedforward and not a.merged:
-            x = a.scale_input(x)
-            changed = True
-    return (x,) + tuple(args[1:]) if changed else None
-
-
 def _resolve_targets(model: nn.Module, config: IA3Config) -> None:
-    """Fill ``target_modules`` / ``feedforward_modules`` from :data:`IA3_DEFAULTS` (in place)."""
+    """Fill ``target_modules`` / ``feedforward_modules`` from PEFT's table for the architecture (in place)."""
     if config.target_modules is not None and config.feedforward_modules is not None:
         return
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype not in IA3_DEFAULTS:
+    defaults = default_targets("ia3", model)
+    if defaults is None:
         missing = "target_modules" if config.target_modules is None else "feedforward_modules"
         raise ValueError(
-            f"IA3Config.{missing} is None and model type {mtype!r} has no standard (IA)3 targets: pass "
+            f"IA3Config.{missing} is None and this model's architecture has no standard (IA)3 targets: pass "
             f"{missing} explicitly (feedforward_modules=[] when no target is a feed-forward layer)"
         )
-    tm, ff = IA3_DEFAULTS[mtype]
+    tm, ff = defaults
     if config.target_modules is None:
         config.target_modules = list(tm)
     if config.feedforward_modules is None:
         config.feedforward_modules = list(ff)
 
 
-def inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, state: AdapterState, *,
-               adapter_dtype=None) -> None:
+def inject_ia3(model: nn.Module, config: IA3Config, rec: AdapterRecord, *, adapter_dtype=None) -> None:
     """Attach an :class:`IA3Adapter` to every target of ``config`` (and its modules_to_save copies)."""
     _resolve_targets(model, config)
-    hosts = []
     for name in find_targets(model, config):
         host = model.get_submodule(name)
-        ff = is_feedforward(config, name)
-        ad = IA3Adapter(host, ff, config.init_ia3_weights, dtype=_resolve_dtype(adapter_dtype, host))
+        ad = IA3Adapter(host, is_feedforward(config, name), config.init_ia3_weights,
+                        dtype=resolve_dtype(adapter_dtype, getattr(host, "weight", None)))
         if ad.kind == "conv1d_hf":
             config.fan_in_fan_out = True  # what PEFT records for GPT-2's Conv1D
-        attach(host, adapter_name, ad, state)
-        if ff and _PRE_HOOK not in host.__dict__:
-            host.__dict__[_PRE_HOOK] = host.register_forward_pre_hook(_input_scale_hook)
-        hosts.append(name)
-    attach_modules_to_save(model, config, adapter_name, state)
-    state.__dict__.setdefault("_hosts", {})[adapter_name] = hosts
-
-    def cleanup(m: nn.Module) -> None:
-        # runs before the adapter is detached: drop the pre-hook where no other feed-forward
-        # (IA)3 adapter remains on the host
-        for hname in hosts:
-            host = m.get_submodule(hname)
-            ads = host._modules.get(ADAPTERS)
-            others = [a for n, a in (ads.items() if ads is not None else [])
-                      if n != adapter_name and isinstance(a, IA3Adapter) and a.is_feedforward]
-            if not others and _PRE_HOOK in host.__dict__:
-                host.__dict__.pop(_PRE_HOOK).remove()
-
-    add_delete_hook(state, adapter_name, cleanup)
+        attach(model, name, rec.name, ad)
+    attach_modules_to_save(model, config, rec.name)
 
 
 register_method(IA3Config, inject_ia3)

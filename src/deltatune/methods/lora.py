@@ -18,8 +18,6 @@ through the layer-kind registry.
 
 from __future__ import annotations
 
-import copy
-import difflib
 import math
 import re
 import warnings
@@ -30,18 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LayerAdapterConfig, register_config
-from ..inject import (
-    ADAPTERS,
-    STATE_ATTR,
-    AdapterState,
-    add_trainable_hook,
-    attach,
-    keep_base_parameter,
-    register_method,
-)
-from ..layers import dense_weight, layer_kind
-from ..targets import _list_match, default_target_modules, find_targets
+from ..adapters import AdapterRecord, attach, attach_modules_to_save, is_adapter_path, module_device, resolve_dtype
+from ..config import AdapterConfig, LayerAdapterConfig, register_config
+from ..geometry import default_targets
+from ..inject import claim_base_tensor, register_method
+from ..layers import dense_weight, layer_kind, set_dense_weight
+from ..merge import is_merged, unmerged_dense_weight
+from ..targets import find_targets, nearest_names, unmatched_patterns
 
 
 @register_config
@@ -56,16 +49,19 @@ class LoraConfig(LayerAdapterConfig):
         lora_dropout: dropout probability on the adapter input. Default 0.0.
         target_modules: list of names (exact or dotted suffix), a regex string (full match), or
             ``"all-linear"``. See :mod:`deltatune.targets`. ``None`` (PEFT's default): the usual
-            attention projections of the model's architecture (``model.config.model_type``, see
-            :data:`deltatune.targets.DEFAULT_TARGET_MODULES`), written into the config at inject.
+            attention projections of the model's architecture (PEFT's table by ``model_type``,
+            supplied by :mod:`deltatune.integrations.transformers`), written into the config at inject.
         exclude_modules: same forms; excluded modules are never adapted.
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are
-            regexes matched against the end of the module name.
+            regexes matched against the end of the module name. A key that matches no adapted
+            module is an error (it lists the nearest module names), never silently ignored.
         bias: "none", "all" (train every bias of the model) or "lora_only" (biases of adapted
-            layers). Biases train in place and are saved with the adapter (PEFT's keys); deltatune
-            keeps their original values, so ``disable_adapter`` still computes the base model and
-            deleting the adapter restores them (``merge_and_unload`` keeps the trained ones).
+            layers). Biases train in place and are saved with the adapter (PEFT's keys). The
+            adapter holds its own values of them (see :mod:`deltatune.inject`): the model uses
+            them only while the adapter is active, so ``disable_adapter``, another active adapter
+            and deleting this one all see the original biases (``merge_and_unload`` keeps the
+            trained ones).
         use_rslora: rank-stabilised scaling (arXiv:2312.03732). use_dora: weight-decomposed LoRA
             (DoRA, arXiv:2402.09353), on linear, Conv1D, convolution and embedding layers.
         init_lora_weights: True (Kaiming-uniform A, zero B: the model starts as the base),
@@ -73,8 +69,9 @@ class LoraConfig(LayerAdapterConfig):
             principal singular vectors; the base weight becomes the residual), "olora" (OLoRA,
             arXiv:2406.01775: QR; also rewrites the base weight), or False (A and B both random:
             the model does not start as the base). Embeddings always start as A = 0, B ~ N(0, 1)
-            unless False; PiSSA/OLoRA apply to linear kinds only. The original weights are kept
-            (one copy) so that ``disable_adapter`` gives the true base model.
+            unless False; PiSSA/OLoRA apply to linear kinds only. The residual weight is this
+            adapter's own (the model uses it only while the adapter is active), so the base model,
+            ``disable_adapter`` and every other adapter see the original weight.
         modules_to_save: modules trained in full (as a copy) and saved with the adapter.
         fan_in_fan_out: PEFT's flag for layers storing (in, out) weights. deltatune knows each
             layer kind's layout (a transformers Conv1D is read transposed), so the flag is not
@@ -87,6 +84,7 @@ class LoraConfig(LayerAdapterConfig):
     """
 
     PEFT_TYPE = "LORA"
+    neutral_fields = AdapterConfig.neutral_fields | {"init_lora_weights", "lora_dropout"}
 
     r: int = 8
     lora_alpha: float = 8
@@ -140,7 +138,7 @@ class LoraAdapter(nn.Module):
         ``lora_B`` (module, weight (out, r[, 1...])); embeddings: ``lora_embedding_A`` (r, num) and
         ``lora_embedding_B`` (dim, r); DoRA: ``lora_magnitude_vector`` (out,) ((1, out, 1..) on convs).
 
-    Called as ``adapter(x, out, host=host) -> out + contribution``; ``x`` is the host input
+    Called by the host's output hook as ``adapter(x, out, call) -> out + contribution``; ``x`` is the host input
     (B, ..., in) of any float dtype (ids for embeddings), ``out`` the host output (B, ..., out).
     Adapter maths runs in the adapter's dtype (``x`` is cast to it); the contribution is cast to
     ``out.dtype``. The contribution is defined against the *unmerged* base weight ``W0``, so
@@ -149,6 +147,10 @@ class LoraAdapter(nn.Module):
         LoRA: ``s * B A x``;  DoRA: ``(m / n - 1) * (W0 x) + (m / n) * s * B A x`` with
         ``n = ||W0 + s B A||_row`` (detached).
     """
+
+    side = "output"
+    supports_inplace = True  # may add into ``out`` in place when the hook says no one else holds it
+    no_decay = ("lora_magnitude_vector",)  # DoRA's magnitude starts at ||W||, not 0
 
     def __init__(self, host: nn.Module, r: int, lora_alpha: float, lora_dropout: float, *,
                  use_rslora: bool = False, use_dora: bool = False, init_lora_weights=True,
@@ -163,17 +165,14 @@ class LoraAdapter(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.use_dora = use_dora
-        self.uses_base_output = use_dora  # the forward hook passes base_output= (see inject._adapter_hook)
+        self.uses_base_output = use_dora  # DoRA reads call.base_output (the host's own output)
         # The layer kind owns the storage layout (a transformers Conv1D is read transposed by its
-        # kind), so the adapter never transposes: PEFT's flag only matters for nn.Linear, where
-        # PEFT itself turns it off.
-        self.fan_in_fan_out = False
+        # kind), so the adapter never transposes: PEFT's fan_in_fan_out flag is not needed.
         self.merged = False
+        self.merge_error: Optional[str] = None
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         dtype = dtype or torch.float32
-        dev = next((p.device for p in host.parameters(recurse=False)), torch.device("cpu"))
-        if dev.type == "meta":
-            dev = torch.device("cpu")
+        dev = module_device(host, recurse=False)
         fin, fout = kind.in_features(host), kind.out_features(host)
         self.in_features, self.out_features = fin, fout
         if kind.name == "embedding":
@@ -255,15 +254,11 @@ class LoraAdapter(nn.Module):
             b = vr @ torch.diag(torch.sqrt(sr))
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
-        from ..layers import set_dense_weight
-
-        set_dense_weight(host, w - self.scaling * (b @ a))
+        set_dense_weight(host, w - self.scaling * (b @ a))  # the residual: this adapter's own (claimed) weight
 
     # -- weights --------------------------------------------------------------------------
     def _base_weight(self, host, dtype):
         """The unmerged base weight ``W0`` in canonical layout, even while adapters are merged."""
-        from ..merge import unmerged_dense_weight
-
         return unmerged_dense_weight(host).to(dtype)
 
     def _lora_weight(self) -> torch.Tensor:
@@ -303,37 +298,38 @@ class LoraAdapter(nn.Module):
             scale = scale.transpose(0, 1)  # (out, 1, ...)
         return scale * (w + self.scaling * lw) - w
 
+    def merge_into(self, host: nn.Module, w: torch.Tensor) -> torch.Tensor:
+        """The merged float32 weight: ``w + delta_weight(host)`` (canonical layout)."""
+        if self.merge_error:
+            raise ValueError(self.merge_error)
+        return w + self.delta_weight(host).to(w.dtype)
+
     def merge_bias(self, host: nn.Module, b: torch.Tensor) -> torch.Tensor:
-        """The merged float32 bias: ``b + s * lora_B.bias`` (``lora_bias=True``), else ``b``."""
+        """The merged float32 bias: ``b + s * lora_B.bias`` (``lora_bias=True``), else ``b`` itself."""
         bb = None if self.kind == "embedding" else self.lora_B.bias
         if bb is None:
             return b
         return b + self.scaling * bb.detach().float().reshape(-1)
 
     # -- forward --------------------------------------------------------------------------
-    supports_inplace = True  # see inject._adapter_hook: may add into ``out`` when told it may
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor, host: nn.Module,
-                base_output: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor, call) -> torch.Tensor:
+        """``out + contribution`` (see the class docstring); ``call``: the routing hook's
+        :class:`~deltatune.adapters.HostCall` (its ``base_output`` for DoRA, ``inplace``)."""
+        host, base_output = call.host, call.base_output
         if self.kind == "embedding":
             h = F.embedding(x, self.lora_embedding_A.T, host.padding_idx, host.max_norm,
                             host.norm_type, host.scale_grad_by_freq, host.sparse)  # (..., r)
             if self.use_dora:
                 return out + self._dora_embedding(x, h, out if base_output is None else base_output, host)
-            return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling, inplace)
+            return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling, call.inplace)
         dt = self.lora_A.weight.dtype
         xa = x if x.dtype == dt else x.to(dt)
         if self.use_dora:
             return out + self._dora(xa, out if base_output is None else base_output, host).to(out.dtype)
         h = self.lora_A(self.lora_dropout(xa))  # (..., r)
         if self.linear_like:
-            return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling, inplace)
+            return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling, call.inplace)
         return out + (self.lora_B(h) * self.scaling).to(out.dtype)
-
-    def _host_is_merged(self, host) -> bool:
-        from ..merge import _BACKUP
-
-        return _BACKUP in host.__dict__
 
     def _dora(self, x, base_out, host):
         dt = x.dtype
@@ -343,7 +339,7 @@ class LoraAdapter(nn.Module):
         mag = self.lora_magnitude_vector / norm
         conv = w.dim() > 2
         dropout_on = self.training and not isinstance(self.lora_dropout, nn.Identity)
-        if not dropout_on and not self._host_is_merged(host):
+        if not dropout_on and not is_merged(host):
             # reuse the host's output W0 x + b (no second base matmul)
             base = base_out.to(dt)
             bias = getattr(host, "bias", None)
@@ -366,7 +362,7 @@ class LoraAdapter(nn.Module):
         w = self._base_weight(host, dt)  # (dim, num)
         norm = self._weight_norm(w, self._lora_weight().detach()).detach()  # (dim,)
         mag = self.lora_magnitude_vector / norm
-        if self._host_is_merged(host):
+        if is_merged(host):
             base = F.embedding(ids, w.T, host.padding_idx)
         else:
             base = base_out.to(dt)
@@ -380,13 +376,15 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Opti
                 scaling: float, inplace: bool = False) -> torch.Tensor:
     """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
 
-    When the dtypes agree this is one ``addmm``: BLAS accumulates into ``out`` itself when the
+    When the dtypes of ``out`` and ``h`` agree (always, under autocast) this is one ``addmm``: BLAS accumulates into ``out`` itself when the
     hook says no one else holds it (``inplace``, inference only), else into a copy of it. Either
     saves full passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
     """
     if b_b is None and out.dtype == h.dtype and out.dim() >= 1:
         o = out.shape[-1]
         h2 = h.reshape(-1, h.shape[-1])
+        if w_b.dtype != h.dtype:  # under autocast h is in the autocast dtype; in-place addmm_ is not autocast
+            w_b = w_b.to(h.dtype)
         if inplace and out.is_contiguous():
             out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
             return out
@@ -395,101 +393,18 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Opti
     return out + y.to(out.dtype)
 
 
-def make_module_copy(host: nn.Module) -> nn.Module:
-    """A trainable deep copy of ``host`` (for ``modules_to_save``), without deltatune's additions.
-
-    The copy carries no hooks: the host's own hooks keep running around the copy's forward.
-    """
-    ads = host._modules.pop(ADAPTERS, None)
-    saved = {k: host.__dict__.pop(k) for k in list(host.__dict__) if k == "forward" or k.startswith("_deltatune")}
-    try:
-        c = copy.deepcopy(host)
-    finally:
-        if ads is not None:
-            host._modules[ADAPTERS] = ads
-        host.__dict__.update(saved)
-    for d in (c._forward_hooks, c._forward_pre_hooks, c._forward_hooks_with_kwargs,
-              c._forward_hooks_always_called, c._forward_pre_hooks_with_kwargs):
-        d.clear()
-    for p in c.parameters():
-        p.requires_grad_(True)
-    c.replaces_host = True
-    return c
-
-
-def attach_modules_to_save(model: nn.Module, config, adapter_name: str, state: AdapterState) -> list[str]:
-    """Attach trainable copies of the modules named by ``config.modules_to_save``.
-
-    Raises:
-        ValueError: an entry matches no module (the message lists the nearest module names).
-    """
-    names = []
-    mts = config.modules_to_save or []
-    if not mts:
-        return names
-    # Hugging Face PEFT's rule for modules_to_save (peft.utils.other._set_trainable): a plain string
-    # suffix match, so "norm" also takes every "input_layernorm"; kept so that files interoperate
-    for name, mod in list(model.named_modules()):
-        if name and any(name.endswith(m) for m in mts) and ".adapters." not in f".{name}.":
-            attach(mod, adapter_name, make_module_copy(mod), state)
-            names.append(name)
-    missing = [m for m in mts if not any(n.endswith(m) for n in names)]
-    if missing:
-        leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
-        near = []
-        for m in missing:
-            near += difflib.get_close_matches(m.split(".")[-1], leaves, n=3, cutoff=0.4)
-        raise ValueError(f"modules_to_save entries {missing!r} match no module of the model; "
-                         f"nearest module names: {', '.join(dict.fromkeys(near)) or '(none)'}")
-    return names
-
-
 def bias_parameter_names(model: nn.Module, config, hosts: list[str]) -> list[str]:
     """Names of the base biases an adapter with ``config.bias`` trains (and saves)."""
     if getattr(config, "bias", "none") == "none":
         return []
     out = []
     for name, _ in model.named_parameters():
-        if ".adapters." in f".{name}" or not (name == "bias" or name.endswith(".bias")):
+        if is_adapter_path(name) or not (name == "bias" or name.endswith(".bias")):
             continue
         owner = name.rsplit(".", 1)[0]
         if config.bias == "all" or owner in hosts:
             out.append(name)
     return out
-
-
-_BIAS_TRAINED = "_bias_trained"
-
-
-def _bias_trainable_hook(model: nn.Module, st: AdapterState) -> None:
-    """Base biases train when some active, trainable adapter asks for them (``bias`` option).
-
-    One model-wide rule, so adapters with different ``bias`` settings, inactive or deleted
-    adapters cannot switch off each other's biases.
-    """
-    hosts_by = st.__dict__.get("_hosts", {})
-    train = set()
-    for name, cfg in st.configs.items():
-        if getattr(cfg, "bias", "none") == "none" or name not in st.active or cfg.inference_mode:
-            continue
-        train.update(bias_parameter_names(model, cfg, hosts_by.get(name, [])))
-    before = st.__dict__.get(_BIAS_TRAINED, set())
-    params = dict(model.named_parameters())
-    for n in before | train:
-        if n in params:
-            params[n].requires_grad_(n in train)
-    st.__dict__[_BIAS_TRAINED] = train
-
-
-def _resolve_dtype(adapter_dtype, host):
-    if adapter_dtype is None:
-        return torch.float32
-    if adapter_dtype == "base":
-        w = getattr(host, "weight", None)
-        return w.dtype if w is not None and w.is_floating_point() else torch.float32
-    if isinstance(adapter_dtype, str):
-        return getattr(torch, adapter_dtype)
-    return adapter_dtype
 
 
 # PEFT LoraConfig fields deltatune reads and keeps but does not implement: a non-empty value
@@ -510,50 +425,54 @@ def _check_supported(config: LoraConfig) -> None:
         )
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, state: AdapterState, *,
-                adapter_dtype=None) -> None:
+def _check_patterns(model: nn.Module, config: LoraConfig, hosts: list[str]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        bad = unmatched_patterns(getattr(config, field_name), hosts)
+        if bad:
+            near = nearest_names(bad, hosts) or sorted({h.split(".")[-1] for h in hosts})[:8]
+            raise ValueError(f"{field_name} keys {bad!r} match no adapted module (so they would change nothing); "
+                             f"nearest adapted module names: {', '.join(near) or '(none)'}")
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, rec: AdapterRecord, *, adapter_dtype=None) -> None:
     """Attach a LoRA/DoRA adapter to every module ``config`` targets (see :class:`LoraConfig`).
 
     Raises:
-        ValueError: nothing matches (nearest names listed), an unsupported option or layer.
+        ValueError: nothing matches (nearest names listed), a ``rank_pattern``/``alpha_pattern`` key
+            matches no adapted module, an unsupported option or layer.
     """
     _check_supported(config)
     if config.target_modules is None:
-        default = default_target_modules(model)
+        default = default_targets("lora", model)
         if default is None and not config.modules_to_save:
-            mt = getattr(getattr(model, "config", None), "model_type", None)
-            raise ValueError(f"LoraConfig.target_modules is None and deltatune knows no default for model_type {mt!r}: "
-                             "name the layers (a list, a regex, or 'all-linear')")
-        config.target_modules = default  # as PEFT does: the saved config names what was adapted
-    hosts = []
+            raise ValueError("LoraConfig.target_modules is None and deltatune knows no default target modules for "
+                             "this model's architecture: name the layers (a list, a regex, or 'all-linear')")
+        config.target_modules = None if default is None else list(default)  # PEFT writes the resolved targets
+    hosts = find_targets(model, config) if config.target_modules is not None else []
+    _check_patterns(model, config, hosts)
     svd_init = isinstance(config.init_lora_weights, str) and (
         config.init_lora_weights.startswith("pissa") or config.init_lora_weights == "olora")
     warned_fifo = False
-    if config.target_modules is not None:
-        for name in find_targets(model, config):
-            host = model.get_submodule(name)
-            r = pattern_value(config.rank_pattern, name, config.r)
-            alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-            kind = layer_kind(host)
-            if config.fan_in_fan_out and kind.name == "linear" and not warned_fifo:
-                warnings.warn("fan_in_fan_out=True is ignored for torch.nn.Linear targets (their weight is (out, in)); "
-                              "transformers Conv1D layers are recognised without it", stacklevel=3)
-                warned_fifo = True
-            if svd_init and kind.linear_like:
-                keep_base_parameter(model, state, f"{name}.weight", adapter_name)
-            ad = LoraAdapter(
-                host, r, alpha, config.lora_dropout, use_rslora=config.use_rslora, use_dora=config.use_dora,
-                init_lora_weights=config.init_lora_weights,
-                lora_bias=config.lora_bias, dtype=_resolve_dtype(adapter_dtype, host),
-            )
-            attach(host, adapter_name, ad, state)
-            hosts.append(name)
-    attach_modules_to_save(model, config, adapter_name, state)
-    state.__dict__.setdefault("_hosts", {})[adapter_name] = hosts
-    for pname in bias_parameter_names(model, config, hosts):
-        keep_base_parameter(model, state, pname, adapter_name)
-    if not any(h is _bias_trainable_hook for h in state.__dict__.get("_trainable_hooks", [])):
-        add_trainable_hook(state, _bias_trainable_hook)
+    for name in hosts:
+        host = model.get_submodule(name)
+        kind = layer_kind(host)
+        if config.fan_in_fan_out and kind.name == "linear" and not warned_fifo:
+            warnings.warn("fan_in_fan_out=True is ignored for torch.nn.Linear targets (their weight is (out, in)); "
+                          "transformers Conv1D layers are recognised without it", stacklevel=3)
+            warned_fifo = True
+        if svd_init and kind.linear_like:
+            claim_base_tensor(model, rec, f"{name}.weight")  # the residual weight is this adapter's own
+        ad = LoraAdapter(
+            host, pattern_value(config.rank_pattern, name, config.r),
+            pattern_value(config.alpha_pattern, name, config.lora_alpha), config.lora_dropout,
+            use_rslora=config.use_rslora, use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
+            lora_bias=config.lora_bias, dtype=resolve_dtype(adapter_dtype, getattr(host, "weight", None)),
+        )
+        attach(model, name, rec.name, ad)
+    attach_modules_to_save(model, config, rec.name)
+    rec.bias_params = bias_parameter_names(model, config, hosts)
+    for pname in rec.bias_params:
+        claim_base_tensor(model, rec, pname)
 
 
 register_method(LoraConfig, inject_lora)

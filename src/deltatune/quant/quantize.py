@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..inject import get_state
+from ..adapters import get_state, is_adapter_path
 from ..layers import layer_kind
 from ..targets import _list_match, output_head_names
 from . import bnb as _bnb
@@ -124,9 +124,9 @@ def quantize_base(
         raise ValueError("backend='torchao' supports only quant_type='nf4', double_quant=True, blocksize=64: "
                          "use backend='bitsandbytes' for FP4, single quantization or other block sizes")
     st = get_state(model)
-    if st is not None and st.configs:
+    if st is not None and st.records:
         raise ValueError(f"quantize_base() must run before inject(): this model already has adapters "
-                         f"{list(st.configs)}; quantize the base model first, then inject")
+                         f"{list(st.records)}; quantize the base model first, then inject")
     if backend == "bitsandbytes":
         _bnb.import_bnb()
     else:
@@ -140,7 +140,7 @@ def quantize_base(
     skip = tuple(skip_modules or ())
     done, accepted, skipped, repacked = [], [], {}, 0
     for name, mod in list(model.named_modules()):
-        if not name or ".adapters." in f".{name}.":
+        if not name or is_adapter_path(name):
             continue
         if is_quantized(mod):
             accepted.append(name)
@@ -216,7 +216,7 @@ def quant_stats(model: nn.Module) -> dict:
     qbytes = qparams = layers = 0
     qweights = set()
     for name, mod in model.named_modules():
-        if ".adapters." in f".{name}." or name.split(".")[-1] == "adapters":
+        if is_adapter_path(name):
             continue
         be = _backend_of(mod)
         if be is None:
@@ -227,7 +227,7 @@ def quant_stats(model: nn.Module) -> dict:
         qparams += be.quantized_numel(mod)
     dense = []
     for name, p in model.named_parameters():
-        if ".adapters." in f".{name}" or id(p) in qweights:
+        if is_adapter_path(name) or id(p) in qweights:
             continue
         dense.append(p.detach())
     dbytes = _nbytes(dense, seen)

@@ -235,7 +235,7 @@ def build_p_tuning(opts: dict):
 def build_prefix_tuning(opts: dict):
     """Prefix tuning (arXiv:2101.00190). Options: ``num_virtual_tokens`` (20), ``prefix_projection``
     (false), ``encoder_hidden_size`` (default: the prefix width, as PEFT)."""
-    from ..methods.prompt import PrefixTuningConfig
+    from ..methods.prefix import PrefixTuningConfig
 
     return PrefixTuningConfig(num_virtual_tokens=_opt_int(opts, "num_virtual_tokens", 20),
                               prefix_projection=bool(_opt_bool(opts.get("prefix_projection"), "prefix_projection")),

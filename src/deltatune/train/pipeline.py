@@ -246,7 +246,7 @@ def _check_injection(model, method_config) -> None:
     """Inject and delete the adapter once, with torch's RNG forked (the real injection later draws the
     same initial values): a config that cannot apply to this model fails here, before anything is
     written or the base model is scored. ``delete_adapter`` restores the exact base model."""
-    from ..inject import delete_adapter, inject
+    from .. import delete_adapter, inject
 
     with torch.random.fork_rng(devices=[]):
         inject(model, method_config, "deltatune-check")
@@ -468,7 +468,7 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
               dtype: str = "float32") -> str:
     """Merge the adapter into its base and write a plain transformers model folder (safetensors + tokenizer)."""
     from ..formats.peft import load_adapter
-    from ..merge import merge_and_unload
+    from ..lifecycle import merge_and_unload
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
