@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import STATE_ATTR, detach, get_state, iter_hosts, require_state
 from .inject import check_base_conflicts, refresh_trainable, release_base_tensors, remove, sync_base_tensors
-from .merge import bake, merge, merged_adapters, names_to_merge, refresh, unmerge
+from .merge import bake, merge, merged_adapters, names_to_merge, refresh, unmerge, unrepresentable
 from .quant import requantize_merged
 
 
@@ -46,12 +46,19 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"set_adapter: {names} names an adapter twice; each adapter applies once")
     check_base_conflicts(st, names)
-    leaving = [n for n in merged_adapters(model) if n not in names]
+    merged = merged_adapters(model)
+    stay = [n for n in merged if n in names]
+    if any(unrepresentable(h, names, set(stay)) for _, h in iter_hosts(model)):
+        stay = []  # the new order cannot run over what would stay merged
+    leaving = [n for n in merged if n not in stay]
     if leaving:
-        warnings.warn(f"set_adapter: unmerging {leaving}, which are merged but no longer active", stacklevel=2)
-        unmerge(model, adapter_names=leaving)
+        warnings.warn(f"set_adapter: unmerging {leaving}, which are merged but no longer active (or no longer "
+                      "first in the new order)", stacklevel=2)
+        unmerge(model)
     st.active = names
     _sync(model)
+    if leaving and stay:
+        merge(model, adapter_names=stay)
     refresh_trainable(model)
 
 

@@ -75,6 +75,42 @@ def merge_order(host: nn.Module, active: list) -> list:
             + [(n, ads[n]) for n in ranked if ads[n].side == "input"])
 
 
+def unrepresentable(host: nn.Module, active: list, merged: set) -> Optional[str]:
+    """Why ``host`` cannot compute its forward with exactly the adapters ``merged`` folded into its
+    weight and the other active ones running unmerged; None when it can.
+
+    The hook runs the unmerged adapters after the (merged) host, so every merged adapter acts
+    before every unmerged one. That equals the forward where the two commute: an unmerged adapter
+    followed (in the active order) by a merged one must both be additive (a non-additive one,
+    (IA)3 output scaling, would scale the other's contribution in the forward but not here), and a
+    merged input-side adapter (it scales what every output-side adapter reads) needs them all merged.
+    """
+    order = [(n, a) for n, a in merge_order(host, active) if n in active]
+    out = [(n, a) for n, a in order if a.side == "output"]
+    for i, (u, ua) in enumerate(out):
+        if u in merged:
+            continue
+        late = [(m, a) for m, a in out[i + 1:] if m in merged]
+        bad = [m for m, a in late if not (a.additive and ua.additive)]
+        if bad:
+            return (f"the merged {bad[0]!r} follows the unmerged {u!r} in the active order, and one of them scales "
+                    "what the other adds")
+        if any(n in merged for n, a in order if a.side == "input"):
+            return f"a merged input-side adapter scales the input that the unmerged {u!r} reads"
+    return None
+
+
+def _check_merged_sets(model: nn.Module, merged_after) -> None:
+    """Raise ``ValueError`` (nothing changed) when a merge/unmerge would leave a host that cannot
+    reproduce the forward; ``merged_after(host) -> set of names``."""
+    st = get_state(model)
+    for hname, host in iter_hosts(model):
+        why = unrepresentable(host, st.active, merged_after(host))
+        if why:
+            raise ValueError(f"cannot merge only part of the adapters on {hname}: {why}; merge them together "
+                             "(merge() merges every active adapter) or unmerge them together")
+
+
 def _compose(host: nn.Module, adapters: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(float32 weight, float32 bias or None when unchanged) of ``host`` with ``adapters`` merged,
     from its original weight and bias."""
@@ -195,11 +231,13 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None, *, sa
     Raises:
         ValueError: ``safe_merge`` and a merged weight is not finite (nothing is written); an
             adapter cannot be merged (bottleneck adapters, LLaMA-Adapter, prompt methods), with
-            the reason.
+            the reason; the merged set would not reproduce the forward (:func:`unrepresentable`:
+            e.g. an (IA)3 output scaling merged while a LoRA before it in the active order is not).
         KeyError: an unknown adapter name.
     """
     names = names_to_merge(model, adapter_names)
     plan = _plan(model, names, with_merged=True)
+    _check_merged_sets(model, lambda h: {n for n, a in h._modules[ADAPTERS]._modules.items() if a.merged or n in names})
     if safe_merge:
         _check_finite(plan)
     for _, host, adapters in plan:
@@ -213,9 +251,16 @@ def unmerge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> 
     """Undo :func:`merge` for ``adapter_names`` (default: all merged), restoring weights exactly.
 
     Adapters merged into the same layer that are not named stay merged (recomposed from the original).
+
+    Raises:
+        ValueError: what stays merged cannot reproduce the forward (:func:`unrepresentable`);
+            nothing is changed then.
     """
     names = None if adapter_names is None else set(adapter_names)
     st = get_state(model)
+    if names is not None:
+        _check_merged_sets(model, lambda h: {n for n, a in h._modules[ADAPTERS]._modules.items()
+                                             if a.merged and n not in names})
     for _, host in iter_hosts(model):
         merged = [(n, a) for n, a in merge_order(host, st.active if st else []) if a.merged]
         if not merged or (names is not None and not any(n in names for n, _ in merged)):

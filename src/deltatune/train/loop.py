@@ -23,6 +23,10 @@ optimizer step (C23): with peak ``lr``, ``warmup_steps`` W and T steps, the LR o
 (0-based) is ``lr * s / W`` for s < W, then ``lr * (1 + cos(pi * (s - W) / (T - W))) / 2``
 ("cosine"; "constant" keeps ``lr``). After the last step the scheduler stands at its end (LR 0).
 
+AdamW's weight decay applies only to tensors whose neutral value is 0 (LoRA A/B, bottleneck and
+prompt weights), never to DoRA magnitudes, (IA)3 vectors, learned scalings, ``modules_to_save``
+copies or biases (:func:`deltatune.inject.parameter_groups`).
+
 Gradient clipping (``max_grad_norm``) takes the norm once per optimizer step over the whole
 accumulated gradient. Randomness: the data order comes from its own generator seeded with
 ``seed``; dropout draws from torch's global generator, seeded with ``seed`` at the start;
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inject import parameter_groups
 from .data import IGNORE_INDEX, collate, count_targets
 
 _KEEP_CACHE: dict = {}
@@ -202,7 +207,9 @@ class Trainer:
         self.plan = plan_windows(len(self.items), self.batch_size, self.grad_accum, self.epochs, self.seed,
                                  self.max_steps)
         self.total_steps = len(self.plan)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        decay, keep = parameter_groups(self.model)  # weight decay only where 0 is the neutral value
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                            {"params": keep, "weight_decay": 0.0}], lr=self.lr)
         total, warm, sched = self.total_steps, int(self.warmup_steps), self.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warm, sched))
