@@ -166,6 +166,58 @@ def run(model, kind: str, ids=None, attention_mask=None):
     return model(input_ids=torch.tensor(X_IDS if ids is None else ids), attention_mask=attention_mask).logits
 
 
+# LoRA config variants (test_matrix rows; other LoRA tests pick some): the targets per model kind and
+# variant -> (model kind -> LoraConfig kwargs, or None when the variant does not apply)
+LORA_TARGETS = {
+    "TL": ["q_proj", "v_proj", "down_proj"],
+    "TG": ["c_attn", "c_proj", "c_fc"],
+    "PM": ["emb", "conv1", "conv2", "lin"],
+}
+LORA_VARIANTS = {
+    "plain": lambda k: {},
+    "rslora": lambda k: {"use_rslora": True},
+    "dora": lambda k: {"use_dora": True},
+    "dora_dropout": lambda k: {"use_dora": True, "lora_dropout": 0.2},
+    "patterns": lambda k: {"rank_pattern": {LORA_TARGETS[k][0]: 2}, "alpha_pattern": {LORA_TARGETS[k][1]: 3}},
+    "regex": lambda k: {"target_modules": {"TL": r".*\.(q|v)_proj", "TG": r".*\.attn\.c_attn",
+                                           "PM": r"(lin|conv1)"}[k]},
+    "all_linear": lambda k: {"target_modules": "all-linear"},
+    "exclude": lambda k: {"exclude_modules": {"TL": ["model.layers.0.self_attn.q_proj"], "TG": ["h.1.mlp.c_fc"],
+                                              "PM": ["conv2"]}[k]},
+    "exclude_regex": lambda k: {"exclude_modules": r".*\.0\..*" if k != "PM" else r"conv.*"},
+    "layers": lambda k: None if k == "PM" else {"layers_to_transform": [1],
+                                                "layers_pattern": {"TL": "layers", "TG": "h"}[k]},
+    "layers_int": lambda k: None if k == "PM" else {"layers_to_transform": 0},
+    "bias_all": lambda k: {"bias": "all"},
+    "bias_lora_only": lambda k: {"bias": "lora_only"},
+    "init_gaussian": lambda k: {"init_lora_weights": "gaussian"},
+    "init_pissa": lambda k: {"init_lora_weights": "pissa", **({"target_modules": ["emb", "lin"]} if k == "PM" else {})},
+    "init_olora": lambda k: {"init_lora_weights": "olora", **({"target_modules": ["lin"]} if k == "PM" else {})},
+    "init_false": lambda k: {"init_lora_weights": False},
+    "modules_to_save": lambda k: {"modules_to_save": {"TL": ["lm_head"], "TG": ["ln_f"], "PM": ["classifier"]}[k]},
+    "modules_to_save_nested": lambda k: None if k == "PM" else {"modules_to_save": {"TL": ["layers.1.mlp"],
+                                                                                    "TG": ["h.1.mlp"]}[k]},
+    "default_targets": lambda k: None if k == "PM" else {"target_modules": None},  # PEFT's per-architecture default
+    "fan_in_fan_out": lambda k: {"fan_in_fan_out": True},
+    "dropout": lambda k: {"lora_dropout": 0.1},
+    "embedding": lambda k: {"target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
+                                               "PM": ["emb"]}[k]},
+    "embedding_dora": lambda k: {"use_dora": True,
+                                 "target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
+                                                    "PM": ["emb"]}[k]},
+    # hosts with a bias only (TL's projections and nn.Embedding have none: those refuse to merge)
+    "lora_bias": lambda k: None if k == "TL" else {"lora_bias": True, "target_modules": LORA_TARGETS[k][1:]},
+}
+
+
+def lora_config(kind, variant, **extra):
+    """LoraConfig(r=4, lora_alpha=8) on ``LORA_TARGETS[kind]``, changed by the variant and ``extra``."""
+    import deltatune as dt
+
+    return dt.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS[kind],
+                            **LORA_VARIANTS[variant](kind), **extra})
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
