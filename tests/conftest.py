@@ -1,4 +1,11 @@
-"""Shared fixtures: the tiny random models of ../shared/cases/regressions.md (TL, TG), seed 0, fp32."""
+"""Shared tiny models, inputs, fixtures and helpers of the test files (import them from here).
+
+Models (seeded, fp32): TL and TG of ../shared/cases/regressions.md; TGb, TG with non-zero biases;
+and three plain ``nn.Module`` models: PM (Embedding, Conv1d, Conv2d, Linear), PF (Linear layers and
+a plain + a grouped Conv2d, two inputs) and PR (hand-written residual blocks). :func:`run` gives any
+of them its fixed input. Also: the tiny chat tokenizer TT and conversations DV, a model folder on
+disk, ``emulate_training``, ``rel_err``/``maxdiff``, ``base_tensors``, and the ``one_thread`` fixture.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,20 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread. On a busy 2-core machine a second OpenMP thread makes every tiny op
+    wait for a descheduled worker (~30 ms instead of ~3 us). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_tl(tie_word_embeddings: bool = False, seed: int = 0, **overrides):
@@ -32,7 +51,185 @@ def make_tg(seed: int = 0, **overrides):
     return GPT2LMHeadModel(GPT2Config(**kw)).eval()
 
 
+def make_tgb(seed: int = 0):
+    """TGb: TG with non-zero biases (GPT-2 starts them at 0), so that merging a bias is tested."""
+    m = make_tg(seed=seed)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+class EmbConvNet(nn.Module):
+    """PM: ids (B, T) -> Embedding -> Conv1d -> Conv2d -> Linear -> classifier; every layer has a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 12)
+        self.conv1 = nn.Conv1d(12, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.lin = nn.Linear(4 * 4 * 6, 16)
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(1, 2)  # (B, 12, T)
+        h = torch.tanh(self.conv1(h))  # (B, 8, T)
+        h = h.reshape(h.shape[0], 2, 4, h.shape[-1])  # (B, 2, 4, T)
+        h = torch.tanh(self.conv2(h))  # (B, 4, 4, T)
+        h = torch.tanh(self.lin(h.flatten(1)))  # (B, 16)
+        return self.classifier(h)  # (B, 5)
+
+
+def make_pm(seed: int = 0):
+    torch.manual_seed(seed)
+    return EmbConvNet().eval()
+
+
+PM_IDS = [[1, 5, 9, 33, 2, 17], [4, 4, 0, 39, 12, 8]]
+
+
+class FcConvNet(nn.Module):
+    """PF: (x, img) -> (fc2(relu(fc1(x))), gconv(conv(img))); Linear layers with bias, a Conv2d and a
+    grouped 1x1 Conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.gconv = nn.Conv2d(6, 4, 1, groups=2)
+
+    def forward(self, x, img):
+        return self.fc2(torch.relu(self.fc1(x))), self.gconv(self.conv(img))
+
+
+def make_pf(seed: int = 0):
+    torch.manual_seed(seed)
+    return FcConvNet()
+
+
+def pf_inputs():
+    """PF's fixed input: x (2, 5, 8) and img (2, 3, 4, 4)."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 5, 8, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+
+
+class FFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResidualNet(nn.Module):
+    """PR: two residual blocks written by hand, x + ffn(norm(x)); then a projection 16 -> 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(16), "ffn": FFN()}) for _ in range(2))
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["ffn"](b["norm"](x))
+        return self.proj(x)
+
+
+def make_pr(seed: int = 0):
+    torch.manual_seed(seed)
+    return ResidualNet()
+
+
+def pr_input():
+    """PR's fixed input (2, 5, 16)."""
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+
+
+MAKERS = {"TL": make_tl, "TG": make_tg, "TGb": make_tgb, "PM": make_pm, "PF": make_pf, "PR": make_pr}
 X_IDS = [[5, 17, 42, 9, 63, 2]]
+
+
+def run(model, kind: str, ids=None, attention_mask=None):
+    """The output of a ``kind`` model on its fixed input: logits of ``X_IDS`` (or ``ids``) for the
+    causal LMs, PM's output on ``PM_IDS`` (or ``ids``), PF's two outputs flattened into one vector."""
+    if kind == "PM":
+        return model(torch.tensor(PM_IDS if ids is None else ids))
+    if kind == "PF":
+        a, b = model(*pf_inputs())
+        return torch.cat([a.flatten(), b.flatten()])
+    if kind == "PR":
+        return model(pr_input())
+    return model(input_ids=torch.tensor(X_IDS if ids is None else ids), attention_mask=attention_mask).logits
+
+
+# LoRA config variants (test_matrix rows; other LoRA tests pick some): the targets per model kind and
+# variant -> (model kind -> LoraConfig kwargs, or None when the variant does not apply)
+LORA_TARGETS = {
+    "TL": ["q_proj", "v_proj", "down_proj"],
+    "TG": ["c_attn", "c_proj", "c_fc"],
+    "PM": ["emb", "conv1", "conv2", "lin"],
+}
+LORA_VARIANTS = {
+    "plain": lambda k: {},
+    "rslora": lambda k: {"use_rslora": True},
+    "dora": lambda k: {"use_dora": True},
+    "dora_dropout": lambda k: {"use_dora": True, "lora_dropout": 0.2},
+    "patterns": lambda k: {"rank_pattern": {LORA_TARGETS[k][0]: 2}, "alpha_pattern": {LORA_TARGETS[k][1]: 3}},
+    "regex": lambda k: {"target_modules": {"TL": r".*\.(q|v)_proj", "TG": r".*\.attn\.c_attn",
+                                           "PM": r"(lin|conv1)"}[k]},
+    "all_linear": lambda k: {"target_modules": "all-linear"},
+    "exclude": lambda k: {"exclude_modules": {"TL": ["model.layers.0.self_attn.q_proj"], "TG": ["h.1.mlp.c_fc"],
+                                              "PM": ["conv2"]}[k]},
+    "exclude_regex": lambda k: {"exclude_modules": r".*\.0\..*" if k != "PM" else r"conv.*"},
+    "layers": lambda k: None if k == "PM" else {"layers_to_transform": [1],
+                                                "layers_pattern": {"TL": "layers", "TG": "h"}[k]},
+    "layers_int": lambda k: None if k == "PM" else {"layers_to_transform": 0},
+    "bias_all": lambda k: {"bias": "all"},
+    "bias_lora_only": lambda k: {"bias": "lora_only"},
+    "init_gaussian": lambda k: {"init_lora_weights": "gaussian"},
+    "init_pissa": lambda k: {"init_lora_weights": "pissa", **({"target_modules": ["emb", "lin"]} if k == "PM" else {})},
+    "init_olora": lambda k: {"init_lora_weights": "olora", **({"target_modules": ["lin"]} if k == "PM" else {})},
+    "init_false": lambda k: {"init_lora_weights": False},
+    "modules_to_save": lambda k: {"modules_to_save": {"TL": ["lm_head"], "TG": ["ln_f"], "PM": ["classifier"]}[k]},
+    "modules_to_save_nested": lambda k: None if k == "PM" else {"modules_to_save": {"TL": ["layers.1.mlp"],
+                                                                                    "TG": ["h.1.mlp"]}[k]},
+    "default_targets": lambda k: None if k == "PM" else {"target_modules": None},  # PEFT's per-architecture default
+    "fan_in_fan_out": lambda k: {"fan_in_fan_out": True},
+    "dropout": lambda k: {"lora_dropout": 0.1},
+    "embedding": lambda k: {"target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
+                                               "PM": ["emb"]}[k]},
+    "embedding_dora": lambda k: {"use_dora": True,
+                                 "target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
+                                                    "PM": ["emb"]}[k]},
+    # hosts with a bias only (TL's projections and nn.Embedding have none: those refuse to merge)
+    "lora_bias": lambda k: None if k == "TL" else {"lora_bias": True, "target_modules": LORA_TARGETS[k][1:]},
+}
+
+
+def lora_config(kind, variant, **extra):
+    """LoraConfig(r=4, lora_alpha=8) on ``LORA_TARGETS[kind]``, changed by the variant and ``extra``."""
+    import deltatune as dt
+
+    return dt.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS[kind],
+                            **LORA_VARIANTS[variant](kind), **extra})
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def base_tensors(model):
+    """Copies of the state_dict entries that are not adapter tensors (not under ``.adapters.``)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
 
 
 @pytest.fixture
@@ -129,3 +326,11 @@ def make_dv(n: int = 16, seed: int = 0):
         seen.add((u, a))
         out.append([{"role": "user", "content": tt_words(u)}, {"role": "assistant", "content": tt_words(a)}])
     return out
+
+
+def model_folder(path, model, tokenizer=None) -> str:
+    """Save ``model`` (and ``tokenizer``) as a transformers model folder at ``path``; return the path."""
+    model.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return str(path)

@@ -2,7 +2,7 @@
 expected values, each generalized to every layer kind it concerns.
 
 Layer kinds: nn.Linear (TL), transformers Conv1D square and non-square (TG), nn.Embedding,
-nn.Conv1d and nn.Conv2d (the plain module PM of test_lora_invariants).
+nn.Conv1d and nn.Conv2d (the plain module PM of conftest).
 """
 
 from __future__ import annotations
@@ -18,34 +18,13 @@ import deltatune as dt
 from deltatune.adapters import get_state
 from deltatune.merge import merged_adapters
 
-from conftest import X_IDS, emulate_training, make_tg, make_tl
-from test_lora_invariants import PM_IDS, make_pm
+from conftest import X_IDS, base_tensors, emulate_training, make_pm, make_tg, make_tl, maxdiff, model_folder, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MAKERS = {"TL": make_tl, "TG": make_tg, "PM": make_pm}
-
-
-def run(model, kind, ids=None):
-    if kind == "PM":
-        return model(torch.tensor(PM_IDS if ids is None else ids))
-    out = model(input_ids=torch.tensor(X_IDS if ids is None else ids))
-    return out.logits
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
 
 
 # ----------------------------------------------------------------------------- C01
@@ -71,7 +50,7 @@ def test_c01_dora_unmerge_restores_base_on_every_layer_kind(case):
         for n, p in model.named_parameters():
             if n.endswith("lora_magnitude_vector"):
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-    W0 = weights(model)
+    W0 = base_tensors(model)
     with dt.disable_adapter(model), torch.no_grad():
         L0 = run(model, kind)
     with torch.no_grad():
@@ -87,7 +66,7 @@ def test_c01_dora_unmerge_restores_base_on_every_layer_kind(case):
     assert merged_adapters(model) == ["default"]  # merged again on exit
     # (3) unmerge explicitly: every base weight back (bit for bit here; the case asks < 1e-5)
     dt.unmerge(model)
-    for k, v in weights(model).items():
+    for k, v in base_tensors(model).items():
         assert maxdiff(v, W0[k]) < 1e-5, k
         assert torch.equal(v, W0[k]), k
     # (4) merge again
@@ -113,7 +92,7 @@ def test_c03_disable_bypasses_modules_to_save(case):
     model = MAKERS[kind]()
     with torch.no_grad():
         L0 = run(model, kind)
-    originals = {k: v.clone() for k, v in weights(model).items()}
+    originals = {k: v.clone() for k, v in base_tensors(model).items()}
     dt.inject(model, dt.LoraConfig(r=4, target_modules=targets, modules_to_save=mts))
     emulate_training(model)  # changes lora_B and the trainable copies
     with torch.no_grad():
@@ -136,7 +115,7 @@ def test_c03_disable_bypasses_modules_to_save(case):
         assert maxdiff(run(model, kind), L1) < 1e-5
     dt.unmerge(model)
     # the original modules' weights were never modified
-    for k, v in weights(model).items():
+    for k, v in base_tensors(model).items():
         assert torch.equal(v, originals[k]), k
 
 
@@ -218,9 +197,7 @@ def _resize(model, n, seed):
 def _base_folder(tmp_path, make):
     """A base checkpoint on disk (what users load): its config.json names the original vocabulary."""
     d = tmp_path / "base"
-    if not d.exists():
-        make().save_pretrained(str(d))
-    return str(d)
+    return str(d) if d.exists() else model_folder(d, make())
 
 
 def _load_base(folder, kind):
@@ -265,7 +242,7 @@ def test_c07_resized_vocabulary(case, tmp_path):
 
     # (a) a base that was not resized: an error before any weight changes, naming both modules and sizes
     plain = _load_base(folder, kind)
-    before = weights(plain)
+    before = base_tensors(plain)
     with pytest.raises(ValueError) as ei:
         dt.load_adapter(plain, str(tmp_path / "a"))
     msg = str(ei.value)
@@ -273,7 +250,7 @@ def test_c07_resized_vocabulary(case, tmp_path):
     for needle in (emb_name, head_name, "128", "132", "resize_token_embeddings(132)"):
         assert needle in msg, (needle, msg)
     assert get_state(plain) is None
-    for k, v in weights(plain).items():
+    for k, v in base_tensors(plain).items():
         assert torch.equal(v, before[k]), k
 
     # (b) a base resized to 132 beforehand (other random rows): rows bit-equal, logits match
@@ -353,11 +330,11 @@ def test_c11_dropout_reaches_every_layer(case):
         a.lora_dropout.p = 0.5
     # (5) merge in train mode twice from the same state: bit-equal, no dropout mask baked in
     dt.merge(model)
-    m1 = weights(model)
+    m1 = base_tensors(model)
     dt.unmerge(model)
     torch.manual_seed(123)
     dt.merge(model)
-    m2 = weights(model)
+    m2 = base_tensors(model)
     for k in m1:
         assert torch.equal(m1[k], m2[k]), k
     model.eval()

@@ -10,32 +10,25 @@ import os
 import pytest
 import torch
 
-from conftest import make_dv, make_tl, make_tt
+from conftest import make_dv, make_tl, make_tt, model_folder
 from deltatune.cli import main
 from deltatune.train.config import OptionError, TrainConfig, build_config, read_yaml
 from deltatune.train.report import REPORT_FIELDS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A transformers model folder (TL + TT) and a JSONL of 24 DV conversations."""
     root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "tl"
-    make_tl().save_pretrained(model_dir)
-    make_tt().save_pretrained(model_dir)
+    model_dir = model_folder(root / "tl", make_tl(), make_tt())
     data = root / "dv.jsonl"
     with open(data, "w") as fh:
         for m in make_dv(24):
             fh.write(json.dumps({"messages": m}) + "\n")
-    return str(model_dir), str(data)
+    return model_dir, str(data)
 
 
 def run(capsys, *argv):

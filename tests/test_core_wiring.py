@@ -22,21 +22,11 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import emulate_training, make_tg, make_tl, make_tt
+from conftest import emulate_training, make_pm, make_tg, make_tl, make_tt, rel_err, run
 from deltatune.adapters import AdapterRecord, AdapterState, get_state
-from test_lora_invariants import make_pm, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- merge stacks

@@ -23,15 +23,10 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 
-from conftest import X_IDS, emulate_training, make_tg, make_tl
+from conftest import X_IDS, emulate_training, make_tg, make_tl, maxdiff
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -74,10 +69,6 @@ def kwargs(kind, variant):
 def logits(model):
     with torch.no_grad():
         return model(input_ids=torch.tensor(X_IDS)).logits
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("kind,variant", CASES, ids=IDS)

@@ -1,17 +1,9 @@
-"""The invariant matrix of DESIGN.md for LoRA / rsLoRA / DoRA, over every config variant of issue 2.
+"""LoRA / rsLoRA / DoRA beyond the invariant matrix (test_matrix.py): injection errors, several adapters,
+merge_and_unload, safe_merge, trainable report, bias training, adapter dtype, config JSON, the inference
+fast path, core import weight and atomic saves.
 
 Models: TL (tiny Llama, nn.Linear), TG (tiny GPT-2, transformers Conv1D, tied lm_head) and PM, a
-plain nn.Module with nn.Embedding, nn.Conv1d, nn.Conv2d and nn.Linear (all with biases).
-
-Invariants checked for every (model, variant):
-  * inject returns the same object; base parameter names unchanged; a base state_dict still loads;
-  * a fresh adapter with an identity init computes the base output (rel 1e-5);
-  * after "training" (noise on trainable tensors) the output moves (so the checks below can fail);
-  * disabled adapter == base output exactly, incl. modules_to_save copies and trained biases;
-  * merged == unmerged (fp32, rel <= 1e-5); unmerge restores every base tensor bit for bit;
-  * only adapter tensors (+ modules_to_save copies, trained biases) require grad, and all get grads;
-  * save -> load into a fresh model gives identical outputs; a file with no matching keys or a
-    wrong shape is an error naming the keys; deleting the adapter gives back the base model.
+plain nn.Module with nn.Embedding, nn.Conv1d, nn.Conv2d and nn.Linear (all with biases); conftest.
 """
 
 from __future__ import annotations
@@ -22,250 +14,17 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 import deltatune as dt
 from deltatune.adapters import _input_hook, _output_hook, get_state
 from deltatune.merge import merged_adapters
 
-from conftest import X_IDS, emulate_training, make_tg, make_tl
+from conftest import LORA_TARGETS as TARGETS, LORA_VARIANTS as V, lora_config as config_for
+from conftest import base_tensors, emulate_training, make_pm, make_tg, make_tl, rel_err, run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread. On a busy 2-core machine a second OpenMP thread makes every tiny op
-    wait for a descheduled worker (~30 ms instead of ~3 us)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------- models
-class Plain(nn.Module):
-    """ids (B, T) -> Embedding -> Conv1d -> Conv2d -> Linear -> classifier; every layer has a bias."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(40, 12)
-        self.conv1 = nn.Conv1d(12, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(2, 4, 3, padding=1)
-        self.lin = nn.Linear(4 * 4 * 6, 16)
-        self.classifier = nn.Linear(16, 5)
-
-    def forward(self, ids):
-        h = self.emb(ids).transpose(1, 2)  # (B, 12, T)
-        h = torch.tanh(self.conv1(h))  # (B, 8, T)
-        h = h.reshape(h.shape[0], 2, 4, h.shape[-1])  # (B, 2, 4, T)
-        h = torch.tanh(self.conv2(h))  # (B, 4, 4, T)
-        h = torch.tanh(self.lin(h.flatten(1)))  # (B, 16)
-        return self.classifier(h)  # (B, 5)
-
-
-def make_pm(seed: int = 0):
-    torch.manual_seed(seed)
-    return Plain().eval()
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAKERS = {"TL": make_tl, "TG": make_tg, "PM": make_pm}
-PM_IDS = [[1, 5, 9, 33, 2, 17], [4, 4, 0, 39, 12, 8]]
-
-
-def run(model, kind):
-    if kind == "PM":
-        return model(torch.tensor(PM_IDS))
-    return model(input_ids=torch.tensor(X_IDS)).logits
-
-
-TARGETS = {
-    "TL": ["q_proj", "v_proj", "down_proj"],
-    "TG": ["c_attn", "c_proj", "c_fc"],
-    "PM": ["emb", "conv1", "conv2", "lin"],
-}
-
-# variant -> (model kind -> LoraConfig kwargs, or None when the variant does not apply)
-V = {
-    "plain": lambda k: {},
-    "rslora": lambda k: {"use_rslora": True},
-    "dora": lambda k: {"use_dora": True},
-    "dora_dropout": lambda k: {"use_dora": True, "lora_dropout": 0.2},
-    "patterns": lambda k: {"rank_pattern": {TARGETS[k][0]: 2}, "alpha_pattern": {TARGETS[k][1]: 3}},
-    "regex": lambda k: {"target_modules": {"TL": r".*\.(q|v)_proj", "TG": r".*\.attn\.c_attn",
-                                           "PM": r"(lin|conv1)"}[k]},
-    "all_linear": lambda k: {"target_modules": "all-linear"},
-    "exclude": lambda k: {"exclude_modules": {"TL": ["model.layers.0.self_attn.q_proj"], "TG": ["h.1.mlp.c_fc"],
-                                              "PM": ["conv2"]}[k]},
-    "exclude_regex": lambda k: {"exclude_modules": r".*\.0\..*" if k != "PM" else r"conv.*"},
-    "layers": lambda k: None if k == "PM" else {"layers_to_transform": [1],
-                                                "layers_pattern": {"TL": "layers", "TG": "h"}[k]},
-    "layers_int": lambda k: None if k == "PM" else {"layers_to_transform": 0},
-    "bias_all": lambda k: {"bias": "all"},
-    "bias_lora_only": lambda k: {"bias": "lora_only"},
-    "init_gaussian": lambda k: {"init_lora_weights": "gaussian"},
-    "init_pissa": lambda k: {"init_lora_weights": "pissa", **({"target_modules": ["emb", "lin"]} if k == "PM" else {})},
-    "init_olora": lambda k: {"init_lora_weights": "olora", **({"target_modules": ["lin"]} if k == "PM" else {})},
-    "init_false": lambda k: {"init_lora_weights": False},
-    "modules_to_save": lambda k: {"modules_to_save": {"TL": ["lm_head"], "TG": ["ln_f"], "PM": ["classifier"]}[k]},
-    "modules_to_save_nested": lambda k: None if k == "PM" else {"modules_to_save": {"TL": ["layers.1.mlp"],
-                                                                                    "TG": ["h.1.mlp"]}[k]},
-    "default_targets": lambda k: None if k == "PM" else {"target_modules": None},  # PEFT's per-architecture default
-    "fan_in_fan_out": lambda k: {"fan_in_fan_out": True},
-    "dropout": lambda k: {"lora_dropout": 0.1},
-    "embedding": lambda k: {"target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
-                                               "PM": ["emb"]}[k]},
-    "embedding_dora": lambda k: {"use_dora": True,
-                                 "target_modules": {"TL": ["embed_tokens", "q_proj"], "TG": ["wte", "c_attn"],
-                                                    "PM": ["emb"]}[k]},
-    # hosts with a bias only (TL's projections and nn.Embedding have none: those refuse to merge)
-    "lora_bias": lambda k: None if k == "TL" else {"lora_bias": True, "target_modules": TARGETS[k][1:]},
-}
-NOT_IDENTITY = {"init_false"}
-CASES = [(k, v) for v in V for k in MAKERS if V[v](k) is not None]
-
-
-def config_for(kind, variant, **extra):
-    kw = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[kind]}
-    kw.update(V[variant](kind))
-    kw.update(extra)
-    return dt.LoraConfig(**kw)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def base_tensors(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in f".{k}"}
-
-
-def trainable_expected(model, kind, variant, cfg):
-    """Names that must require grad: adapter tensors and modules_to_save copies (under
-    ``.adapters.``), and the trained base biases of the ``bias`` option."""
-    names = {n for n, _ in model.named_parameters() if ".adapters." in f".{n}"}
-    hosts = dt.get_record(model, "default").hosts
-    for n, _ in model.named_parameters():
-        if ".adapters." in f".{n}" or not n.endswith("bias"):
-            continue
-        owner = n.rsplit(".", 1)[0]
-        if cfg.bias == "all" or (cfg.bias == "lora_only" and owner in hosts):
-            names.add(n)
-    return names
-
-
-# ----------------------------------------------------------------------------- the matrix
-@pytest.mark.parametrize("kind,variant", CASES, ids=[f"{k}-{v}" for k, v in CASES])
-def test_invariants(kind, variant, tmp_path):
-    make = MAKERS[kind]
-    model = make()
-    base_names = [n for n, _ in model.named_parameters()]
-    base_sd = base_tensors(model)
-    with torch.no_grad():
-        L0 = run(model, kind)
-    cfg = config_for(kind, variant)
-
-    # same object, names unchanged, base checkpoint still loads
-    out = dt.inject(model, cfg)
-    assert out is model
-    assert [n for n, _ in model.named_parameters() if ".adapters." not in f".{n}"] == base_names
-    res = make().state_dict()
-    missing, unexpected = model.load_state_dict(res, strict=False)
-    assert unexpected == [] and all(".adapters." in f".{k}" for k in missing), (missing, unexpected)
-    if variant in ("init_pissa", "init_olora"):  # the residual base weights were just overwritten
-        dt.delete_adapter(model, "default")
-        dt.inject(model, cfg)
-    for p in model.parameters():
-        assert p.grad is None
-
-    # identity init
-    with torch.no_grad():
-        L_init = run(model, kind)
-    if variant in NOT_IDENTITY:
-        assert rel_err(L_init, L0) > 1e-4
-    else:
-        assert rel_err(L_init, L0) <= 1e-5, rel_err(L_init, L0)
-
-    # trainable set and gradients
-    want = trainable_expected(model, kind, variant, cfg)
-    got = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert got == want and got
-    emulate_training(model)
-    g = torch.Generator().manual_seed(3)
-    with torch.enable_grad():
-        y = run(model, kind)
-        (y * torch.randn(y.shape, generator=g)).sum().backward()
-    for n, p in model.named_parameters():
-        if n in want:
-            assert p.grad is not None and p.grad.norm() > 0, f"no gradient reached {n}"
-        else:
-            assert p.grad is None, f"frozen {n} got a gradient"
-    model.zero_grad(set_to_none=True)
-
-    with torch.no_grad():
-        L1 = run(model, kind)
-    assert rel_err(L1, L0) > 1e-4, "training noise did not change the output: the checks below prove nothing"
-
-    # disabled == base exactly (modules_to_save copies bypassed, trained biases and PiSSA residuals restored)
-    with dt.disable_adapter(model), torch.no_grad():
-        assert torch.equal(run(model, kind), L0)
-    with torch.no_grad():
-        assert torch.equal(run(model, kind), L1)
-
-    # merged == unmerged; unmerge restores the base tensors exactly
-    before = base_tensors(model)
-    dt.merge(model, safe_merge=True)
-    assert merged_adapters(model) == ["default"]
-    with torch.no_grad():
-        Lm = run(model, kind)
-    assert rel_err(Lm, L1) <= 1e-5, rel_err(Lm, L1)
-    with dt.disable_adapter(model), torch.no_grad():
-        assert torch.equal(run(model, kind), L0)
-    dt.unmerge(model)
-    after = base_tensors(model)
-    assert before.keys() == after.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), f"unmerge did not restore {k}"
-    if kind == "TG":  # the tie of lm_head and wte is restored too
-        assert model.lm_head.weight is model.transformer.wte.weight
-    with torch.no_grad():
-        assert torch.equal(run(model, kind), L1)
-
-    # save -> load into a fresh model: identical outputs
-    dt.save_adapter(model, str(tmp_path / "a"))
-    fresh = dt.load_adapter(make(), str(tmp_path / "a"))
-    with torch.no_grad():
-        assert torch.equal(run(fresh, kind), L1)
-    assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference by default
-    fresh2 = dt.load_adapter(make(), str(tmp_path / "a"), is_trainable=True)
-    assert {n for n, p in fresh2.named_parameters() if p.requires_grad} == want
-
-    # a file none of whose keys match, and a file with a wrong shape, are errors naming keys
-    sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
-    save_file({k.replace("base_model.model.", "base_model.model.nothing."): v for k, v in sd.items()},
-              str(bad / "adapter_model.safetensors"))
-    target = make()
-    with pytest.raises(ValueError, match=r"match nothing in the model: base_model\.model\.nothing\."):
-        dt.load_adapter(target, str(bad))
-    assert get_state(target) is None  # nothing left behind
-    key = sorted(k for k in sd if ".lora_" in k)[0]
-    sd2 = dict(sd)
-    sd2[key] = torch.zeros(*(s + 1 for s in sd[key].shape))
-    save_file(sd2, str(bad / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=re.escape(key)):
-        dt.load_adapter(make(), str(bad))
-
-    # deleting the adapter gives back the base model
-    dt.delete_adapter(model, "default")
-    assert get_state(model) is None
-    with torch.no_grad():
-        assert torch.equal(run(model, kind), L0)
-    assert base_tensors(model).keys() == base_sd.keys()
-    for k, v in base_tensors(model).items():
-        assert torch.equal(v, base_sd[k]), k
-    _assert_plain(model)
 
 
 def _assert_plain(model):

@@ -20,7 +20,7 @@ from deltatune.quant import bnb as qbnb
 from deltatune.quant.nf4 import scaler_block_size
 from deltatune.quant import quant_stats, quantize_base, requantize_merged
 
-from conftest import emulate_training, make_tl
+from conftest import emulate_training, make_tl, model_folder
 
 # The 16 NF4 values of the QLoRA paper (appendix E), as float32.
 NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -310,12 +310,6 @@ def test_requantize_merged_reports_error_and_nothing_when_dense(X):
 # ----------------------------------------------------------------------------- save / load / interop
 
 
-def _save_tiny(tmp_path, model):
-    d = tmp_path / "base"
-    model.save_pretrained(d)
-    return str(d)
-
-
 def _bnb_4bit_model(path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -345,7 +339,7 @@ def test_nf4_adapter_loads_on_dense_base_and_in_peft_on_bnb(tmp_path, X, use_dor
     assert (ld - lq).abs().max() < 2 * qerr  # ... and differs only by the base's quantization error
 
     # peft on a bitsandbytes 4-bit base (transformers BitsAndBytesConfig): the same logits
-    hq = _bnb_4bit_model(_save_tiny(tmp_path, tl64()))
+    hq = _bnb_4bit_model(model_folder(tmp_path / "base", tl64()))
     for m in hq.modules():
         if qbnb.is_linear4bit(m):
             qbnb.keep_cpu_format(m)  # standard layout, fp32 compute (see keep_cpu_format)
@@ -356,7 +350,7 @@ def test_nf4_adapter_loads_on_dense_base_and_in_peft_on_bnb(tmp_path, X, use_dor
 
 
 def test_transformers_bnb_model_is_accepted(tmp_path, X):
-    path = _save_tiny(tmp_path, tl64())
+    path = model_folder(tmp_path / "base", tl64())
     hq = _bnb_4bit_model(path)
     ours = quantize_base(tl64())
     with torch.no_grad():

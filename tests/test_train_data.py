@@ -24,13 +24,7 @@ from deltatune.train.loop import token_loss_sum
 WALK_USER = "Give the past tense of walk."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (OpenMP sync dominates; on a busy machine by ~100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from deltatune.train.data import ChatEncoder, Example
 from deltatune.train.evaluate import Evaluator, evaluation_mode, exact_match, greedy_generate, normalize_answer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def five_prompts(tok):

@@ -16,13 +16,7 @@ from deltatune.train.evaluate import Evaluator, evaluation_mode, greedy_generate
 from deltatune.train.loop import Trainer, lr_factor, plan_windows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (OpenMP sync dominates; on a busy machine by ~100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_tl(seed=0, init=True, **kw):

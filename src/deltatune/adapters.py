@@ -61,9 +61,10 @@ class LayerAdapter(Protocol):
         uses_base_output: the adapter reads ``call.base_output`` (the host's own output before any
             adapter changed it), e.g. DoRA.
         supports_inplace: the adapter may add into ``out`` in place when ``call.inplace`` is True.
-        additive: its contribution is added to ``out`` and does not depend on what ``out`` holds
-            (LoRA, DoRA); False when it transforms ``out`` ((IA)3 output scaling). Decides which
-            partial merges a host can represent (:mod:`deltatune.merge`).
+        composes: how it changes ``out``: ``"add"`` (adds a term that does not depend on ``out``:
+            LoRA, DoRA), ``"scale"`` (multiplies ``out`` per channel: (IA)3) or ``"other"``. Two
+            adapters of the same ``"add"``/``"scale"`` kind commute; this decides which partial
+            merges a host can represent (:mod:`deltatune.merge`).
         no_decay: names of its parameters whose neutral value is not 0 (DoRA magnitudes, (IA)3
             vectors, learned scalings): weight decay never applies to them (biases never decay).
 
@@ -78,7 +79,7 @@ class LayerAdapter(Protocol):
     merge_error: Optional[str]
     uses_base_output: bool
     supports_inplace: bool
-    additive: bool
+    composes: str
     no_decay: tuple
 
     def merge_into(self, host: nn.Module, w: torch.Tensor) -> torch.Tensor: ...
@@ -442,7 +443,8 @@ def make_module_copy(host: nn.Module) -> nn.Module:
     for p in c.parameters():
         p.requires_grad_(True)
     c.side, c.merged, c.merge_error = "replace", False, None
-    c.uses_base_output = c.supports_inplace = c.additive = False
+    c.uses_base_output = c.supports_inplace = False
+    c.composes = "other"
     c.no_decay = tuple(n for n, _ in c.named_parameters())  # a copy's neutral value is the original, not 0
     return c
 

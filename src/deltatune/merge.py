@@ -81,17 +81,16 @@ def unrepresentable(host: nn.Module, active: list, merged: set) -> Optional[str]
 
     The hook runs the unmerged adapters after the (merged) host, so every merged adapter acts
     before every unmerged one. That equals the forward where the two commute: an unmerged adapter
-    followed (in the active order) by a merged one must both be additive (a non-additive one,
-    (IA)3 output scaling, would scale the other's contribution in the forward but not here), and a
-    merged input-side adapter (it scales what every output-side adapter reads) needs them all merged.
+    followed (in the active order) by a merged one must compose the same way (both add a term, or
+    both scale the output: see ``LayerAdapter.composes``), and a merged input-side adapter (it
+    scales what every output-side adapter reads) needs them all merged.
     """
     order = [(n, a) for n, a in merge_order(host, active) if n in active]
     out = [(n, a) for n, a in order if a.side == "output"]
     for i, (u, ua) in enumerate(out):
         if u in merged:
             continue
-        late = [(m, a) for m, a in out[i + 1:] if m in merged]
-        bad = [m for m, a in late if not (a.additive and ua.additive)]
+        bad = [m for m, a in out[i + 1:] if m in merged and not (a.composes == ua.composes != "other")]
         if bad:
             return (f"the merged {bad[0]!r} follows the unmerged {u!r} in the active order, and one of them scales "
                     "what the other adds")

@@ -94,7 +94,7 @@ class AdaptionPromptAdapter(nn.Module):
                    "(use it unmerged, or delete_adapter it)")
     uses_base_output = False
     supports_inplace = False
-    additive = True
+    composes = "add"
     no_decay = ()  # the gate's neutral value is 0; the prompt does nothing while the gate is 0
 
     def __init__(self, attn: nn.Module, adapter_len: int, hidden: int, *, dtype=torch.float32, device=None):

@@ -251,7 +251,7 @@ class ResidualTap(nn.Module):
     merge_error = MERGE_ERROR
     uses_base_output = False
     supports_inplace = False
-    additive = False
+    composes = "other"
     no_decay = ()
 
     def __init__(self, slot: _Slot):
@@ -288,7 +288,7 @@ class BottleneckAdapter(nn.Module):
     merge_error = MERGE_ERROR
     uses_base_output = False
     supports_inplace = False
-    additive = False
+    composes = "other"
     no_decay = ("scaling",)  # a learned scaling starts at 1
 
     def __init__(self, in_features: int, out_features: int, bottleneck: int, *, mode: str, non_linearity: str,

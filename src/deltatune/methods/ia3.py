@@ -122,7 +122,7 @@ class IA3Adapter(nn.Module):
     merge_error = None
     uses_base_output = False
     supports_inplace = False
-    additive = False  # scales the output (or, as an input-side adapter, the input)
+    composes = "scale"  # the output per channel (or, as an input-side adapter, the input)
     no_decay = ("ia3_l",)  # a scaling vector: neutral at 1, not 0
 
     def __init__(self, host: nn.Module, is_feedforward: bool, init_ia3_weights: bool = True,

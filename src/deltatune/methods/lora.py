@@ -150,7 +150,7 @@ class LoraAdapter(nn.Module):
 
     side = "output"
     supports_inplace = True  # may add into ``out`` in place when the hook says no one else holds it
-    additive = True
+    composes = "add"
     no_decay = ("lora_magnitude_vector",)  # DoRA's magnitude starts at ||W||, not 0
 
     def __init__(self, host: nn.Module, r: int, lora_alpha: float, lora_dropout: float, *,
