@@ -407,4 +407,4 @@ def test_the_routing_decision_is_one_function():
                     readers.add(f"{path.relative_to(root)}:{fn.name}")
     # disabled is read by the routing rule, by sync_base_tensors (which tensors the base holds) and
     # by disable_adapter itself (to restore the previous flag)
-    assert readers == {"adapters.py:acting_names", "inject.py:sync_base_tensors", "lifecycle.py:disable_adapter"}
+    assert readers == {"routing.py:acting_names", "inject.py:sync_base_tensors", "lifecycle.py:disable_adapter"}

@@ -1,7 +1,7 @@
 """The dependency direction of the package, checked on every import statement (function-local ones
 included), as ../shared/DESIGN.md lays it out:
 
-    _io, config, geometry, layers, targets  <-  adapters  <-  inject  <-  merge, quant
+    _io, config, geometry, layers, targets  <-  adapters, routing  <-  inject  <-  merge, quant
         <-  methods, lifecycle  <-  formats  <-  integrations  <-  train  <-  cli
 
 The package root (the public API of ``deltatune/__init__.py``) sits with integrations: train and
@@ -21,7 +21,7 @@ import deltatune
 ROOT = pathlib.Path(deltatune.__file__).parent
 RANKS = [
     {"_io", "config", "geometry", "layers", "targets"},
-    {"adapters"},
+    {"adapters", "routing"},
     {"inject"},
     {"merge", "quant"},
     {"methods", "lifecycle"},

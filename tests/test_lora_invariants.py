@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.adapters import _input_hook, _output_hook, get_state
+from deltatune.adapters import get_state
+from deltatune.routing import _input_hook, _output_hook
 from deltatune.merge import merged_adapters
 
 from conftest import LORA_TARGETS as TARGETS, LORA_VARIANTS as V, lora_config as config_for

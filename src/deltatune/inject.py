@@ -32,7 +32,6 @@ from .adapters import (
     AdapterRecord,
     AdapterState,
     BaseTensor,
-    detach,
     get_record,
     get_state,
     require_state,
@@ -40,6 +39,7 @@ from .adapters import (
 )
 from .config import AdapterConfig
 from .geometry import GEOMETRY
+from .routing import detach
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 

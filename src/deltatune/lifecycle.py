@@ -14,7 +14,9 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .adapters import STATE_ATTR, detach, get_state, iter_hosts, require_state
+from .adapters import STATE_ATTR, get_state, require_state
+
+from .routing import detach, iter_hosts
 from .inject import check_base_conflicts, refresh_trainable, release_base_tensors, remove, sync_base_tensors
 from .merge import bake, merge, merged_adapters, names_to_merge, refresh, unmerge, unrepresentable
 from .quant import requantize_merged

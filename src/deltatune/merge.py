@@ -26,7 +26,9 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .adapters import ADAPTERS, MERGE_ATTR, MergeBackup, get_state, iter_hosts, require_state
+from .adapters import ADAPTERS, MERGE_ATTR, MergeBackup, get_state, require_state
+
+from .routing import iter_hosts
 from .geometry import GEOMETRY
 from .layers import dense_weight, layer_kind, set_dense_weight
 

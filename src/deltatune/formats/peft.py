@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
-from ..adapters import ADAPTERS, get_record, get_state, is_adapter_path, require_state, unmerged_parameter
+from ..adapters import ADAPTERS, get_record, get_state, require_state, unmerged_parameter
+from ..targets import is_adapter_path
 from ..config import CONFIG_NAME, AdapterConfig, load_config
 from ..geometry import GEOMETRY
 from ..inject import base_tensor_value, inject, method_for, refresh_trainable

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterRecord, attach, module_device, resolve_dtype
+from ..adapters import AdapterRecord, module_device, resolve_dtype
+
+from ..routing import attach
 from ..config import AdapterConfig, register_config
 from ..geometry import config_value, default_targets
 from ..inject import register_method

@@ -65,7 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterRecord, attach, attach_modules_to_save, module_device, resolve_dtype
+from ..adapters import AdapterRecord, module_device, resolve_dtype
+
+from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, register_config
 from ..geometry import GEOMETRY, Site, config_value
 from ..inject import register_method

@@ -32,7 +32,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..adapters import AdapterRecord, attach, attach_modules_to_save, module_device, resolve_dtype
+from ..adapters import AdapterRecord, module_device, resolve_dtype
+
+from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, TargetSpec, register_config
 from ..geometry import default_targets
 from ..inject import register_method

@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterRecord, attach, attach_modules_to_save, is_adapter_path, module_device, resolve_dtype
+from ..adapters import AdapterRecord, module_device, resolve_dtype
+
+from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, register_config
 from ..geometry import default_targets
 from ..inject import claim_base_tensor, register_method
 from ..layers import dense_weight, layer_kind, set_dense_weight
 from ..merge import is_merged, unmerged_dense_weight
-from ..targets import find_targets, nearest_names, unmatched_patterns
+from ..targets import find_targets, is_adapter_path, nearest_names, unmatched_patterns
 
 
 @register_config

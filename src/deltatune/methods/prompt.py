@@ -39,7 +39,9 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..adapters import AdapterRecord, acting_names, get_state, module_device, resolve_dtype
+from ..adapters import AdapterRecord, get_state, module_device, resolve_dtype
+
+from ..routing import acting_names
 from ..config import AdapterConfig, register_config
 from ..geometry import GEOMETRY, config_value
 from ..inject import register_method

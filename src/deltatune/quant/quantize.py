@@ -19,9 +19,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..adapters import get_state, is_adapter_path
+from ..adapters import get_state
 from ..layers import layer_kind
-from ..targets import _list_match, output_head_names
+from ..targets import _list_match, is_adapter_path, output_head_names
 from . import bnb as _bnb
 from . import nf4 as _nf4
 
@@ -113,24 +113,31 @@ def quantize_base(
             quant_type/backend/compute_dtype, an option the backend lacks, or nothing to quantize.
         ImportError: the backend's package is not installed (``pip install 'deltatune[quant]'``).
     """
-    quant_type = str(quant_type).lower()
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type={quant_type!r} is not supported: use 'nf4' or 'fp4'")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown: use 'bitsandbytes' (default) or 'torchao'")
-    backend = BACKENDS[backend]
-    cdt = _as_dtype(compute_dtype)
-    if backend == "torchao" and (quant_type != "nf4" or not double_quant or blocksize != 64):
-        raise ValueError("backend='torchao' supports only quant_type='nf4', double_quant=True, blocksize=64: "
-                         "use backend='bitsandbytes' for FP4, single quantization or other block sizes")
-    st = get_state(model)
-    if st is not None and st.records:
-        raise ValueError(f"quantize_base() must run before inject(): this model already has adapters "
-                         f"{list(st.records)}; quantize the base model first, then inject")
-    if backend == "bitsandbytes":
-        _bnb.import_bnb()
-    else:
-        _nf4.import_nf4()
+    quant_type, backend, cdt = _check_args(model, quant_type, backend, compute_dtype, double_quant, blocksize)
+    done, accepted, skipped, repacked = _quantize_layers(model, target_modules, skip_modules, backend, quant_type,
+                                                         double_quant, cdt, blocksize)
+    if not done and not accepted:
+        raise ValueError("quantize_base found no nn.Linear to quantize"
+                         + (f" among target_modules={target_modules!r}" if target_modules is not None else "")
+                         + (f"; skipped: {dict(list(skipped.items())[:6])}" if skipped else ""))
+    if repacked:
+        warnings.warn(f"{repacked} bitsandbytes layers had been repacked for the CPU inference kernel "
+                      "(eval() without grad); restored to the standard 4-bit layout with bf16-rounded scales",
+                      stacklevel=3)
+    model.__dict__[RECORD] = {
+        "backend": backend, "quant_type": quant_type, "double_quant": bool(double_quant),
+        "blocksize": blocksize, "compute_dtype": str(cdt).replace("torch.", ""),
+        "quantized": done, "accepted": accepted, "skipped": skipped,
+    }
+    gc.collect()
+    _malloc_trim()
+    return model
+
+
+def _quantize_layers(model, target_modules, skip_modules, backend, quant_type, double_quant, cdt, blocksize):
+    """Quantize the selected ``nn.Linear`` layers in place (see :func:`quantize_base`); return
+    (quantized names, names already 4-bit, {skipped name: why}, layers restored from bitsandbytes'
+    CPU inference packing)."""
     uses: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
         for p in mod._parameters.values():
@@ -154,40 +161,58 @@ def quantize_base(
             continue
         if target_modules is not None and not _matches(target_modules, name):
             continue
-        w = mod._parameters.get("weight")
-        if w is None or not w.is_floating_point() or w.device.type == "meta":
-            skipped[name] = "no float weight"
-            continue
-        if uses.get(id(w), 0) > 1:
-            skipped[name] = "weight shared with another module (tied)"
+        why = _why_not(mod._parameters.get("weight"), uses, backend)
+        if why:
+            skipped[name] = why
             continue
         if backend == "torchao":
-            if not _nf4.can_quantize(w):
-                skipped[name] = f"numel {w.numel()} is not a multiple of 64 (torchao)"
-                continue
-            mod.weight = _nf4.quantize_weight(w)
+            mod.weight = _nf4.quantize_weight(mod.weight)
         else:
             new = _bnb.to_linear4bit(mod, quant_type=quant_type, double_quant=double_quant,
                                      compute_dtype=cdt, blocksize=blocksize)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
         done.append(name)
-    if not done and not accepted:
-        raise ValueError("quantize_base found no nn.Linear to quantize"
-                         + (f" among target_modules={target_modules!r}" if target_modules is not None else "")
-                         + (f"; skipped: {dict(list(skipped.items())[:6])}" if skipped else ""))
-    if repacked:
-        warnings.warn(f"{repacked} bitsandbytes layers had been repacked for the CPU inference kernel "
-                      "(eval() without grad); restored to the standard 4-bit layout with bf16-rounded scales",
-                      stacklevel=3)
-    model.__dict__[RECORD] = {
-        "backend": backend, "quant_type": quant_type, "double_quant": bool(double_quant),
-        "blocksize": blocksize, "compute_dtype": str(cdt).replace("torch.", ""),
-        "quantized": done, "accepted": accepted, "skipped": skipped,
-    }
-    gc.collect()
-    _malloc_trim()
-    return model
+    return done, accepted, skipped, repacked
+
+
+def _check_args(model, quant_type, backend, compute_dtype, double_quant, blocksize):
+    """(quant_type, backend, compute dtype), checked; the backend's package imported.
+
+    Raises:
+        ValueError: an unknown quant_type/backend/compute_dtype, an option the backend lacks, or a
+            model that already has adapters. ImportError: the backend's package is missing.
+    """
+    quant_type = str(quant_type).lower()
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type={quant_type!r} is not supported: use 'nf4' or 'fp4'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use 'bitsandbytes' (default) or 'torchao'")
+    backend = BACKENDS[backend]
+    cdt = _as_dtype(compute_dtype)
+    if backend == "torchao" and (quant_type != "nf4" or not double_quant or blocksize != 64):
+        raise ValueError("backend='torchao' supports only quant_type='nf4', double_quant=True, blocksize=64: "
+                         "use backend='bitsandbytes' for FP4, single quantization or other block sizes")
+    st = get_state(model)
+    if st is not None and st.records:
+        raise ValueError(f"quantize_base() must run before inject(): this model already has adapters "
+                         f"{list(st.records)}; quantize the base model first, then inject")
+    if backend == "bitsandbytes":
+        _bnb.import_bnb()
+    else:
+        _nf4.import_nf4()
+    return quant_type, backend, cdt
+
+
+def _why_not(w, uses: dict, backend: str) -> Optional[str]:
+    """Why the weight ``w`` of an ``nn.Linear`` is left dense (None: it can be quantized)."""
+    if w is None or not w.is_floating_point() or w.device.type == "meta":
+        return "no float weight"
+    if uses.get(id(w), 0) > 1:
+        return "weight shared with another module (tied)"
+    if backend == "torchao" and not _nf4.can_quantize(w):
+        return f"numel {w.numel()} is not a multiple of 64 (torchao)"
+    return None
 
 
 def _nbytes(tensors, seen: set) -> int:
