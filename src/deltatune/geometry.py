@@ -37,6 +37,7 @@ class ModelGeometry:
 
     Fields:
         model_type: model -> architecture name (transformers' ``config.model_type``) or None.
+        name_or_path: model -> where the base model was loaded from, or None.
         text_config: model -> the (text) config object with sizes, or None.
         input_embedding / output_embedding: model -> the module, or None.
         decoder_sites: model -> list of :class:`Site` (attention and feed-forward sublayers of the
@@ -55,6 +56,7 @@ class ModelGeometry:
     """
 
     model_type: Callable[[nn.Module], Optional[str]] = _none
+    name_or_path: Callable[[nn.Module], Optional[str]] = _none
     text_config: Callable[[nn.Module], Any] = _none
     input_embedding: Callable[[nn.Module], Optional[nn.Module]] = _none
     output_embedding: Callable[[nn.Module], Optional[nn.Module]] = _none

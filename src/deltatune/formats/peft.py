@@ -109,9 +109,8 @@ def base_vocab_sizes(model: nn.Module) -> dict[str, int]:
 
 def _config_for_save(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
     cfg = cfg.copy()
-    mc = getattr(model, "config", None)
-    if cfg.base_model_name_or_path is None and mc is not None:
-        cfg.base_model_name_or_path = getattr(mc, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    if cfg.base_model_name_or_path is None:
+        cfg.base_model_name_or_path = GEOMETRY.name_or_path(model)
     cfg.inference_mode = True
     return cfg
 

@@ -75,6 +75,10 @@ def model_type(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def name_or_path(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
 def text_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
     get = getattr(cfg, "get_text_config", None)
@@ -241,6 +245,7 @@ def load_tokenizer(name_or_path: str, kwargs: dict):
 def register(geometry: ModelGeometry) -> None:
     """Fill ``geometry`` with the answers above (the prompt wiring is set by the caller)."""
     geometry.model_type = model_type
+    geometry.name_or_path = name_or_path
     geometry.text_config = text_config
     geometry.input_embedding = input_embedding
     geometry.output_embedding = output_embedding
