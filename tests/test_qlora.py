@@ -388,6 +388,40 @@ def _save(model, tmp_path):
     return d
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_quantization_rebuilds_the_same_base(backend, tmp_path):
+    """``base_quantization(model)`` gives quantize_base's arguments: on a fresh dense copy they make
+    the same 4-bit layers, bit for bit (what ``deltatune eval/merge`` do for a QLoRA adapter). The
+    adapter file records them in its safetensors metadata; a dense base records nothing."""
+    import json
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+    from deltatune.quant import base_quantization, is_quantized
+
+    if backend == "torchao":
+        pytest.importorskip("torchao")
+    model = tl64()
+    assert base_quantization(model) is None
+    quantize_base(model, backend=backend, target_modules=["q_proj", "up_proj"],
+                  compute_dtype="bfloat16" if backend == "bitsandbytes" else "float32")
+    kw = base_quantization(model)
+    assert kw["backend"] == backend and kw["quant_type"] == "nf4" and kw["double_quant"] is True
+    assert kw["target_modules"] == sorted(n for n in linears(tl64()) if n.endswith(("q_proj", "up_proj")))
+    again = quantize_base(tl64(), **kw)
+    layers = dict(again.named_modules())
+    for name in kw["target_modules"]:
+        mod = model.get_submodule(name)
+        assert same(packed(mod), packed(layers[name])), name
+        assert torch.equal(dense_weight(mod), dense_weight(layers[name]))
+    assert sorted(n for n, m in again.named_modules() if is_quantized(m)) == kw["target_modules"]
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.save_adapter(model, str(tmp_path / "q"))
+    assert json.loads(read_adapter_metadata(str(tmp_path / "q"))[BASE_QUANTIZATION_KEY]) == kw
+    dense = dt.inject(tl64(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.save_adapter(dense, str(tmp_path / "d"))
+    assert read_adapter_metadata(str(tmp_path / "d")) == {"format": "pt"}
+
+
 # ----------------------------------------------------------------------------- CLI hooks
 
 
