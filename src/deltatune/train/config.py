@@ -20,6 +20,10 @@ class OptionError(ValueError):
     """Bad training option (the message names the option and the fix)."""
 
 
+class UsageError(ValueError):
+    """Bad command-line input (one-line message; the CLI exits with code 2)."""
+
+
 @dataclass
 class TrainConfig:
     """Options of ``deltatune train`` (and the pieces ``eval``/``generate`` reuse).
