@@ -184,7 +184,7 @@ def test_yaml_config_and_flags_win(tmp_path):
     cfg = build_config(read_yaml(str(y)), {"max_steps": 3, "lr": None, "method_options": {"x": 1}})
     assert cfg.max_steps == 3 and cfg.lr == 0.01 and cfg.batch_size == 2
     assert cfg.method_options == {"num_virtual_tokens": 4, "x": 1}
-    assert cfg.method_opts()["num_virtual_tokens"] == 4 and cfg.method_opts()["r"] == 16
+    assert cfg.method_options["num_virtual_tokens"] == 4 and cfg.r == 16
     assert build_config({}, {}).to_dict() == dataclasses.replace(TrainConfig(), lr=1e-3).to_dict()
     with pytest.raises(OptionError, match="did you mean max_steps"):
         build_config({"max_step": 3})
@@ -194,9 +194,9 @@ def test_yaml_config_and_flags_win(tmp_path):
 
 
 def test_learning_rate_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path, capsys):
-    from deltatune.train.methods import METHOD_BUILDERS, METHOD_LR
+    from deltatune.train.presets import PRESETS
 
-    assert set(METHOD_LR) == set(METHOD_BUILDERS)  # every method has its default
+    assert all(isinstance(p.lr, float) and p.lr > 0 for p in PRESETS.values())  # every method has its default
     expected = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "ia3": 1e-2, "p-tuning": 1e-2,
                 "prefix-tuning": 1e-2, "llama-adapter": 1e-2, "prompt-tuning": 3e-2}
     for method, lr in expected.items():
@@ -291,9 +291,9 @@ def test_help_for_every_command(capsys):
 
 
 def _methods():
-    from deltatune.train.methods import METHOD_BUILDERS
+    from deltatune.train.presets import PRESETS
 
-    return sorted(METHOD_BUILDERS)
+    return sorted(PRESETS)
 
 
 @pytest.mark.parametrize("method", _methods())
@@ -424,9 +424,9 @@ def test_eval_without_data_scores_the_runs_own_held_out_split(trained, tiny, cap
 
 
 def test_unknown_method_options_are_refused_and_each_known_one_is_read(tiny, tmp_path, capsys):
-    from deltatune.train.methods import METHOD_BUILDERS, METHOD_OPTIONS
+    from deltatune.train.presets import PRESETS
 
-    assert set(METHOD_OPTIONS) == set(METHOD_BUILDERS)
+    assert all(isinstance(p.options, tuple) for p in PRESETS.values())
     code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method-opt", "bogus=1"))
     assert code == 2 and "no option 'bogus'" in err and "use_rslora" in err and not (tmp_path / "o").exists()
     code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method", "ia3", "--method-opt", "num_virtual_tokens=3"))
@@ -440,3 +440,84 @@ def test_unknown_method_options_are_refused_and_each_known_one_is_read(tiny, tmp
                                                                    "prompt_tuning_init": "RANDOM"}}))
     assert cfg.num_virtual_tokens == 7
     assert build_method_config(build_config({}, {"method": "lora", "method_options": {"use_rslora": True}})).use_rslora
+
+
+# ----------------------------------------------------------------------------- method fields a method does not read
+
+FOREIGN_FLAGS = [
+    ("ia3", ["--rank", "4"], "--rank"),
+    ("ia3", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("ia3", ["-r", "16"], "--rank"),  # the default value, set explicitly: still refused
+    ("bottleneck", ["--lora-dropout", "0.1"], "--lora-dropout"),
+    ("bottleneck", ["--rank", "4"], "--rank"),
+    ("prompt-tuning", ["--target-modules", "q_proj"], "--target-modules"),
+    ("prompt-tuning", ["--rank", "4"], "--rank"),
+    ("p-tuning", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("prefix-tuning", ["--target-modules", "all-linear"], "--target-modules"),
+    ("llama-adapter", ["--rank", "4"], "--rank"),
+    ("llama-adapter", ["--lora-dropout", "0.05"], "--lora-dropout"),
+    ("ia3", ["--method-opt", "r=4"], "--method-opt r"),
+]
+
+
+@pytest.mark.parametrize("method, extra, named", FOREIGN_FLAGS)
+def test_a_method_field_the_method_does_not_read_is_refused(tiny, tmp_path, capsys, method, extra, named):
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *train_args(tiny, out, "--method", method, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    assert f"{named} is not an option of --method {method} (its options: " in lines[0]
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("ia3", "rank", 4), ("ia3", "lora_alpha", 8), ("bottleneck", "lora-dropout", 0.1),
+    ("prompt-tuning", "target_modules", "q_proj"), ("p-tuning", "r", 2), ("llama-adapter", "lora_alpha", 8),
+])
+def test_a_config_file_key_the_method_does_not_read_is_refused(tiny, tmp_path, capsys, method, key, value):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"method: {method}\n{key}: {value}\n")
+    code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--config", str(y)))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert f"config file key '{key}' is not an option of --method {method}" in lines[0]
+    with pytest.raises(OptionError, match=f"is not an option of --method {method}"):
+        build_config(read_yaml(str(y)), {})
+    # a method given as a flag over the file's: the file's key is still the user's
+    y.write_text(f"{key}: {value}\n")
+    with pytest.raises(OptionError, match=f"config file key '{key}' is not an option of --method {method}"):
+        build_config(read_yaml(str(y)), {"method": method})
+
+
+def test_defaults_and_the_fields_a_method_reads_are_accepted():
+    from deltatune.train.presets import METHOD_FIELDS, PRESETS
+    from deltatune.train.pipeline import build_method_config
+
+    for name, preset in PRESETS.items():
+        cfg = build_config({}, {"method": name})  # every field at its default: nothing is refused
+        assert cfg.r == 16 and cfg.target_modules is None
+        for field in preset.uses:  # a field the method reads may be set, as flag or key
+            value = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "target_modules": "q_proj"}[field]
+            assert getattr(build_config({}, {"method": name, field: value}), field) == value
+            assert getattr(build_config({field: value}, {"method": name}), field) == value
+        assert preset.uses <= set(METHOD_FIELDS)
+    assert PRESETS["lora"].uses == PRESETS["qlora"].uses == PRESETS["dora"].uses == set(METHOD_FIELDS)
+    assert PRESETS["ia3"].uses == PRESETS["bottleneck"].uses == PRESETS["llama-adapter"].uses == {"target_modules"}
+    for name in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+        assert PRESETS[name].uses == frozenset()
+    # the typed route: the flag's int reaches the LoRA config; a --method-opt of a field sets the field
+    assert build_method_config(build_config({}, {"method": "lora", "r": 4})).r == 4
+    assert build_config({}, {"method": "lora", "method_options": {"r": 8}}).r == 8
+    assert build_method_config(build_config({}, {"method": "ia3", "target_modules": "q_proj,v_proj"})).target_modules \
+        == ["q_proj", "v_proj"]
+
+
+def test_train_help_lists_every_method_with_its_lr(capsys):
+    from deltatune.train.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert f"  {name:<16}{preset.lr:g}" in out
+

@@ -426,12 +426,14 @@ def test_base_quantization_rebuilds_the_same_base(backend, tmp_path):
 
 
 def test_cli_qlora_method_and_preparer():
-    from deltatune.train.methods import METHOD_BUILDERS, MODEL_PREPARERS
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.presets import PRESETS
 
-    opts = {"r": 8, "lora_alpha": 16}
-    assert METHOD_BUILDERS["qlora"](opts).to_dict() == METHOD_BUILDERS["lora"](opts).to_dict()
+    cfg = TrainConfig(r=8, lora_alpha=16)
+    assert PRESETS["qlora"].build(cfg, {}).to_dict() == PRESETS["lora"].build(cfg, {}).to_dict()
+    assert PRESETS["lora"].prepare is None
     model = make_tl(hidden_size=256, intermediate_size=512)
-    rep = MODEL_PREPARERS["qlora"](model, {"compute_dtype": "bfloat16"})
+    rep = PRESETS["qlora"].prepare(model, {"compute_dtype": "bfloat16"})
     assert rep["quantized_params"] == sum(m.weight.numel() for m in linears(make_tl(hidden_size=256, intermediate_size=512)).values())
     assert rep["base_weight_bytes"] == quant_stats(model)["base_weight_bytes"] > 0
     assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16

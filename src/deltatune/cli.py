@@ -28,7 +28,7 @@ from .train.commands import run_eval, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, read_yaml
 from .train.data import DataError, load_examples
 from .train.pipeline import run_train
-from .train.methods import METHOD_BUILDERS, default_lr
+from .train.presets import PRESETS
 
 
 class CLIError(Exception):
@@ -87,7 +87,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         names = [flag, "-r"] if dest == "r" else [flag]
         p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
     p.add_argument("--method-opt", dest="method_opt", action="append", default=None, metavar="KEY=VALUE",
-                   help="method-specific option passed to the method's config builder (repeatable)")
+                   help="method-specific option passed to the method's preset (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing non-empty --out")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="do not write curves.png")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -95,7 +95,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _method_epilog() -> str:
     try:
-        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{default_lr(m):g}" for m in sorted(METHOD_BUILDERS))
+        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{PRESETS[m].lr:g}" for m in sorted(PRESETS))
     except Exception:  # pragma: no cover
         return ""
 

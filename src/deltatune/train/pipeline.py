@@ -2,9 +2,9 @@
 
 A run is four named steps:
 
-1. :func:`prepare`: check ``--out`` (nothing is written yet); build the method's adapter config
-   (:mod:`deltatune.train.methods`); read the data (a bad file fails before the model loads); load the model and
-   tokenizer; tokenise; run the method's model preparer (``qlora`` quantizes the base); inject the
+1. :func:`prepare`: check ``--out`` (nothing is written yet); build the adapter config of the
+   method's preset; read the data (a bad file fails before the model loads); load the model and
+   tokenizer; tokenise; run the preset's model preparer (``qlora`` quantizes the base); inject the
    adapter, once (a config that does not fit the model fails here, before ``--out`` is touched);
    then create ``--out``.
 2. :func:`score_base`: the metric and the chitchat perplexity of the base model (the "before"
@@ -38,7 +38,7 @@ from .data import ChatEncoder, load_examples, pad_id_of, split_examples
 from .evaluate import Evaluator, PerplexityProbe
 from .loop import Trainer
 from .outputs import check_out, prepare_out, write_marker
-from . import methods as cli_methods
+from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
 
@@ -81,23 +81,32 @@ def load_base(model_path: Optional[str], dtype: str = "float32", threads: Option
     return model, tok, source
 
 
-def build_method_config(cfg: TrainConfig):
-    """The adapter config for ``cfg.method`` from the CLI method registry.
+def method_preset(method: str) -> Preset:
+    """The preset of ``--method``.
 
     Raises:
         UsageError: unknown method (the message lists the registered ones).
     """
-    builder = cli_methods.METHOD_BUILDERS.get(cfg.method)
-    if builder is None:
-        known = ", ".join(sorted(cli_methods.METHOD_BUILDERS))
-        raise UsageError(f"unknown --method {cfg.method!r}; available: {known}")
-    accepted = cli_methods.METHOD_OPTIONS.get(cfg.method, ())
-    unknown = [k for k in cfg.method_options if k not in accepted and k not in TrainConfig.field_names()]
+    preset = PRESETS.get(method)
+    if preset is None:
+        raise UsageError(f"unknown --method {method!r}; available: {', '.join(sorted(PRESETS))}")
+    return preset
+
+
+def build_method_config(cfg: TrainConfig):
+    """The adapter config that ``cfg.method``'s preset builds from ``cfg``.
+
+    Raises:
+        UsageError: unknown method, a ``--method-opt`` the method does not read, or a value its
+            builder refuses.
+    """
+    preset = method_preset(cfg.method)
+    unknown = [k for k in cfg.method_options if k not in preset.options]
     if unknown:
         raise UsageError(f"--method {cfg.method} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(accepted) or '(none)'}")
+                         f"its options: {', '.join(preset.options) or '(none)'}")
     try:
-        return builder(cfg.method_opts())
+        return preset.build(cfg, dict(cfg.method_options))
     except (TypeError, ValueError) as e:
         raise UsageError(f"--method {cfg.method}: {e}") from None
 
@@ -144,7 +153,7 @@ class Run:
     items: list  # encoded training examples
     task_name: str
     evaluator: Optional[Evaluator]
-    extra: dict  # report fields of the method's model preparer
+    extra: dict  # report fields of the preset's model preparer
     trainable: int
     total: int
     out: str
@@ -172,6 +181,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     """Check every input, load and prepare the model, inject the adapter once, then create ``--out``."""
     t_start = time.time()
     check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
+    preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     train_ex, eval_ex, task_name = read_data(cfg, log)
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
@@ -181,8 +191,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     enc, items = encode_data(cfg, tok, train_ex, log)
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if eval_ex else None
-    preparer = cli_methods.MODEL_PREPARERS.get(cfg.method)
-    extra = dict(preparer(model, cfg.method_opts()) or {}) if preparer is not None else {}
+    extra = dict(preset.prepare(model, dict(cfg.method_options)) or {}) if preset.prepare else {}
     inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
     trainable, total = count_parameters(model)
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
