@@ -521,3 +521,107 @@ def test_train_help_lists_every_method_with_its_lr(capsys):
     for name, preset in PRESETS.items():
         assert f"  {name:<16}{preset.lr:g}" in out
 
+
+# ----------------------------------------------------------------------------- QLoRA adapters remember their base
+
+
+@pytest.fixture(scope="module")
+def qlora_trained(tiny, tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("qrun") / "adapter"
+    assert main(train_args(tiny, out, "--method", "qlora", "--rank", "4", "--lr", "1e-2", "--no-plot",
+                           "--target-modules", "q_proj,v_proj")) == 0
+    return str(out)
+
+
+BASE_LINE = "base: 4-bit nf4 (bitsandbytes, double quant) as the adapter was trained"
+
+
+def test_qlora_adapter_records_its_base_in_the_weights_file(qlora_trained, trained):
+    from safetensors.torch import load_file
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+
+    meta = read_adapter_metadata(qlora_trained)
+    kw = json.loads(meta[BASE_QUANTIZATION_KEY])
+    assert kw["quant_type"] == "nf4" and kw["backend"] == "bitsandbytes" and kw["double_quant"] is True
+    assert kw["compute_dtype"] == "float32" and kw["blocksize"] == 64 and kw["skip_modules"] == []
+    assert len(kw["target_modules"]) == 14 and "model.layers.1.mlp.down_proj" in kw["target_modules"]
+    assert meta["format"] == "pt"
+    assert load_file(os.path.join(qlora_trained, "adapter_model.safetensors"))  # still a plain PEFT file
+    assert BASE_QUANTIZATION_KEY not in read_adapter_metadata(trained)  # a dense base records nothing
+
+
+def test_qlora_adapter_is_evaluated_and_generated_on_its_4bit_base(qlora_trained, tiny, capsys):
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+    from deltatune.quant import is_quantized
+    from deltatune.train.commands import load_with_adapter
+    from deltatune.train.data import ChatEncoder, load_examples, split_examples
+    from deltatune.train.evaluate import Evaluator
+
+    rep = json.load(open(os.path.join(qlora_trained, "report.json")))
+    code, out, err = run(capsys, "eval", "--adapter", qlora_trained, "--model", tiny[0], "--json", "--threads", "1")
+    assert code == 0 and BASE_LINE in err.splitlines()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5 and res["metric"] == rep["metric_after"]
+    # on the dense base the same adapter scores otherwise: the base matters
+    from deltatune import load_adapter
+
+    tok = make_tt()
+    _, held = split_examples(load_examples(tiny[1]), 0.2, 0, max_eval=4)
+    dense = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=64)(load_adapter(make_tl(), qlora_trained))
+    assert abs(dense["eval_loss"] - rep["eval_loss_after"]) > 1e-4
+
+    lines: list = []
+    model, _, _ = load_with_adapter(qlora_trained, tiny[0], log=lines.append)
+    assert lines == [BASE_LINE]
+    layers = dict(model.named_modules())
+    kw = json.loads(read_adapter_metadata(qlora_trained)[BASE_QUANTIZATION_KEY])
+    assert len(kw["target_modules"]) == 14 and all(is_quantized(layers[n]) for n in kw["target_modules"])
+
+    code, out, err = run(capsys, "generate", "--adapter", qlora_trained, "--model", tiny[0], "--prompt", "w7 w8",
+                         "--max-new-tokens", "3", "--json")
+    assert code == 0 and BASE_LINE in err.splitlines()
+    assert json.loads(out.strip().splitlines()[-1])["prompt"] == "w7 w8"
+
+
+def test_qlora_merge_is_dequantized_base_plus_delta(qlora_trained, tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata, read_adapter_tensors
+    from deltatune.layers import dense_weight
+    from deltatune.methods.lora import lora_scaling
+    from deltatune.quant import is_quantized, quantize_base
+    from deltatune.train.commands import load_with_adapter
+
+    merged = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", "--adapter", qlora_trained, "--model", tiny[0], "--out", str(merged))
+    assert code == 0 and BASE_LINE in err.splitlines()
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    got = dict(plain.named_parameters())
+    assert all(p.dtype == torch.float32 for p in got.values())
+    kw = json.loads(read_adapter_metadata(qlora_trained)[BASE_QUANTIZATION_KEY])
+    base = quantize_base(AutoModelForCausalLM.from_pretrained(tiny[0]).eval(), **kw)
+    tensors = read_adapter_tensors(qlora_trained)
+    scale = lora_scaling(4, 32.0)
+    seen = {"adapted": 0, "plain": 0}
+    for name, mod in base.named_modules():
+        if not is_quantized(mod):
+            continue
+        w4 = dense_weight(mod)  # dequant(W4)
+        key = f"base_model.model.{name}.lora_A.weight"
+        if key in tensors:  # q_proj, v_proj: dequant(W4) + scale * B @ A
+            want = w4 + scale * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+            assert float((want - w4).abs().max()) > 1e-4  # the adapter moved it
+            seen["adapted"] += 1
+        else:  # no adapter there: written dequantized
+            want = w4
+            seen["plain"] += 1
+        assert torch.allclose(got[f"{name}.weight"], want, atol=1e-6), name
+        assert not torch.allclose(got[f"{name}.weight"], dict(make_tl().named_parameters())[f"{name}.weight"])
+    assert seen == {"adapted": 4, "plain": 10}
+    # and it computes what the adapter on the 4-bit base computes
+    adapted, _, _ = load_with_adapter(qlora_trained, tiny[0], log=None)
+    x = torch.tensor([[1, 3, 7, 8, 9, 5, 4]])
+    with torch.no_grad():
+        assert float((plain(x).logits - adapted(x).logits).abs().max()) < 1e-5

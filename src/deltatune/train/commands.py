@@ -1,23 +1,34 @@
 """The inference subcommands as plain functions: ``run_eval``, ``run_generate``, ``run_merge``.
 
-Each loads a base model and an adapter folder into it (the base the adapter records, unless
-``--model`` names one).
+Each loads a base model and an adapter folder into it. An adapter trained on a 4-bit base
+(``deltatune train --method qlora``) records that base's quantization in its weights file
+(:data:`deltatune.formats.peft.BASE_QUANTIZATION_KEY`); the base is then quantized the same way
+before the adapter is loaded, so that the adapter meets the base it was trained on, and one line
+says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Optional
 
-from ..formats.peft import load_adapter
+from ..formats.peft import BASE_QUANTIZATION_KEY, load_adapter, read_adapter_metadata
 from ..integrations.transformers import DEFAULT_MODEL_NAME
+from ..layers import dense_weight, set_dense_weight
 from ..merge import merge_and_unload
+from ..quant import is_quantized, quantize_base
 from .config import TrainConfig, UsageError
 from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode, greedy_generate
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import load_base, read_data
+
+
+def to_stderr(msg: str) -> None:
+    """The default ``log`` of the commands: their stdout is the result (answers, JSON)."""
+    print(msg, file=sys.stderr)
 
 
 def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[str]:
@@ -42,18 +53,35 @@ def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[st
     raise UsageError(f"the adapter's base model {base} is not on this machine: pass --model PATH")
 
 
-def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: str = "float32"):
-    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base)."""
+def quantize_as_trained(model, adapter: str, log: Optional[Callable] = to_stderr) -> Optional[dict]:
+    """Quantize ``model`` (a dense base) as the base ``adapter`` was trained on, when its file records
+    one; return the :func:`deltatune.quantize_base` arguments used (None: a dense base, left as it is)."""
+    recorded = read_adapter_metadata(adapter).get(BASE_QUANTIZATION_KEY)
+    if not recorded:
+        return None
+    kwargs = json.loads(recorded)
+    quantize_base(model, **kwargs)
+    if log is not None:
+        details = f"{kwargs.get('backend')}" + (", double quant" if kwargs.get("double_quant") else "")
+        log(f"base: 4-bit {kwargs.get('quant_type')} ({details}) as the adapter was trained")
+    return kwargs
+
+
+def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: str = "float32",
+                      log: Optional[Callable] = to_stderr):
+    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base); the base is
+    quantized first when the adapter was trained on a 4-bit base (:func:`quantize_as_trained`)."""
     base = base_for_adapter(adapter, model_path) if adapter else model_path
     model, tok, source = load_base(base, dtype)
     if adapter:
+        quantize_as_trained(model, adapter, log)
         load_adapter(model, adapter)
     model.eval()
     return model, tok, source
 
 
 def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[str], cfg: TrainConfig,
-             log: Optional[Callable] = print) -> dict:
+             log: Optional[Callable] = to_stderr) -> dict:
     """Metric (and eval loss) of model + adapter on ``data`` (all rows); without ``data``, on the held-out
     split that ``cfg`` describes: ``cfg.data``'s (as training split it; see :func:`run_settings`), or the
     default task's held-out words."""
@@ -66,7 +94,7 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
         if not examples:
             raise UsageError("the run had no held-out split: pass --data FILE")
         data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
-    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype)
+    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype, log)
     enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
@@ -92,9 +120,9 @@ def run_settings(adapter: Optional[str]) -> dict:
 
 def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
                  max_new_tokens: int = 64, system: Optional[str] = None, batch_size: int = 16,
-                 dtype: str = "float32") -> list[str]:
+                 dtype: str = "float32", log: Optional[Callable] = to_stderr) -> list[str]:
     """Greedy answers to chat prompts (one user turn each), stopping at end of turn."""
-    model, tok, _ = load_with_adapter(adapter, model_path, dtype)
+    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log)
     enc = ChatEncoder(tok)
     ids = []
     for p in prompts:
@@ -110,8 +138,12 @@ def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: lis
 
 
 def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overwrite: bool = False,
-              dtype: str = "float32") -> str:
-    """Merge the adapter into its base and write a plain transformers model folder (safetensors + tokenizer)."""
+              dtype: str = "float32", log: Optional[Callable] = to_stderr) -> str:
+    """Merge the adapter into its base and write a plain transformers model folder (safetensors + tokenizer).
+
+    On a 4-bit base (a QLoRA adapter) the merged weights are ``dequant(W4) + delta``: the model the
+    adapter was trained and evaluated as; 4-bit layers the adapter does not touch are written dequantized.
+    """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     base = base_for_adapter(adapter, model_path)
@@ -120,8 +152,11 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
         raise UsageError(f"--out {out} would replace the adapter folder {adapter}: choose another folder")
     check_out(out, overwrite)  # nothing is deleted before the adapter has been loaded and merged
     model, tok, _ = load_base(base, dtype)
+    quantized = quantize_as_trained(model, adapter, log)
     load_adapter(model, adapter)
     model = merge_and_unload(model)
+    if quantized:
+        _dequantize_rest(model)
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model, as transformers would load it
     _drop_gguf_marks(model)
@@ -130,6 +165,13 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
     tok.save_pretrained(out)
     write_marker(out, "merge")
     return out
+
+
+def _dequantize_rest(model) -> None:
+    """Write the 4-bit layers a merge left (no adapter on them) as dense ``nn.Linear`` weights."""
+    for _, m in list(model.named_modules()):
+        if is_quantized(m):
+            set_dense_weight(m, dense_weight(m))
 
 
 def _drop_gguf_marks(model) -> None:
