@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -306,8 +307,6 @@ def _quiet_libraries() -> None:
     """Keep the libraries' import-time chatter (torchao's kernel probes, torch's pytree deprecation
     notes, bitsandbytes' kernel hub, datasets' and transformers' info logs) off the terminal, so that
     an error stays one line. ``DELTATUNE_DEBUG=1`` leaves them on."""
-    import logging
-
     for name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "bitsandbytes", "datasets",
                  "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -13,6 +13,8 @@ an error when the user set it (a flag, a config-file key, or a ``--method-opt`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -152,8 +154,6 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
             wrong type, an invalid combination, or a method field the chosen method does not read
             that the user set (named as the user spelled it, with the method's options).
     """
-    import difflib
-
     defaults = TrainConfig()
     known = TrainConfig.field_names()
     merged: dict = {}
@@ -214,8 +214,6 @@ def validate(cfg: TrainConfig) -> None:
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
               "task_train_size", "r"):
         positive(n)
-    import math
-
     if cfg.lr is None or not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise OptionError(f"option 'lr' must be a finite number > 0, got {cfg.lr!r}")
     if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
