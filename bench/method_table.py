@@ -23,7 +23,9 @@ import subprocess
 import sys
 import time
 
-ALL = ["lora", "dora", "qlora", "ia3", "bottleneck", "prompt-tuning", "p-tuning", "prefix-tuning", "llama-adapter"]
+from deltatune.train.presets import PRESETS
+
+ALL = list(PRESETS)  # lora, dora, qlora, ia3, bottleneck, prompt-tuning, p-tuning, prefix-tuning, llama-adapter
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

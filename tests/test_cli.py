@@ -177,7 +177,7 @@ def test_yaml_config_and_flags_win(tmp_path):
     cfg = build_config(read_yaml(str(y)), {"max_steps": 3, "lr": None, "method_options": {"x": 1}})
     assert cfg.max_steps == 3 and cfg.lr == 0.01 and cfg.batch_size == 2
     assert cfg.method_options == {"num_virtual_tokens": 4, "x": 1}
-    assert cfg.method_opts()["num_virtual_tokens"] == 4 and cfg.method_opts()["r"] == 16
+    assert cfg.method_options["num_virtual_tokens"] == 4 and cfg.r == 16
     assert build_config({}, {}).to_dict() == dataclasses.replace(TrainConfig(), lr=1e-3).to_dict()
     with pytest.raises(OptionError, match="did you mean max_steps"):
         build_config({"max_step": 3})
@@ -187,9 +187,9 @@ def test_yaml_config_and_flags_win(tmp_path):
 
 
 def test_learning_rate_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path, capsys):
-    from deltatune.train.methods import METHOD_BUILDERS, METHOD_LR
+    from deltatune.train.presets import PRESETS
 
-    assert set(METHOD_LR) == set(METHOD_BUILDERS)  # every method has its default
+    assert all(isinstance(p.lr, float) and p.lr > 0 for p in PRESETS.values())  # every method has its default
     expected = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "ia3": 1e-2, "p-tuning": 1e-2,
                 "prefix-tuning": 1e-2, "llama-adapter": 1e-2, "prompt-tuning": 3e-2}
     for method, lr in expected.items():
@@ -284,9 +284,9 @@ def test_help_for_every_command(capsys):
 
 
 def _methods():
-    from deltatune.train.methods import METHOD_BUILDERS
+    from deltatune.train.presets import PRESETS
 
-    return sorted(METHOD_BUILDERS)
+    return sorted(PRESETS)
 
 
 @pytest.mark.parametrize("method", _methods())
@@ -417,9 +417,9 @@ def test_eval_without_data_scores_the_runs_own_held_out_split(trained, tiny, cap
 
 
 def test_unknown_method_options_are_refused_and_each_known_one_is_read(tiny, tmp_path, capsys):
-    from deltatune.train.methods import METHOD_BUILDERS, METHOD_OPTIONS
+    from deltatune.train.presets import PRESETS
 
-    assert set(METHOD_OPTIONS) == set(METHOD_BUILDERS)
+    assert all(isinstance(p.options, tuple) for p in PRESETS.values())
     code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method-opt", "bogus=1"))
     assert code == 2 and "no option 'bogus'" in err and "use_rslora" in err and not (tmp_path / "o").exists()
     code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--method", "ia3", "--method-opt", "num_virtual_tokens=3"))
@@ -433,3 +433,188 @@ def test_unknown_method_options_are_refused_and_each_known_one_is_read(tiny, tmp
                                                                    "prompt_tuning_init": "RANDOM"}}))
     assert cfg.num_virtual_tokens == 7
     assert build_method_config(build_config({}, {"method": "lora", "method_options": {"use_rslora": True}})).use_rslora
+
+
+# ----------------------------------------------------------------------------- method fields a method does not read
+
+FOREIGN_FLAGS = [
+    ("ia3", ["--rank", "4"], "--rank"),
+    ("ia3", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("ia3", ["-r", "16"], "--rank"),  # the default value, set explicitly: still refused
+    ("bottleneck", ["--lora-dropout", "0.1"], "--lora-dropout"),
+    ("bottleneck", ["--rank", "4"], "--rank"),
+    ("prompt-tuning", ["--target-modules", "q_proj"], "--target-modules"),
+    ("prompt-tuning", ["--rank", "4"], "--rank"),
+    ("p-tuning", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("prefix-tuning", ["--target-modules", "all-linear"], "--target-modules"),
+    ("llama-adapter", ["--rank", "4"], "--rank"),
+    ("llama-adapter", ["--lora-dropout", "0.05"], "--lora-dropout"),
+    ("ia3", ["--method-opt", "r=4"], "--method-opt r"),
+]
+
+
+@pytest.mark.parametrize("method, extra, named", FOREIGN_FLAGS)
+def test_a_method_field_the_method_does_not_read_is_refused(tiny, tmp_path, capsys, method, extra, named):
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *train_args(tiny, out, "--method", method, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    assert f"{named} is not an option of --method {method} (its options: " in lines[0]
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("ia3", "rank", 4), ("ia3", "lora_alpha", 8), ("bottleneck", "lora-dropout", 0.1),
+    ("prompt-tuning", "target_modules", "q_proj"), ("p-tuning", "r", 2), ("llama-adapter", "lora_alpha", 8),
+])
+def test_a_config_file_key_the_method_does_not_read_is_refused(tiny, tmp_path, capsys, method, key, value):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"method: {method}\n{key}: {value}\n")
+    code, _, err = run(capsys, *train_args(tiny, tmp_path / "o", "--config", str(y)))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert f"config file key '{key}' is not an option of --method {method}" in lines[0]
+    with pytest.raises(OptionError, match=f"is not an option of --method {method}"):
+        build_config(read_yaml(str(y)), {})
+    # a method given as a flag over the file's: the file's key is still the user's
+    y.write_text(f"{key}: {value}\n")
+    with pytest.raises(OptionError, match=f"config file key '{key}' is not an option of --method {method}"):
+        build_config(read_yaml(str(y)), {"method": method})
+
+
+def test_defaults_and_the_fields_a_method_reads_are_accepted():
+    from deltatune.train.presets import METHOD_FIELDS, PRESETS
+    from deltatune.train.pipeline import build_method_config
+
+    for name, preset in PRESETS.items():
+        cfg = build_config({}, {"method": name})  # every field at its default: nothing is refused
+        assert cfg.r == 16 and cfg.target_modules is None
+        for field in preset.uses:  # a field the method reads may be set, as flag or key
+            value = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "target_modules": "q_proj"}[field]
+            assert getattr(build_config({}, {"method": name, field: value}), field) == value
+            assert getattr(build_config({field: value}, {"method": name}), field) == value
+        assert preset.uses <= set(METHOD_FIELDS)
+    assert PRESETS["lora"].uses == PRESETS["qlora"].uses == PRESETS["dora"].uses == set(METHOD_FIELDS)
+    assert PRESETS["ia3"].uses == PRESETS["bottleneck"].uses == PRESETS["llama-adapter"].uses == {"target_modules"}
+    for name in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+        assert PRESETS[name].uses == frozenset()
+    # the typed route: the flag's int reaches the LoRA config; a --method-opt of a field sets the field
+    assert build_method_config(build_config({}, {"method": "lora", "r": 4})).r == 4
+    assert build_config({}, {"method": "lora", "method_options": {"r": 8}}).r == 8
+    assert build_method_config(build_config({}, {"method": "ia3", "target_modules": "q_proj,v_proj"})).target_modules \
+        == ["q_proj", "v_proj"]
+
+
+def test_train_help_lists_every_method_with_its_lr(capsys):
+    from deltatune.train.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert f"  {name:<16}{preset.lr:g}" in out
+
+
+# ----------------------------------------------------------------------------- QLoRA adapters remember their base
+
+
+@pytest.fixture(scope="module")
+def qlora_trained(tiny, tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("qrun") / "adapter"
+    assert main(train_args(tiny, out, "--method", "qlora", "--rank", "4", "--lr", "1e-2", "--no-plot",
+                           "--target-modules", "q_proj,v_proj")) == 0
+    return str(out)
+
+
+BASE_LINE = "base: 4-bit nf4 (bitsandbytes, double quant) as the adapter was trained"
+
+
+def test_qlora_adapter_records_its_base_in_the_weights_file(qlora_trained, trained):
+    from safetensors.torch import load_file
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+
+    meta = read_adapter_metadata(qlora_trained)
+    kw = json.loads(meta[BASE_QUANTIZATION_KEY])
+    assert kw["quant_type"] == "nf4" and kw["backend"] == "bitsandbytes" and kw["double_quant"] is True
+    assert kw["compute_dtype"] == "float32" and kw["blocksize"] == 64 and kw["skip_modules"] == []
+    assert len(kw["target_modules"]) == 14 and "model.layers.1.mlp.down_proj" in kw["target_modules"]
+    assert meta["format"] == "pt"
+    assert load_file(os.path.join(qlora_trained, "adapter_model.safetensors"))  # still a plain PEFT file
+    assert BASE_QUANTIZATION_KEY not in read_adapter_metadata(trained)  # a dense base records nothing
+
+
+def test_qlora_adapter_is_evaluated_and_generated_on_its_4bit_base(qlora_trained, tiny, capsys):
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+    from deltatune.quant import is_quantized
+    from deltatune.train.commands import load_with_adapter
+    from deltatune.train.data import ChatEncoder, load_examples, split_examples
+    from deltatune.train.evaluate import Evaluator
+
+    rep = json.load(open(os.path.join(qlora_trained, "report.json")))
+    code, out, err = run(capsys, "eval", "--adapter", qlora_trained, "--model", tiny[0], "--json", "--threads", "1")
+    assert code == 0 and BASE_LINE in err.splitlines()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5 and res["metric"] == rep["metric_after"]
+    # on the dense base the same adapter scores otherwise: the base matters
+    from deltatune import load_adapter
+
+    tok = make_tt()
+    _, held = split_examples(load_examples(tiny[1]), 0.2, 0, max_eval=4)
+    dense = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=64)(load_adapter(make_tl(), qlora_trained))
+    assert abs(dense["eval_loss"] - rep["eval_loss_after"]) > 1e-4
+
+    lines: list = []
+    model, _, _ = load_with_adapter(qlora_trained, tiny[0], log=lines.append)
+    assert lines == [BASE_LINE]
+    layers = dict(model.named_modules())
+    kw = json.loads(read_adapter_metadata(qlora_trained)[BASE_QUANTIZATION_KEY])
+    assert len(kw["target_modules"]) == 14 and all(is_quantized(layers[n]) for n in kw["target_modules"])
+
+    code, out, err = run(capsys, "generate", "--adapter", qlora_trained, "--model", tiny[0], "--prompt", "w7 w8",
+                         "--max-new-tokens", "3", "--json")
+    assert code == 0 and BASE_LINE in err.splitlines()
+    assert json.loads(out.strip().splitlines()[-1])["prompt"] == "w7 w8"
+
+
+def test_qlora_merge_is_dequantized_base_plus_delta(qlora_trained, tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata, read_adapter_tensors
+    from deltatune.layers import dense_weight
+    from deltatune.methods.lora import lora_scaling
+    from deltatune.quant import is_quantized, quantize_base
+    from deltatune.train.commands import load_with_adapter
+
+    merged = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", "--adapter", qlora_trained, "--model", tiny[0], "--out", str(merged))
+    assert code == 0 and BASE_LINE in err.splitlines()
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    got = dict(plain.named_parameters())
+    assert all(p.dtype == torch.float32 for p in got.values())
+    kw = json.loads(read_adapter_metadata(qlora_trained)[BASE_QUANTIZATION_KEY])
+    base = quantize_base(AutoModelForCausalLM.from_pretrained(tiny[0]).eval(), **kw)
+    tensors = read_adapter_tensors(qlora_trained)
+    scale = lora_scaling(4, 32.0)
+    seen = {"adapted": 0, "plain": 0}
+    for name, mod in base.named_modules():
+        if not is_quantized(mod):
+            continue
+        w4 = dense_weight(mod)  # dequant(W4)
+        key = f"base_model.model.{name}.lora_A.weight"
+        if key in tensors:  # q_proj, v_proj: dequant(W4) + scale * B @ A
+            want = w4 + scale * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+            assert float((want - w4).abs().max()) > 1e-4  # the adapter moved it
+            seen["adapted"] += 1
+        else:  # no adapter there: written dequantized
+            want = w4
+            seen["plain"] += 1
+        assert torch.allclose(got[f"{name}.weight"], want, atol=1e-6), name
+        assert not torch.allclose(got[f"{name}.weight"], dict(make_tl().named_parameters())[f"{name}.weight"])
+    assert seen == {"adapted": 4, "plain": 10}
+    # and it computes what the adapter on the 4-bit base computes
+    adapted, _, _ = load_with_adapter(qlora_trained, tiny[0], log=None)
+    x = torch.tensor([[1, 3, 7, 8, 9, 5, 4]])
+    with torch.no_grad():
+        assert float((plain(x).logits - adapted(x).logits).abs().max()) < 1e-5

@@ -108,7 +108,7 @@ def test_adapter_loads_into_real_peft_with_same_logits(trained, smollm):
 def test_merged_model_gives_same_greedy_answers(trained, smollm, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from deltatune.train.pipeline import run_merge
+    from deltatune.train.commands import run_merge
 
     adapter = _adapter_dir(trained)
     model, tok = smollm

@@ -366,21 +366,25 @@ def test_prompt_module_is_plain_and_fp32_by_default():
 
 
 def test_cli_builders_make_working_configs(tmp_path, X):
-    from deltatune.train.methods import METHOD_BUILDERS, PROMPT_INIT_TEXT_TASK
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.presets import PRESETS, PROMPT_INIT_TEXT_TASK
+
+    def build(method, options, **fields):
+        return PRESETS[method].build(TrainConfig(**fields), options)
 
     missing = str(tmp_path / "no-model")
-    pt = METHOD_BUILDERS["prompt-tuning"]({"model": missing})
+    pt = build("prompt-tuning", {}, model=missing)
     assert isinstance(pt, dt.PromptTuningConfig) and pt.num_virtual_tokens == 20
     assert pt.prompt_tuning_init == "RANDOM"  # no tokenizer to be found: TEXT falls back to RANDOM
-    pt_text = METHOD_BUILDERS["prompt-tuning"]({"model": None})
+    pt_text = build("prompt-tuning", {}, model=None)
     if pt_text.prompt_tuning_init == "TEXT":  # the default model's tokenizer is installed
         assert pt_text.prompt_tuning_init_text == PROMPT_INIT_TEXT_TASK and pt_text.tokenizer_name_or_path
     cfgs = [
         pt,
-        METHOD_BUILDERS["p-tuning"]({"num_virtual_tokens": "6", "encoder_reparameterization_type": "lstm",
-                                     "encoder_hidden_size": "8"}),
-        METHOD_BUILDERS["prefix-tuning"]({"prefix_projection": "true", "encoder_hidden_size": "8"}),
-        METHOD_BUILDERS["llama-adapter"]({"adapter_layers": "2", "target_modules": "all-linear"}),
+        build("p-tuning", {"num_virtual_tokens": "6", "encoder_reparameterization_type": "lstm",
+                           "encoder_hidden_size": "8"}),
+        build("prefix-tuning", {"prefix_projection": "true", "encoder_hidden_size": "8"}),
+        build("llama-adapter", {"adapter_layers": "2"}, target_modules="all-linear"),
     ]
     assert cfgs[1].encoder_reparameterization_type == "LSTM" and cfgs[1].num_virtual_tokens == 6
     assert cfgs[2].prefix_projection is True and cfgs[3].adapter_len == 10 and cfgs[3].target_modules is None

@@ -382,16 +382,52 @@ def _save(model, tmp_path):
     return d
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_quantization_rebuilds_the_same_base(backend, tmp_path):
+    """``base_quantization(model)`` gives quantize_base's arguments: on a fresh dense copy they make
+    the same 4-bit layers, bit for bit (what ``deltatune eval/merge`` do for a QLoRA adapter). The
+    adapter file records them in its safetensors metadata; a dense base records nothing."""
+    import json
+
+    from deltatune.formats.peft import BASE_QUANTIZATION_KEY, read_adapter_metadata
+    from deltatune.quant import base_quantization, is_quantized
+
+    if backend == "torchao":
+        pytest.importorskip("torchao")
+    model = tl64()
+    assert base_quantization(model) is None
+    quantize_base(model, backend=backend, target_modules=["q_proj", "up_proj"],
+                  compute_dtype="bfloat16" if backend == "bitsandbytes" else "float32")
+    kw = base_quantization(model)
+    assert kw["backend"] == backend and kw["quant_type"] == "nf4" and kw["double_quant"] is True
+    assert kw["target_modules"] == sorted(n for n in linears(tl64()) if n.endswith(("q_proj", "up_proj")))
+    again = quantize_base(tl64(), **kw)
+    layers = dict(again.named_modules())
+    for name in kw["target_modules"]:
+        mod = model.get_submodule(name)
+        assert same(packed(mod), packed(layers[name])), name
+        assert torch.equal(dense_weight(mod), dense_weight(layers[name]))
+    assert sorted(n for n, m in again.named_modules() if is_quantized(m)) == kw["target_modules"]
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.save_adapter(model, str(tmp_path / "q"))
+    assert json.loads(read_adapter_metadata(str(tmp_path / "q"))[BASE_QUANTIZATION_KEY]) == kw
+    dense = dt.inject(tl64(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.save_adapter(dense, str(tmp_path / "d"))
+    assert read_adapter_metadata(str(tmp_path / "d")) == {"format": "pt"}
+
+
 # ----------------------------------------------------------------------------- CLI hooks
 
 
 def test_cli_qlora_method_and_preparer():
-    from deltatune.train.methods import METHOD_BUILDERS, MODEL_PREPARERS
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.presets import PRESETS
 
-    opts = {"r": 8, "lora_alpha": 16}
-    assert METHOD_BUILDERS["qlora"](opts).to_dict() == METHOD_BUILDERS["lora"](opts).to_dict()
+    cfg = TrainConfig(r=8, lora_alpha=16)
+    assert PRESETS["qlora"].build(cfg, {}).to_dict() == PRESETS["lora"].build(cfg, {}).to_dict()
+    assert PRESETS["lora"].prepare is None
     model = make_tl(hidden_size=256, intermediate_size=512)
-    rep = MODEL_PREPARERS["qlora"](model, {"compute_dtype": "bfloat16"})
+    rep = PRESETS["qlora"].prepare(model, {"compute_dtype": "bfloat16"})
     assert rep["quantized_params"] == sum(m.weight.numel() for m in linears(make_tl(hidden_size=256, intermediate_size=512)).values())
     assert rep["base_weight_bytes"] == quant_stats(model)["base_weight_bytes"] > 0
     assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16

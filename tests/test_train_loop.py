@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import make_dv, make_tl, make_tt, tt_words
-from deltatune import LoraConfig, inject, load_adapter, save_adapter
+from deltatune import LoraConfig, disable_adapter, inject, load_adapter, save_adapter
 from deltatune.train.data import IGNORE_INDEX, ChatEncoder, Example, collate
-from deltatune.train.evaluate import Evaluator, evaluation_mode, greedy_generate
+from deltatune.train.evaluate import Evaluator, PerplexityProbe, evaluation_mode, greedy_generate
 from deltatune.train.loop import Trainer, lr_factor, plan_windows
 
 
@@ -235,6 +235,26 @@ def test_c17_control_masked_end_of_turn_never_stops():
 
 
 # ----------------------------------------------------------------------------- C25
+
+
+def test_scoring_draws_nothing_from_the_global_rngs():
+    """train_session injects the adapter (initial values from torch's global RNG) and then scores the
+    base model inside disable_adapter: building and calling Evaluator and PerplexityProbe must leave
+    torch's and Python's global RNG as they found them, so the order cannot move any number."""
+    tok = make_tt()
+    held = [Example(messages=m) for m in make_dv(8)]
+    model = lora_tl(lora_dropout=0.5, target_modules="all-linear", attention_dropout=0.1)
+    model.train()
+    torch.manual_seed(123)
+    random.seed(123)
+    t0, p0 = torch.random.get_rng_state(), random.getstate()
+    ev = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=4, max_new_tokens=4)
+    probe = PerplexityProbe(tok, 3)
+    with disable_adapter(model):
+        base = (ev(model, 0)["eval_loss"], probe(model))
+    adapted = (ev(model, 0)["eval_loss"], probe(model))
+    assert torch.equal(torch.random.get_rng_state(), t0) and random.getstate() == p0
+    assert model.training and base == adapted  # a fresh LoRA (B = 0) computes the base
 
 
 def c25_run(tmp_path, with_eval: bool, name: str):

@@ -1,4 +1,5 @@
-"""The ``deltatune`` command: subcommands are thin wrappers over :mod:`deltatune.train.pipeline`.
+"""The ``deltatune`` command: subcommands are thin wrappers over :mod:`deltatune.train.pipeline` (train),
+:mod:`deltatune.train.commands` (eval, generate, merge) and :mod:`deltatune.formats.describe` (inspect).
 
     deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
     deltatune eval     [--adapter DIR] [--model M] [--data F]
@@ -15,9 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
+
+import torch
+
+from .formats.describe import describe_adapter
+from .integrations.transformers import ModelNotFoundError
+from .train.commands import run_eval, run_generate, run_merge, run_settings
+from .train.config import OptionError, UsageError, build_config, read_yaml
+from .train.data import DataError, load_examples
+from .train.pipeline import run_train
+from .train.presets import PRESETS
 
 
 class CLIError(Exception):
@@ -76,7 +88,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         names = [flag, "-r"] if dest == "r" else [flag]
         p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
     p.add_argument("--method-opt", dest="method_opt", action="append", default=None, metavar="KEY=VALUE",
-                   help="method-specific option passed to the method's config builder (repeatable)")
+                   help="method-specific option passed to the method's preset (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing non-empty --out")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="do not write curves.png")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -84,9 +96,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _method_epilog() -> str:
     try:
-        from .train.methods import METHOD_BUILDERS, default_lr
-
-        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{default_lr(m):g}" for m in sorted(METHOD_BUILDERS))
+        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{PRESETS[m].lr:g}" for m in sorted(PRESETS))
     except Exception:  # pragma: no cover
         return ""
 
@@ -139,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args):
-    from .train.config import OptionError, build_config, read_yaml
-
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt")}
     if args.method_opt:
         import yaml
@@ -162,21 +170,14 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from .train.pipeline import run_train
-
     cfg = _train_config(args)
     run_train(cfg)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .train.config import build_config, read_yaml
-    from .train.pipeline import run_eval
-
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
                                            "seed", "dtype", "threads")}
-    from .train.pipeline import run_settings
-
     recorded = run_settings(args.adapter) if not args.data else {}  # the run's own held-out split
     cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
@@ -195,8 +196,6 @@ def _read_prompts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
     if path.endswith((".jsonl", ".json", ".csv", ".parquet")):
-        from .train.data import load_examples
-
         out = []
         for ex in load_examples(path):
             msgs = ex.prompt_messages()
@@ -207,8 +206,6 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from .train.pipeline import UsageError, run_generate
-
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
@@ -232,17 +229,11 @@ def cmd_generate(args) -> int:
 def _set_threads(n) -> None:
     if n is not None:
         if n < 1:
-            from .train.pipeline import UsageError
-
             raise UsageError(f"--threads must be >= 1, got {n}")
-        import torch
-
         torch.set_num_threads(n)
 
 
 def cmd_merge(args) -> int:
-    from .train.pipeline import run_merge
-
     _set_threads(args.threads)
     out = run_merge(args.adapter, args.out, args.model, overwrite=args.overwrite, dtype=args.dtype)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
@@ -250,9 +241,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .train.pipeline import inspect_adapter
-
-    info = inspect_adapter(args.adapter)
+    info = describe_adapter(args.adapter)
     if args.json:
         print(json.dumps({k: v for k, v in info.items()}, indent=2))
         return 0
@@ -273,11 +262,6 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "mer
 
 
 def _user_errors() -> tuple:
-    from .integrations.transformers import ModelNotFoundError
-    from .train.config import OptionError
-    from .train.data import DataError
-    from .train.pipeline import UsageError
-
     return (CLIError, UsageError, OptionError, DataError, ModelNotFoundError, FileNotFoundError)
 
 
@@ -323,8 +307,6 @@ def _quiet_libraries() -> None:
     """Keep the libraries' import-time chatter (torchao's kernel probes, torch's pytree deprecation
     notes, bitsandbytes' kernel hub, datasets' and transformers' info logs) off the terminal, so that
     an error stays one line. ``DELTATUNE_DEBUG=1`` leaves them on."""
-    import logging
-
     for name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "bitsandbytes", "datasets",
                  "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -34,10 +34,14 @@ from ..geometry import GEOMETRY
 from ..inject import base_tensor_value, inject, method_for, refresh_trainable
 from ..lifecycle import delete_adapter
 from ..merge import merge, merged_adapters, unmerge
+from ..quant.quantize import base_quantization
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
+# safetensors metadata entry of the weights file (peft ignores it): JSON of the quantize_base
+# keyword arguments of the 4-bit base the adapter was trained on; absent for a dense base
+BASE_QUANTIZATION_KEY = "deltatune.base_quantization"
 
 
 def _layer_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -144,6 +148,10 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
     else:
         get_record(model, adapter_name)
         jobs = [(adapter_name, directory)]
+    metadata = {"format": "pt"}
+    quant = base_quantization(model)
+    if quant is not None:
+        metadata[BASE_QUANTIZATION_KEY] = json.dumps(quant)
     written = []
     for name, d in jobs:
         os.makedirs(d, exist_ok=True)
@@ -152,7 +160,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: Optional[str] =
             emb = _vocab_resized(model) or list(st.records[name].carries_embeddings)
         tensors = {k: v.contiguous().clone()
                    for k, v in adapter_state_dict(model, name, save_embedding_layers=emb).items()}
-        atomic_write_bytes(os.path.join(d, WEIGHTS_NAME), st_save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(os.path.join(d, WEIGHTS_NAME), st_save(tensors, metadata=metadata))
         _config_for_save(model, st.records[name].config).save(d)
         written.append(d)
     return written
@@ -179,6 +187,20 @@ def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(p):
         return torch.load(p, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+
+
+def read_adapter_metadata(directory: str) -> dict:
+    """The string metadata of an adapter folder's safetensors file (e.g. :data:`BASE_QUANTIZATION_KEY`);
+    empty for a legacy ``adapter_model.bin``."""
+    from safetensors import safe_open
+
+    p = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(p):
+        if os.path.isfile(os.path.join(directory, WEIGHTS_NAME_BIN)):
+            return {}
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+    with safe_open(p, framework="pt") as fh:
+        return dict(fh.metadata() or {})
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,

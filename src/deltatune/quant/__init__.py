@@ -8,6 +8,6 @@ dense base. Neither package is imported until a 4-bit layer is made or met.
 """
 
 from . import bnb, nf4  # noqa: F401  (registers the 4-bit layer kinds)
-from .quantize import is_quantized, quant_stats, quantize_base, requantize_merged
+from .quantize import base_quantization, is_quantized, quant_stats, quantize_base, requantize_merged
 
-__all__ = ["quantize_base", "quant_stats", "requantize_merged", "is_quantized"]
+__all__ = ["quantize_base", "quant_stats", "requantize_merged", "is_quantized", "base_quantization"]

@@ -215,6 +215,23 @@ def _why_not(w, uses: dict, backend: str) -> Optional[str]:
     return None
 
 
+def base_quantization(model: nn.Module) -> Optional[dict]:
+    """The keyword arguments of :func:`quantize_base` that rebuild this model's 4-bit base from the
+    dense one (the layers it quantized or accepted, named in full), or None when it did not run.
+
+    ``quantize_base(dense_model, **base_quantization(model))`` quantizes the same layers the same
+    way (quantization is deterministic), so an adapter trained on the 4-bit base meets that base again.
+    """
+    rec = model.__dict__.get(RECORD)
+    if not rec:
+        return None
+    return {
+        "backend": rec["backend"], "quant_type": rec["quant_type"], "double_quant": rec["double_quant"],
+        "blocksize": rec["blocksize"], "compute_dtype": rec["compute_dtype"],
+        "target_modules": sorted(set(rec.get("quantized", [])) | set(rec.get("accepted", []))), "skip_modules": [],
+    }
+
+
 def _nbytes(tensors, seen: set) -> int:
     total = 0
     for t in tensors:

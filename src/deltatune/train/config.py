@@ -4,20 +4,30 @@ Every field is also a YAML key (``max_steps: 100``; dashes and underscores both 
 flag (``--max-steps 100``). A YAML key that is not a field is an error naming the key, so that a
 typo never silently falls back to a default. Method-specific options that have no flag (for
 example ``num_virtual_tokens``) go in ``method_options`` (YAML mapping, or repeated
-``--method-opt KEY=VALUE`` flags); they are passed to the method's config builder
-(:mod:`deltatune.train.methods`) together with every other option.
+``--method-opt KEY=VALUE`` flags); they are passed to the method's preset
+(:mod:`deltatune.train.presets`) with the typed options. A method-specific field (``--rank``,
+``--lora-alpha``, ``--lora-dropout``, ``--target-modules``) that the chosen method does not read is
+an error when the user set it (a flag, a config-file key, or a ``--method-opt`` of that name).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .presets import METHOD_FIELDS, PRESETS, default_lr
+
 
 class OptionError(ValueError):
     """Bad training option (the message names the option and the fix)."""
+
+
+class UsageError(ValueError):
+    """Bad command-line input (one-line message; the CLI exits with code 2)."""
 
 
 @dataclass
@@ -43,7 +53,7 @@ class TrainConfig:
     target_modules: Any = None  # None = the method's default (LoRA: "all-linear")
     method_options: dict = field(default_factory=dict)
     # optimisation (steps are optimizer steps; see loop.py)
-    lr: Optional[float] = None  # peak LR; None = the method's default (train.methods.METHOD_LR; LoRA 1e-3)
+    lr: Optional[float] = None  # peak LR; None = the method's default (train.presets: Preset.lr; LoRA 1e-3)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
@@ -77,13 +87,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def method_opts(self) -> dict:
-        """The dict a method's config builder receives: every option, then ``method_options``."""
-        d = self.to_dict()
-        d.pop("method_options")
-        d.update(self.method_options)
-        return d
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -142,18 +145,20 @@ def read_yaml(path: str) -> dict:
 def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict] = None) -> TrainConfig:
     """Defaults, then ``yaml_values``, then ``flag_values`` (entries that are None are ignored).
 
-    Keys may use dashes or underscores. ``method_options`` dicts are merged (flags win per key).
+    Keys may use dashes or underscores. ``method_options`` dicts are merged (flags win per key); an
+    entry of ``method_options`` named like a method field (``r``, ``target_modules`` ...) sets that
+    field, as the flag would.
 
     Raises:
-        OptionError: an unknown key (named, with the known ones nearest to it), or a value of the
-            wrong type, or an invalid combination.
+        OptionError: an unknown key (named, with the known ones nearest to it), a value of the
+            wrong type, an invalid combination, or a method field the chosen method does not read
+            that the user set (named as the user spelled it, with the method's options).
     """
-    import difflib
-
     defaults = TrainConfig()
     known = TrainConfig.field_names()
     merged: dict = {}
     method_options: dict = {}
+    spelled: dict = {}  # field -> how the user set it, for the messages
     aliases = {"rank": "r"}  # keys may also be spelled as the flags
     for source, values in (("config file", yaml_values or {}), ("flag", flag_values or {})):
         for k, v in values.items():
@@ -171,14 +176,32 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
                 method_options.update(v)
                 continue
             merged[key] = _coerce(key, v, getattr(defaults, key))
+            if key in METHOD_FIELDS:
+                spelled[key] = METHOD_FIELDS[key] if source == "flag" else f"config file key {k!r}"
+    for key in [k for k in method_options if k in METHOD_FIELDS]:  # e.g. --method-opt r=8
+        v = method_options.pop(key)
+        if v is not None:
+            merged[key] = _coerce(key, v, getattr(defaults, key))
+            spelled[key] = f"--method-opt {key}"
     cfg = dataclasses.replace(defaults, **merged)
     cfg.method_options = method_options
     if cfg.lr is None:
-        from .methods import default_lr
-
         cfg.lr = default_lr(cfg.method)
     validate(cfg)
+    refuse_unread_fields(cfg.method, spelled)
     return cfg
+
+
+def refuse_unread_fields(method: str, spelled: dict) -> None:
+    """Raise :class:`OptionError` when the user set a method field (``--rank`` ...) that ``method``
+    does not read. ``spelled``: field name -> how the user set it (only fields the user set).
+    An unknown method is left to the run, which lists the known ones."""
+    preset = PRESETS.get(method)
+    if preset is None:
+        return
+    for key, how in spelled.items():
+        if key in METHOD_FIELDS and key not in preset.uses:
+            raise OptionError(f"{how} is not an option of --method {method} (its options: {preset.describe_options()})")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -191,8 +214,6 @@ def validate(cfg: TrainConfig) -> None:
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
               "task_train_size", "r"):
         positive(n)
-    import math
-
     if cfg.lr is None or not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise OptionError(f"option 'lr' must be a finite number > 0, got {cfg.lr!r}")
     if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):

@@ -26,6 +26,7 @@ Sequences are cut at ``max_seq_len`` tokens (the end is dropped). An example lef
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -185,13 +186,11 @@ def split_examples(examples: list, val_fraction: float, seed: int, max_eval: Opt
     the same side, so a duplicated row never leaks from training into the held-out set; the held-out
     side then holds at least the requested number of rows where the duplicates allow.
     """
-    import json as _json
-
     if val_fraction <= 0 or len(examples) < 2:
         return list(examples), []
     groups: dict = {}
     for i, e in enumerate(examples):
-        key = _json.dumps(e.prompt_messages(), sort_keys=True) if e.messages is not None else e.text
+        key = json.dumps(e.prompt_messages(), sort_keys=True) if e.messages is not None else e.text
         groups.setdefault(key, []).append(i)
     members = list(groups.values())  # in order of first appearance
     if len(members) < 2:

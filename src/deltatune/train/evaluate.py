@@ -16,6 +16,7 @@ before the stop token, and nothing after it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -190,8 +191,6 @@ class Evaluator:
 
 def chitchat_path() -> str:
     """``dataset.json`` inside the installed ``chitchat-dataset`` wheel (MIT; not imported, not downloaded)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("perplexity needs the chitchat-dataset package: pip install 'deltatune[train]'")

@@ -16,6 +16,8 @@ import resource
 import sys
 from typing import Optional
 
+from ..formats.peft import atomic_write_bytes
+
 REPORT_FIELDS = (
     "method", "metric_name", "metric_before", "metric_after", "trainable_params", "total_params",
     "peak_rss_bytes", "wall_seconds", "train_tokens", "perplexity_before", "perplexity_after",
@@ -96,8 +98,6 @@ def write_report(path: str, report: dict) -> None:
     missing = [k for k in REPORT_FIELDS if k not in report]
     if missing:
         raise ValueError(f"report is missing fields {missing}")
-    from ..formats.peft import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps({k: _clean(v) for k, v in report.items()}, indent=2) + "\n").encode())
 
 

@@ -1,0 +1,191 @@
+"""The inference subcommands as plain functions: ``run_eval``, ``run_generate``, ``run_merge``.
+
+Each loads a base model and an adapter folder into it. An adapter trained on a 4-bit base
+(``deltatune train --method qlora``) records that base's quantization in its weights file
+(:data:`deltatune.formats.peft.BASE_QUANTIZATION_KEY`); the base is then quantized the same way
+before the adapter is loaded, so that the adapter meets the base it was trained on, and one line
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+from ..formats.peft import BASE_QUANTIZATION_KEY, load_adapter, read_adapter_metadata
+from ..integrations.transformers import DEFAULT_MODEL_NAME
+from ..layers import dense_weight, set_dense_weight
+from ..lifecycle import merge_and_unload
+from ..quant import is_quantized, quantize_base
+from .config import TrainConfig, UsageError
+from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
+from .evaluate import Evaluator, evaluation_mode, greedy_generate
+from .outputs import check_out, prepare_out, write_marker
+from .pipeline import load_base, read_data
+
+
+def to_stderr(msg: str) -> None:
+    """The default ``log`` of the commands: their stdout is the result (answers, JSON)."""
+    print(msg, file=sys.stderr)
+
+
+def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[str]:
+    """The ``--model`` to use with an adapter: the flag, else the adapter's recorded base when it exists
+    on this machine, else None (the default model) when the recorded base is the default model.
+
+    Raises:
+        UsageError: the adapter folder is missing, or its base cannot be found here.
+    """
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UsageError(f"--adapter {adapter_dir} is not an adapter folder (no adapter_config.json)")
+    if model_flag:
+        return model_flag
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+        base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        return None
+    if os.path.exists(base):
+        return base
+    if DEFAULT_MODEL_NAME.lower() in os.path.basename(str(base)).lower():
+        return None
+    raise UsageError(f"the adapter's base model {base} is not on this machine: pass --model PATH")
+
+
+def quantize_as_trained(model, adapter: str, log: Optional[Callable] = to_stderr) -> Optional[dict]:
+    """Quantize ``model`` (a dense base) as the base ``adapter`` was trained on, when its file records
+    one; return the :func:`deltatune.quantize_base` arguments used (None: a dense base, left as it is)."""
+    recorded = read_adapter_metadata(adapter).get(BASE_QUANTIZATION_KEY)
+    if not recorded:
+        return None
+    kwargs = json.loads(recorded)
+    quantize_base(model, **kwargs)
+    if log is not None:
+        details = f"{kwargs.get('backend')}" + (", double quant" if kwargs.get("double_quant") else "")
+        log(f"base: 4-bit {kwargs.get('quant_type')} ({details}) as the adapter was trained")
+    return kwargs
+
+
+def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: str = "float32",
+                      log: Optional[Callable] = to_stderr):
+    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base); the base is
+    quantized first when the adapter was trained on a 4-bit base (:func:`quantize_as_trained`)."""
+    base = base_for_adapter(adapter, model_path) if adapter else model_path
+    model, tok, source = load_base(base, dtype)
+    if adapter:
+        quantize_as_trained(model, adapter, log)
+        load_adapter(model, adapter)
+    model.eval()
+    return model, tok, source
+
+
+def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[str], cfg: TrainConfig,
+             log: Optional[Callable] = to_stderr) -> dict:
+    """Metric (and eval loss) of model + adapter on ``data`` (all rows); without ``data``, on the held-out
+    split that ``cfg`` describes: ``cfg.data``'s (as training split it; see :func:`run_settings`), or the
+    default task's held-out words."""
+    if data:
+        examples = load_examples(data)
+    else:
+        if cfg.data and not os.path.isfile(cfg.data):
+            raise UsageError(f"the adapter was trained on {cfg.data}, which is not here any more: pass --data FILE")
+        examples = read_data(cfg)[1]
+        if not examples:
+            raise UsageError("the run had no held-out split: pass --data FILE")
+        data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
+    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype, log)
+    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
+                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+    res = ev(model)
+    res.update({"adapter": adapter, "model": source.display, "data": data or "default task (held-out words)"})
+    return res
+
+
+def run_settings(adapter: Optional[str]) -> dict:
+    """The data options a training run recorded in ``adapter/report.json`` (empty when there is none), so
+    that ``deltatune eval --adapter DIR`` scores the same held-out examples as the run did."""
+    p = os.path.join(adapter, "report.json") if adapter else ""
+    if not p or not os.path.isfile(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as fh:
+            conf = json.load(fh).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "max_seq_len", "train_on")
+    return {k: conf[k] for k in keys if conf.get(k) is not None}
+
+
+def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
+                 max_new_tokens: int = 64, system: Optional[str] = None, batch_size: int = 16,
+                 dtype: str = "float32", log: Optional[Callable] = to_stderr) -> list[str]:
+    """Greedy answers to chat prompts (one user turn each), stopping at end of turn."""
+    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log)
+    enc = ChatEncoder(tok)
+    ids = []
+    for p in prompts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        if getattr(tok, "chat_template", None):
+            ids.append(enc.prompt_ids(msgs))
+        else:
+            ids.append(list(tok(p)["input_ids"]))
+    with evaluation_mode(model):
+        outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
+                               pad_id=pad_id_of(tok), batch_size=batch_size)
+    return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overwrite: bool = False,
+              dtype: str = "float32", log: Optional[Callable] = to_stderr) -> str:
+    """Merge the adapter into its base and write a plain transformers model folder (safetensors + tokenizer).
+
+    On a 4-bit base (a QLoRA adapter) the merged weights are ``dequant(W4) + delta``: the model the
+    adapter was trained and evaluated as; 4-bit layers the adapter does not touch are written dequantized.
+    """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    base = base_for_adapter(adapter, model_path)
+    a, o = os.path.realpath(adapter), os.path.realpath(os.path.expanduser(out))
+    if a == o or a.startswith(o + os.sep):
+        raise UsageError(f"--out {out} would replace the adapter folder {adapter}: choose another folder")
+    check_out(out, overwrite)  # nothing is deleted before the adapter has been loaded and merged
+    model, tok, _ = load_base(base, dtype)
+    quantized = quantize_as_trained(model, adapter, log)
+    load_adapter(model, adapter)
+    model = merge_and_unload(model)
+    if quantized:
+        _dequantize_rest(model)
+    for p in model.parameters():
+        p.requires_grad_(True)  # a plain model, as transformers would load it
+    _drop_gguf_marks(model)
+    out = prepare_out(out, overwrite, "merge")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    write_marker(out, "merge")
+    return out
+
+
+def _dequantize_rest(model) -> None:
+    """Write the 4-bit layers a merge left (no adapter on them) as dense ``nn.Linear`` weights."""
+    for _, m in list(model.named_modules()):
+        if is_quantized(m):
+            set_dense_weight(m, dense_weight(m))
+
+
+def _drop_gguf_marks(model) -> None:
+    """A GGUF base is de-quantised on load, but transformers keeps its GGUF "quantizer", which refuses to
+    save; the weights are plain float tensors, so drop the marks and save them as safetensors."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        model.hf_quantizer = None
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        if hasattr(model, "quantization_method"):
+            try:
+                del model.quantization_method
+            except AttributeError:
+                pass
