@@ -48,11 +48,15 @@ def _imports(path: pathlib.Path):
     tree = ast.parse(path.read_text())
     mod = _module_name(path)
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-    local = set()
+    local, typing_only = set(), set()
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             local.update(id(n) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)))
+        if isinstance(fn, ast.If) and "TYPE_CHECKING" in ast.unparse(fn.test):  # annotations only: never run
+            typing_only.update(id(n) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)))
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             for a in node.names:
                 yield a.name, node.lineno, id(node) in local
