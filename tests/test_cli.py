@@ -306,10 +306,16 @@ def test_every_registered_method_trains_through_the_one_loop(tiny, tmp_path, cap
     from deltatune.train.data import ChatEncoder, load_examples, split_examples
     from deltatune.train.evaluate import Evaluator
 
+    from deltatune.train.precision import resolve_precision
+
     tok = make_tt()
     _, held = split_examples(load_examples(data), 0.2, 0, max_eval=4)
-    ev = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=64)
-    res = ev(load_adapter(make_tl(), str(out)))
+    prec = resolve_precision(rep["precision"], torch.device("cpu"))  # as the run computed
+    ev = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=64, precision=prec)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=prec.base_dtype)  # loaded as the run loads it
+    res = ev(load_adapter(base, str(out)))
     assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5
     assert res["metric"] == rep["metric_after"]
 
@@ -523,7 +529,7 @@ def qlora_trained(tiny, tmp_path_factory):
     pytest.importorskip("bitsandbytes")
     out = tmp_path_factory.mktemp("qrun") / "adapter"
     assert main(train_args(tiny, out, "--method", "qlora", "--rank", "4", "--lr", "1e-2", "--no-plot",
-                           "--target-modules", "q_proj,v_proj")) == 0
+                           "--target-modules", "q_proj,v_proj", "--precision", "fp32")) == 0  # exact comparisons
     return str(out)
 
 
@@ -538,7 +544,8 @@ def test_qlora_adapter_records_its_base_in_the_weights_file(qlora_trained, train
     meta = read_adapter_metadata(qlora_trained)
     kw = json.loads(meta[BASE_QUANTIZATION_KEY])
     assert kw["quant_type"] == "nf4" and kw["backend"] == "bitsandbytes" and kw["double_quant"] is True
-    assert kw["compute_dtype"] == "float32" and kw["blocksize"] == 64 and kw["skip_modules"] == []
+    assert kw["compute_dtype"] == "float32"  # the run's precision (fp32 here; bf16 runs record bfloat16)
+    assert kw["blocksize"] == 64 and kw["skip_modules"] == []
     assert len(kw["target_modules"]) == 14 and "model.layers.1.mlp.down_proj" in kw["target_modules"]
     assert meta["format"] == "pt"
     assert load_file(os.path.join(qlora_trained, "adapter_model.safetensors"))  # still a plain PEFT file

@@ -43,7 +43,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm") / "adapter"
     cfg = build_config({}, {"out": str(out), "max_steps": 4, "batch_size": 4, "task_train_size": 16,
                             "eval_size": 12, "eval_loss_size": 12, "eval_every": 0, "ppl_size": 2,
-                            "warmup_steps": 0, "progress": False, "lr": 2e-3})
+                            "warmup_steps": 0, "progress": False, "lr": 2e-3,
+                            "precision": "fp32"})  # compared below with the fp32 model of conftest
     sess = train_session(cfg, log=None)
     return str(out), sess
 

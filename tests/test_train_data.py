@@ -19,7 +19,7 @@ from deltatune.train.data import (
     load_examples,
     row_to_example,
 )
-from deltatune.train.loop import token_loss_sum
+from deltatune.train.loss import token_loss_sum
 
 WALK_USER = "Give the past tense of walk."
 

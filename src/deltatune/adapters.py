@@ -234,6 +234,13 @@ def resolve_dtype(adapter_dtype: Union[None, str, torch.dtype], reference: Optio
     return adapter_dtype
 
 
+def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter computes in for input ``x``: ``x``'s own under autocast (autocast casts
+    the adapter's float32 weights for each matmul, so the activations need no copy), else the
+    adapter's parameter dtype (inputs are cast to it and results cast back)."""
+    return x.dtype if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() else param_dtype
+
+
 def module_device(module: nn.Module, recurse: bool = True) -> torch.device:
     """Device for new adapter tensors beside ``module``: its first parameter's (CPU for meta or none)."""
     dev = next((p.device for p in module.parameters(recurse=recurse)), torch.device("cpu"))

@@ -65,7 +65,11 @@ _TRAIN_FLAGS = [
     ("--epochs", "epochs", int, "passes over the training data (default 1)"),
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--seed", "seed", int, "seed for data split, order, init and dropout (default 0)"),
-    ("--dtype", "dtype", str, "base model dtype: float32 (default) or bfloat16"),
+    ("--device", "device", str, "auto (default: cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"),
+    ("--precision", "precision", str, "auto (default: bf16 where the hardware is fast at it, else fp32), bf16, "
+                                      "fp16 (CUDA) or fp32; base weights held in it, adapters and optimizer in fp32"),
+    ("--packing", "packing", str, "auto (default: padding-free rows where the method allows), on or off"),
+    ("--dtype", "dtype", str, "base model dtype (default: the precision's: bfloat16 or float32)"),
     ("--threads", "threads", int, "torch threads (default: all cores, or 1 when the load average shows the cores busy)"),
     ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),
     ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
     for flag, dest, typ in (("--eval-size", "eval_size", int), ("--eval-batch-size", "eval_batch_size", int),
                             ("--max-new-tokens", "max_new_tokens", int), ("--max-seq-len", "max_seq_len", int),
-                            ("--seed", "seed", int), ("--dtype", "dtype", str), ("--threads", "threads", int)):
+                            ("--seed", "seed", int), ("--dtype", "dtype", str), ("--threads", "threads", int),
+                            ("--device", "device", str), ("--precision", "precision", str)):
         e.add_argument(flag, dest=dest, type=typ, default=None)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--json", action="store_true", help="print JSON lines {prompt, answer}")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
 
     m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder")
     m.add_argument("--adapter", required=True, help="adapter folder")
@@ -177,7 +184,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
-                                           "seed", "dtype", "threads")}
+                                           "seed", "dtype", "threads", "device", "precision")}
     recorded = run_settings(args.adapter) if not args.data else {}  # the run's own held-out split
     cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
@@ -215,7 +222,8 @@ def cmd_generate(args) -> int:
         raise UsageError("--batch-size and --max-new-tokens must be >= 1")
     _set_threads(args.threads)
     answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
-                           system=args.system, batch_size=args.batch_size)
+                           system=args.system, batch_size=args.batch_size, device=args.device,
+                           precision=args.precision)
     for p, a in zip(prompts, answers):
         if args.json:
             print(json.dumps({"prompt": p, "answer": a}))

@@ -117,7 +117,7 @@ class PromptWiring:
             else:
                 if emb is None:
                     emb = model.get_input_embeddings()(ids)
-                prompts = mod().to(emb.dtype)  # (P, D)
+                prompts = _prompt_output(mod).to(emb.dtype)  # (P, D)
                 kw["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(B, -1, -1), emb], dim=1)
                 kw["input_ids"] = None
                 kw["attention_mask"] = _extend_mask(kw.get("attention_mask"), P, T, 0)
@@ -169,6 +169,14 @@ class PromptWiring:
         return output
 
 
+def _prompt_output(mod: nn.Module) -> torch.Tensor:
+    """The prompt module's output, computed in its own (float32) dtype even under autocast: it is a
+    few rows, and this keeps what training sees equal to what the adapter file stores."""
+    dev = next(mod.parameters()).device.type
+    with torch.autocast(dev, enabled=False):
+        return mod()
+
+
 _SIG_CACHE: dict = {}
 
 
@@ -215,7 +223,7 @@ def _prefix_cache(model, mod: PrefixEncoder, config: PrefixTuningConfig, cache, 
     P, L, H = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
     hd = config.token_dim // H
     dtype = model.get_input_embeddings().weight.dtype
-    kv = mod().to(dtype)  # (P, L*2*D)
+    kv = _prompt_output(mod).to(dtype)  # (P, L*2*D)
     kv = kv.view(P, 2 * L, H, hd).permute(1, 2, 0, 3)  # (2L, H, P, hd)
     for layer in range(L):
         k = kv[2 * layer].unsqueeze(0).expand(B, H, P, hd).contiguous()

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterRecord, module_device, resolve_dtype
+from ..adapters import AdapterRecord, compute_dtype, module_device, resolve_dtype
 
 from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, register_config
@@ -362,7 +362,7 @@ class BottleneckAdapter(nn.Module):
         """``out`` -> the sublayer output with the adapter applied (class docstring); ``x`` is the
         sublayer's input (parallel adapters read it)."""
         h, rest = (out, None) if isinstance(out, torch.Tensor) else (out[0], out[1:])
-        dt = self.adapter_down.weight.dtype
+        dt = compute_dtype(h, self.adapter_down.weight.dtype)
         hh = h.to(dt)
         r = None
         if self.needs_residual:

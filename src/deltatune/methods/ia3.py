@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..adapters import AdapterRecord, module_device, resolve_dtype
+from ..adapters import AdapterRecord, compute_dtype, module_device, resolve_dtype
 
 from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, TargetSpec, register_config
@@ -164,7 +164,8 @@ class IA3Adapter(nn.Module):
     def forward(self, x: torch.Tensor, out, call) -> torch.Tensor:
         """Input side: ``x * l`` (x: (B, ..., in) or (B, C_in, *spatial)); output side: ``out * l``."""
         v = x if self.is_feedforward else out
-        return (v.to(self.ia3_l.dtype) * self._vector()).to(v.dtype)
+        dt = compute_dtype(v, self.ia3_l.dtype)
+        return (v.to(dt) * self._vector().to(dt)).to(v.dtype)
 
     # -- merge ---------------------------------------------------------------------------
     def merge_into(self, host: nn.Module, w: torch.Tensor) -> torch.Tensor:

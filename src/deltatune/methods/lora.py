@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterRecord, module_device, resolve_dtype
+from ..adapters import AdapterRecord, compute_dtype, module_device, resolve_dtype
 
 from ..routing import attach, attach_modules_to_save
 from ..config import AdapterConfig, LayerAdapterConfig, register_config
@@ -325,7 +325,7 @@ class LoraAdapter(nn.Module):
             if self.use_dora:
                 return out + self._dora_embedding(x, h, out if base_output is None else base_output, host)
             return _add_scaled(out, h, self.lora_embedding_B, None, self.scaling, call.inplace)
-        dt = self.lora_A.weight.dtype
+        dt = compute_dtype(x, self.lora_A.weight.dtype)
         xa = x if x.dtype == dt else x.to(dt)
         if self.use_dora:
             return out + self._dora(xa, out if base_output is None else base_output, host).to(out.dtype)

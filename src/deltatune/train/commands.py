@@ -23,7 +23,7 @@ from .config import TrainConfig, UsageError
 from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode, greedy_generate
 from .outputs import check_out, prepare_out, write_marker
-from .pipeline import load_base, read_data
+from .pipeline import load_base, read_data, run_precision
 
 
 def to_stderr(msg: str) -> None:
@@ -68,11 +68,12 @@ def quantize_as_trained(model, adapter: str, log: Optional[Callable] = to_stderr
 
 
 def load_with_adapter(adapter: Optional[str], model_path: Optional[str], dtype: str = "float32",
-                      log: Optional[Callable] = to_stderr):
-    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base); the base is
-    quantized first when the adapter was trained on a 4-bit base (:func:`quantize_as_trained`)."""
+                      log: Optional[Callable] = to_stderr, device=None):
+    """(model, tokenizer, source) with the adapter loaded for inference (or the bare base), on ``device``
+    (default CPU); the base is quantized first when the adapter was trained on a 4-bit base
+    (:func:`quantize_as_trained`)."""
     base = base_for_adapter(adapter, model_path) if adapter else model_path
-    model, tok, source = load_base(base, dtype)
+    model, tok, source = load_base(base, dtype, device=device)
     if adapter:
         quantize_as_trained(model, adapter, log)
         load_adapter(model, adapter)
@@ -94,18 +95,20 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
         if not examples:
             raise UsageError("the run had no held-out split: pass --data FILE")
         data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
-    model, tok, source = load_with_adapter(adapter, model_path, cfg.dtype, log)
+    precision, dtype = run_precision(cfg)
+    model, tok, source = load_with_adapter(adapter, model_path, dtype, log, precision.device)
     enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
     ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
-                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, precision=precision)
     res = ev(model)
     res.update({"adapter": adapter, "model": source.display, "data": data or "default task (held-out words)"})
     return res
 
 
 def run_settings(adapter: Optional[str]) -> dict:
-    """The data options a training run recorded in ``adapter/report.json`` (empty when there is none), so
-    that ``deltatune eval --adapter DIR`` scores the same held-out examples as the run did."""
+    """The data and precision options a training run recorded in ``adapter/report.json`` (empty when there
+    is none), so that ``deltatune eval --adapter DIR`` scores the same held-out examples, computed the
+    same way, as the run did (flags still win)."""
     p = os.path.join(adapter, "report.json") if adapter else ""
     if not p or not os.path.isfile(p):
         return {}
@@ -114,15 +117,19 @@ def run_settings(adapter: Optional[str]) -> dict:
             conf = json.load(fh).get("config") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "max_seq_len", "train_on")
+    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "max_seq_len", "train_on",
+            "precision", "dtype")
     return {k: conf[k] for k in keys if conf.get(k) is not None}
 
 
 def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
                  max_new_tokens: int = 64, system: Optional[str] = None, batch_size: int = 16,
-                 dtype: str = "float32", log: Optional[Callable] = to_stderr) -> list[str]:
-    """Greedy answers to chat prompts (one user turn each), stopping at end of turn."""
-    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log)
+                 dtype: Optional[str] = None, device: Optional[str] = None, precision: str = "auto",
+                 log: Optional[Callable] = to_stderr) -> list[str]:
+    """Greedy answers to chat prompts (one user turn each), stopping at end of turn; on ``device`` in
+    ``precision`` (:mod:`deltatune.train.precision`; the base in ``dtype``, default the precision's)."""
+    prec, dtype = run_precision(TrainConfig(device=device, precision=precision, dtype=dtype))
+    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log, prec.device)
     enc = ChatEncoder(tok)
     ids = []
     for p in prompts:
@@ -131,7 +138,7 @@ def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: lis
             ids.append(enc.prompt_ids(msgs))
         else:
             ids.append(list(tok(p)["input_ids"]))
-    with evaluation_mode(model):
+    with evaluation_mode(model, prec):
         outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
                                pad_id=pad_id_of(tok), batch_size=batch_size)
     return [tok.decode(o, skip_special_tokens=True) for o in outs]

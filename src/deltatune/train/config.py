@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .precision import PRECISIONS
 from .presets import METHOD_FIELDS, PRESETS, default_lr
 
 
@@ -63,7 +64,10 @@ class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None  # caps the number of optimizer steps
     seed: int = 0
-    dtype: str = "float32"  # dtype the base model is loaded in: float32 or bfloat16
+    device: Optional[str] = None  # auto (cuda when visible, else cpu), cpu, cuda, cuda:N (train.precision)
+    precision: str = "auto"  # auto (bf16 where the hardware is fast at it, else fp32), bf16, fp16, fp32
+    packing: str = "auto"  # auto (padding-free rows where the method and model allow), on, off
+    dtype: Optional[str] = None  # dtype the base model is loaded in; None = the precision's (bf16 or float32)
     threads: Optional[int] = None  # torch.set_num_threads; None = auto (pipeline.choose_threads)
     # data
     max_seq_len: int = 256
@@ -97,6 +101,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a YAML/flag value to the type of the field's default (ints, floats, bools)."""
     if value is None:
         return None
+    if name == "packing" and isinstance(value, bool):  # YAML's true/false
+        return "on" if value else "off"
+    if name in ("precision", "packing", "device") and isinstance(value, str):
+        return value.strip().lower()
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -232,7 +240,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and not isinstance(v, str):
             raise OptionError(f"option {n!r} must be a path, got {v!r}")
-    for n in ("out", "method", "schedule", "train_on", "dtype"):
+    for n in ("out", "method", "schedule", "train_on", "precision", "packing"):
         if not isinstance(getattr(cfg, n), str):
             raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
     tm = cfg.target_modules
@@ -247,8 +255,14 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'schedule' must be 'cosine' or 'constant', got {cfg.schedule!r}")
     if cfg.train_on not in ("all_assistant", "last_assistant"):
         raise OptionError(f"option 'train_on' must be 'all_assistant' or 'last_assistant', got {cfg.train_on!r}")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+    if cfg.dtype is not None and cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.precision not in PRECISIONS:
+        raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.packing not in ("auto", "on", "off"):
+        raise OptionError(f"option 'packing' must be auto, on or off, got {cfg.packing!r}")
+    if cfg.device is not None and not isinstance(cfg.device, str):
+        raise OptionError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise OptionError(f"option 'val_fraction' must be in [0, 1), got {cfg.val_fraction!r}")
     if isinstance(cfg.target_modules, str) and "," in cfg.target_modules:

@@ -27,18 +27,20 @@ import torch
 from torch import nn
 
 from .data import ChatEncoder, Example, collate, end_of_turn_ids, pad_id_of
-from .loop import token_loss_sum
+from .loss import token_loss_sum
+from .precision import Precision, to_device
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module):
-    """Eval mode + ``torch.no_grad`` + forked RNG (torch and Python's ``random``); all restored on exit."""
+def evaluation_mode(model: nn.Module, precision: Optional[Precision] = None):
+    """Eval mode + ``torch.no_grad`` + forked RNG (torch and Python's ``random``) + the run's
+    autocast (``precision``, default none); all restored on exit."""
     modes = [(m, m.training) for m in model.modules()]
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), (precision.autocast() if precision is not None else contextlib.nullcontext()):
                 yield model
         finally:
             for m, t in modes:
@@ -108,9 +110,10 @@ def loss_stats(model: nn.Module, items: Sequence[dict], pad_id: int, batch_size:
     """Teacher-forced statistics over encoded items: ``loss`` (mean target CE, nats), ``perplexity``,
     ``token_accuracy`` (fraction of targets whose argmax is right), ``targets`` (count)."""
     tot, n, right = 0.0, 0, 0
+    dev = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     for k in range(0, len(order), batch_size):
-        b = collate([items[i] for i in order[k: k + batch_size]], pad_id)
+        b = to_device(collate([items[i] for i in order[k: k + batch_size]], pad_id), dev)
         s, c, a = token_loss_sum(model, b, with_accuracy=True)
         tot += float(s)
         n += c
@@ -130,12 +133,14 @@ class Evaluator:
         metric: "exact_match", "token_accuracy" or "auto" (exact match when every example is a
             conversation ending in an assistant answer).
         max_new_tokens: generation length; raised to fit the longest reference answer + 1.
+        precision: the run's device and autocast (:mod:`deltatune.train.precision`); default float32.
     """
 
     def __init__(self, tokenizer, examples: Sequence[Example], encoder: ChatEncoder, *, metric: str = "auto",
                  size: Optional[int] = None, loss_size: Optional[int] = 64, batch_size: int = 64,
-                 max_new_tokens: int = 8):
+                 max_new_tokens: int = 8, precision: Optional[Precision] = None):
         self.tok = tokenizer
+        self.precision = precision
         self.examples = list(examples)[: size] if size else list(examples)
         if not self.examples:
             raise ValueError("no held-out examples to evaluate on")
@@ -162,14 +167,14 @@ class Evaluator:
 
     def answers(self, model: nn.Module) -> list[str]:
         """Greedy answer texts (stop token excluded), in example order."""
-        with evaluation_mode(model):
+        with evaluation_mode(model, self.precision):
             outs = greedy_generate(model, self.prompts, max_new_tokens=self.max_new_tokens,
                                    stop_ids=self.stop_ids, pad_id=self.pad_id, batch_size=self.batch_size)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
 
     def __call__(self, model: nn.Module, step: int = 0) -> dict:
         """``{"metric", "metric_name", "eval_loss", "n", "samples"}`` (samples: first 5 answers)."""
-        with evaluation_mode(model):
+        with evaluation_mode(model, self.precision):
             st = loss_stats(model, self.loss_items, self.pad_id, batch_size=16) if self.loss_items else {}
             res = {"step": step, "metric_name": self.metric_name, "eval_loss": st.get("loss")}
             if self.metric_name == "exact_match":
@@ -227,7 +232,8 @@ class PerplexityProbe:
     Without a chat template the conversations are scored as plain text ("A: ... / B: ..." lines).
     """
 
-    def __init__(self, tokenizer, n: int = 48, max_seq_len: int = 256):
+    def __init__(self, tokenizer, n: int = 48, max_seq_len: int = 256, precision: Optional[Precision] = None):
+        self.precision = precision
         convs = general_conversations(n)
         enc = ChatEncoder(tokenizer, max_seq_len=max_seq_len, train_on="all_assistant")
         if not getattr(tokenizer, "chat_template", None):
@@ -238,5 +244,5 @@ class PerplexityProbe:
         self.n = len(self.items)
 
     def __call__(self, model: nn.Module) -> float:
-        with evaluation_mode(model):
+        with evaluation_mode(model, self.precision):
             return loss_stats(model, self.items, self.pad_id, batch_size=8)["perplexity"]

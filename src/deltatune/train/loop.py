@@ -8,10 +8,8 @@ the step's accumulation window, divided by the number of target tokens in the wh
 Each micro-batch back-propagates its own sum divided by ``N_window`` (known before the first
 forward, from the labels), so batch 4 x accumulation 1, batch 1 x accumulation 4 and any other
 split give the same gradient, and the logged loss is that same number (regression case C16).
-Labels are the input ids with non-targets set to -100; the logits at position t-1 predict the
-label at t (one shift, here). Only the logits of the positions that hold targets (the last K
-positions, via transformers' ``logits_to_keep``) are computed, which saves most of the
-vocabulary projection and its log-softmax on chat data.
+The sum comes from :func:`deltatune.train.loss.token_loss_sum`: only the target positions' hidden
+states meet the vocabulary projection, in chunks, so no full-vocabulary logits are held.
 
 Steps. ``step`` always means an optimizer step. An epoch is a seeded shuffle of the training
 examples cut into micro-batches of ``batch_size`` (the last one may be smaller); micro-batches
@@ -35,68 +33,19 @@ evaluation (see :mod:`deltatune.train.evaluate`) never touches either.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..inject import parameter_groups
-from .data import IGNORE_INDEX, collate, count_targets
-
-_KEEP_CACHE: dict = {}
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    key = type(model)
-    if key not in _KEEP_CACHE:
-        try:
-            _KEEP_CACHE[key] = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            _KEEP_CACHE[key] = False
-    return _KEEP_CACHE[key]
-
-
-def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False):
-    """Sum of the target tokens' cross-entropy over a collated batch.
-
-    Args:
-        batch: from :func:`deltatune.train.data.collate`: ``input_ids`` (B, T), ``attention_mask``
-            (B, T), ``labels`` (B, T) unshifted (-100 off-target).
-
-    Returns:
-        ``(loss_sum, n_targets)``: a scalar float32 tensor (with grad when grad mode is on) and an
-        int; with ``with_accuracy`` also the number of targets whose argmax logit is the label.
-    """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    T = ids.shape[1]
-    tgt = labels[:, 1:]  # (B, T-1): the label predicted from position j is at j+1
-    valid_cols = (tgt != IGNORE_INDEX).any(0).nonzero()
-    if len(valid_cols) == 0:
-        z = torch.zeros((), dtype=torch.float32)
-        return (z, 0, 0) if with_accuracy else (z, 0)
-    first = int(valid_cols[0])  # first logits position that predicts a target
-    keep = T - first  # logits positions first .. T-1
-    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    if _accepts_logits_to_keep(model) and keep < T:
-        kwargs["logits_to_keep"] = keep
-    out = model(**kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logits = logits[:, -keep:][:, :-1]  # (B, keep-1, V): positions first .. T-2
-    y = labels[:, first + 1:]  # (B, keep-1)
-    sel = y != IGNORE_INDEX
-    lg = logits[sel].float()  # (N, V)
-    yy = y[sel]
-    loss = F.cross_entropy(lg, yy, reduction="sum")
-    n = int(sel.sum())
-    if with_accuracy:
-        return loss, n, int((lg.argmax(-1) == yy).sum())
-    return loss, n
-
+from .data import collate, count_targets
+from .loss import token_loss_sum
+from .packing import pack
+from .precision import Precision, to_device
 
 # ----------------------------------------------------------------------------- plan and schedule
 
@@ -173,6 +122,11 @@ class Trainer:
             every ``eval_every`` optimizer steps and after the last one; and before the first when
             ``eval_at_start``.
         on_step / on_eval / checkpoint: callbacks ``(StepLog)``, ``(step, dict)``, ``(step)``.
+        precision: the run's device and compute dtype (:mod:`deltatune.train.precision`; default:
+            float32 on the model's device): batches go to the device, forward passes run under its
+            autocast, fp16 steps through a gradient scaler.
+        packing: micro-batches are packed rows without padding (:mod:`deltatune.train.packing`)
+            instead of right-padded ones; the loss is the same.
 
     Attributes ``optimizer`` and ``scheduler`` exist after construction (tests hook them).
     """
@@ -198,12 +152,17 @@ class Trainer:
     on_eval: Optional[Callable] = None
     checkpoint: Optional[Callable] = None
     progress: bool = False
+    precision: Optional[Precision] = None
+    packing: bool = False
     history: list = field(default_factory=list)
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: inject an adapter first")
+        if self.precision is None:
+            self.precision = Precision(self.params[0].device)
+        self.scaler = self.precision.grad_scaler()
         self.plan = plan_windows(len(self.items), self.batch_size, self.grad_accum, self.epochs, self.seed,
                                  self.max_steps)
         self.total_steps = len(self.plan)
@@ -226,30 +185,45 @@ class Trainer:
         if self.on_eval is not None:
             self.on_eval(self.step, res)
 
+    def batch(self, indices: Sequence[int]) -> dict:
+        """The micro-batch of these items, collated (or packed), on the run's device."""
+        rows = [self.items[i] for i in indices]
+        b = pack(rows) if self.packing else collate(rows, self.pad_id)
+        return to_device(b, self.precision.device)
+
     def train_window(self, window: list[list[int]]) -> StepLog:
         """Forward/backward every micro-batch of one window, then clip and take one optimizer step."""
         t0 = time.perf_counter()
-        batches = [collate([self.items[i] for i in mb], self.pad_id) for mb in window]
+        batches = [self.batch(mb) for mb in window]
         n_window = sum(count_targets(b) for b in batches)
         total = 0.0
         for b in batches:
-            s, n = token_loss_sum(self.model, b)
+            with self.precision.autocast():
+                s, n = token_loss_sum(self.model, b)
             if n:
-                (s / n_window).backward()
+                loss = s / n_window
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
                 total += float(s.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         gn = None
         if self.max_grad_norm:
             gn = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if not math.isfinite(total) or (gn is not None and not math.isfinite(gn)):
+        skipped_by_scaler = self.scaler is not None and gn is not None and not math.isfinite(gn)
+        if not math.isfinite(total) or (gn is not None and not math.isfinite(gn) and not skipped_by_scaler):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(f"training diverged at step {self.step + 1}: loss {total / max(1, n_window):.4g}, "
                                 f"gradient norm {gn} (lr {lr:g}); nothing was updated: lower --lr or keep "
                                 "gradient clipping on (--max-grad-norm 1)")
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+        tokens = int(sum(int(b["lengths"].sum()) for b in batches))
         return StepLog(step=self.step + 1, loss=total / max(1, n_window), lr=lr, grad_norm=gn,
                        targets=n_window, tokens=tokens, seconds=time.perf_counter() - t0)
 

@@ -38,6 +38,8 @@ from .config import TrainConfig, UsageError
 from .data import ChatEncoder, load_examples, pad_id_of, split_examples
 from .evaluate import Evaluator, PerplexityProbe
 from .loop import Trainer
+from .packing import packing_agrees
+from .precision import Precision, resolve_device, resolve_precision
 from .outputs import check_out, prepare_out, write_marker
 from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
@@ -66,8 +68,9 @@ def choose_threads(requested: Optional[int] = None) -> int:
     return 1 if n > 1 and load >= (os.cpu_count() or n) else n
 
 
-def load_base(model_path: Optional[str], dtype: str = "float32", threads: Optional[int] = None):
-    """(model, tokenizer, source) from ``--model`` (None = default SmolLM2)."""
+def load_base(model_path: Optional[str], dtype: str = "float32", threads: Optional[int] = None,
+              device: Optional[torch.device] = None):
+    """(model, tokenizer, source) from ``--model`` (None = default SmolLM2), on ``device`` (default CPU)."""
     torch.set_num_threads(choose_threads(threads))
     source = resolve_model(model_path)  # fails fast (one line) when the model is not there
     try:  # no loading bars on the terminal: the CLI prints its own lines
@@ -79,7 +82,22 @@ def load_base(model_path: Optional[str], dtype: str = "float32", threads: Option
     tok = load_tokenizer(source)
     with contextlib.redirect_stderr(io.StringIO()):  # GGUF's de-quantisation bar (plain tqdm)
         model = load_model(source, dtype=getattr(torch, dtype))
+    if device is not None and device.type != "cpu":
+        model.to(device)
     return model, tok, source
+
+
+def run_precision(cfg: TrainConfig) -> tuple[Precision, str]:
+    """(the run's :class:`Precision`, the dtype name its base weights are loaded in).
+
+    Raises:
+        UsageError: an unknown or unavailable device, or a precision the device lacks.
+    """
+    try:
+        precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return precision, cfg.dtype or str(precision.base_dtype).replace("torch.", "")
 
 
 def method_preset(method: str) -> Preset:
@@ -160,6 +178,7 @@ class Run:
     out: str
     metrics: MetricsLog
     ppl_probe: Optional[PerplexityProbe]
+    precision: Precision
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
@@ -185,13 +204,16 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     train_ex, eval_ex, task_name = read_data(cfg, log)
+    precision, dtype = run_precision(cfg)
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
-    model, tok, source = load_base(cfg.model, cfg.dtype, cfg.threads)
-    _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {torch.get_num_threads()} threads)")
+    model, tok, source = load_base(cfg.model, dtype, cfg.threads, precision.device)
+    _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
+              f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
-                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if eval_ex else None
+                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                          precision=precision) if eval_ex else None
     extra = dict(preset.prepare(model, dict(cfg.method_options)) or {}) if preset.prepare else {}
     inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
     trainable, total = count_parameters(model)
@@ -199,8 +221,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     out = prepare_out(cfg.out, cfg.overwrite, "train")
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl")),
-               ppl_probe=PerplexityProbe(tok, cfg.ppl_size) if cfg.ppl_size else None)
+               metrics=MetricsLog(os.path.join(out, "metrics.jsonl")), precision=precision,
+               ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
 def score_base(run: Run) -> tuple[dict, Optional[float]]:
@@ -247,19 +269,43 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
             shutil.rmtree(old, ignore_errors=True)
         last_ckpt[:] = [d]
 
+    packing = use_packing(run)
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
         evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
-        progress=cfg.progress if progress is None else progress,
+        progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
     )
-    _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples")
+    _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
+              f" ({'packed rows' if packing else 'padded rows'}, {run.precision.name})")
     trainer.fit()
     for old in last_ckpt:
         shutil.rmtree(old, ignore_errors=True)
     return trainer
+
+
+def use_packing(run: Run) -> bool:
+    """Whether the run packs its micro-batches (:mod:`deltatune.train.packing`): ``--packing on``, or
+    ``auto`` where the method acts per token (not prompt methods) and the model gives a packed batch
+    the loss of the padded one (checked here on a few training examples).
+
+    Raises:
+        UsageError: ``--packing on`` with a prompt method.
+    """
+    mode, prompt = run.cfg.packing, get_config(run.model).is_prompt_learning
+    if mode == "off" or (prompt and mode == "auto"):
+        return False
+    if prompt:
+        raise UsageError(f"--packing on does not work with --method {run.cfg.method}: its virtual tokens go in "
+                         "front of each sequence; use --packing off (or auto)")
+    if mode == "on":
+        return True
+    ok = packing_agrees(run.model, run.items[:8], pad_id_of(run.tok), run.precision)
+    if not ok:
+        _say(run.log, "note: this model does not give packed rows the loss of padded ones; training on padded rows")
+    return ok
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
@@ -307,6 +353,9 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "train_seconds": trainer.train_seconds,
         "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
         "threads": torch.get_num_threads(),
+        "device": str(run.precision.device),
+        "precision": run.precision.name,
+        "packing": trainer.packing,
         "final_loss": trainer.history[-1].loss if trainer.history else None,
         "task": run.task_name,
         "model": run.source.display,

@@ -127,18 +127,23 @@ def build_dora(cfg: "TrainConfig", options: dict) -> LoraConfig:
     return build_lora(cfg, {**options, "use_dora": True})
 
 
+def _float_dtype(model) -> str:
+    return str(next((p.dtype for p in model.parameters() if p.is_floating_point()), "float32")).replace("torch.", "")
+
+
 def prepare_qlora(model, options: dict) -> dict:
     """Quantize the loaded base to 4 bits (:func:`deltatune.quantize_base`) before injection.
 
     Options (all optional): ``quant_type`` ("nf4" | "fp4"), ``double_quant`` (True),
-    ``compute_dtype`` ("float32" | "bfloat16"), ``quant_backend`` ("bitsandbytes" | "torchao").
+    ``compute_dtype`` ("float32" | "bfloat16"; default: the dtype the base was loaded in, i.e. the
+    run's precision), ``quant_backend`` ("bitsandbytes" | "torchao").
     Returns the report fields ``base_weight_bytes`` (bytes of all frozen base weights in memory,
     scales included, measured from the tensors), ``quantized_params``, and the details of
     :func:`deltatune.quant.quant_stats`.
     """
     quantize_base(model, quant_type=options.get("quant_type") or "nf4",
                   double_quant=bool(_opt_bool(options, "double_quant", True)),
-                  compute_dtype=options.get("compute_dtype") or "float32",
+                  compute_dtype=options.get("compute_dtype") or _float_dtype(model),
                   backend=options.get("quant_backend") or "bitsandbytes")
     return quant_stats(model)
 

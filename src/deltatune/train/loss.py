@@ -1,0 +1,186 @@
+"""The training loss: the sum of the target tokens' cross-entropy, without full-vocabulary logits.
+
+:func:`token_loss_sum` returns ``(sum over target tokens of -log p(y_t | y_<t), number of targets)``
+for a collated batch. Two paths compute the same number:
+
+* the **head path** (used wherever it applies): the model runs with its output head standing
+  aside for the call (its forward returns its input), so the model hands back the final hidden
+  states of the positions that predict targets; only those rows ``h`` (N, D) meet the head's
+  weight ``W`` (V, D), in chunks of rows (:class:`HeadCrossEntropy`): per chunk the logits
+  (rows, V) in the compute dtype, their log-sum-exp and the gradient with respect to ``h`` in
+  float32, all in the forward pass. Peak memory is one chunk of logits whatever the batch, and
+  no (B, T, V) tensor ever exists. The head is frozen in every adapter method; when it trains
+  (full fine-tuning) its gradient is accumulated chunk by chunk too.
+* the **logits path**: the model's own logits of the last K positions (transformers'
+  ``logits_to_keep``), then ``F.cross_entropy`` on the target positions. Used when the head
+  carries adapters (LoRA on ``lm_head``, a ``modules_to_save`` copy), is not a plain
+  ``nn.Linear``, or the model does not route its hidden states through it.
+
+Labels follow :func:`deltatune.train.data.collate`: unshifted, -100 off target; the logits at
+position t-1 predict the label at t. A packed batch (several examples in one row, see
+:mod:`deltatune.train.packing`) is read the same way: each example's first position is never a
+target, so no prediction crosses an example boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..geometry import GEOMETRY
+from ..targets import ADAPTERS
+from .data import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 16 M (64 MiB in float32)
+
+_KEEP_CACHE: dict = {}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    key = type(model)
+    if key not in _KEEP_CACHE:
+        try:
+            _KEEP_CACHE[key] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            _KEEP_CACHE[key] = False
+    return _KEEP_CACHE[key]
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(h_i @ W.T + b, y_i)`` for h (N, D), W (V, D), b (V,) or None, y (N,) int64, in
+    chunks of ``chunk`` rows; returns a float32 scalar (and the number of rows whose argmax is the
+    label, an int64 scalar, not differentiable). The gradients with respect to ``h`` (and ``W``,
+    ``b`` when they require grad) are computed in the forward pass, chunk by chunk, and scaled by
+    the incoming gradient in the backward pass. Matmuls run in ``h``'s dtype (bf16 on the fast
+    path), the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk):
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.int64, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, yc = h[s:s + chunk], y[s:s + chunk]
+                logits = hc @ w.T  # (rows, V) in the compute dtype
+                if bias is not None:
+                    logits = logits + bias.to(logits.dtype)
+                lf = logits.float()
+                lse = torch.logsumexp(lf, dim=-1)
+                total += (lse - lf.gather(1, yc[:, None]).squeeze(1)).sum()
+                correct += (lf.argmax(-1) == yc).sum()
+                if need_h or need_w or need_b:
+                    p = lf.sub_(lse[:, None]).exp_()  # softmax, in place of the float32 logits
+                    p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # d CE / d logits
+                    if need_h:
+                        grad_h[s:s + chunk] = p.to(h.dtype) @ w
+                    if need_w:
+                        grad_w += p.T @ hc.float()
+                    if need_b:
+                        grad_b += p.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.need = (need_h, need_w, need_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for need, dtype in zip(ctx.need, ctx.dtypes):
+            grads.append((next(saved) * grad_total.to(torch.float32)).to(dtype) if need else None)
+        return grads[0], grads[1], grads[2], None, None
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
+                       chunk: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(float32 scalar sum of CE, number of argmax hits) of rows ``h`` (N, D) against the head
+    ``weight`` (V, D) / ``bias``; see :class:`HeadCrossEntropy`. ``chunk``: rows per chunk
+    (default: :data:`CHUNK_ELEMENTS` / V)."""
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total, correct = HeadCrossEntropy.apply(h, weight, bias, y, int(chunk))
+    return total, int(correct)
+
+
+def _head_of(model: nn.Module) -> Optional[nn.Module]:
+    """The output head when the head path applies to it: a plain ``nn.Linear`` without adapters."""
+    head = GEOMETRY.output_embedding(model)
+    if type(head) is not nn.Linear or ADAPTERS in head._modules or "forward" in head.__dict__:
+        return None
+    return head
+
+
+def _identity(self, x):
+    return x
+
+
+@contextlib.contextmanager
+def head_stands_aside(head: nn.Module):
+    """For the duration of the block, ``head(x)`` returns ``x`` (its hooks still run)."""
+    head.forward = types.MethodType(_identity, head)
+    try:
+        yield
+    finally:
+        del head.__dict__["forward"]
+
+
+def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False, head_path: bool = True):
+    """Sum of the target tokens' cross-entropy over a collated batch (module docstring).
+
+    Args:
+        batch: ``input_ids`` (B, T), ``attention_mask`` (B, T) or None with ``position_ids`` (B, T)
+            for a packed batch, ``labels`` (B, T) unshifted (-100 off target).
+        head_path: allow the head path (the logits path is used where it does not apply).
+
+    Returns:
+        ``(loss_sum, n_targets)``: a float32 scalar (with grad when grad mode is on) and an int;
+        with ``with_accuracy`` also the number of targets whose argmax logit is the label.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    T = ids.shape[1]
+    tgt = labels[:, 1:]  # (B, T-1): the label predicted from position j is at j+1
+    valid_cols = (tgt != IGNORE_INDEX).any(0).nonzero()
+    if len(valid_cols) == 0:
+        z = torch.zeros((), dtype=torch.float32, device=ids.device)
+        return (z, 0, 0) if with_accuracy else (z, 0)
+    first = int(valid_cols[0])  # first logits position that predicts a target
+    keep = T - first  # positions first .. T-1
+    kwargs = {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    if _accepts_logits_to_keep(model) and keep < T:
+        kwargs["logits_to_keep"] = keep
+    y = labels[:, first + 1:]  # (B, keep-1)
+    sel = y != IGNORE_INDEX
+    head = _head_of(model) if head_path else None
+    if head is not None:
+        with head_stands_aside(head):
+            out = model(**kwargs)
+        hidden = out.logits if hasattr(out, "logits") else out[0]
+        if hidden.shape[-1] == head.in_features and hidden.shape[-1] != head.out_features:
+            h = hidden[:, -keep:][:, :-1][sel]  # (N, D): the rows that predict targets
+            loss, correct = head_cross_entropy(h, head.weight, head.bias, y[sel])
+            n = int(sel.sum())
+            return (loss, n, correct) if with_accuracy else (loss, n)
+        # the model did not route its hidden states through the head: take the logits path
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    lg = logits[:, -keep:][:, :-1][sel].float()  # (N, V)
+    yy = y[sel]
+    loss = F.cross_entropy(lg, yy, reduction="sum")
+    n = int(sel.sum())
+    if with_accuracy:
+        return loss, n, int((lg.argmax(-1) == yy).sum())
+    return loss, n
