@@ -68,7 +68,10 @@ _TRAIN_FLAGS = [
     ("--device", "device", str, "auto (default: cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"),
     ("--precision", "precision", str, "auto (default: bf16 where the hardware is fast at it, else fp32), bf16, "
                                       "fp16 (CUDA) or fp32; base weights held in it, adapters and optimizer in fp32"),
-    ("--packing", "packing", str, "auto (default: padding-free rows where the method allows), on or off"),
+    ("--packing", "packing", str, "auto (default: pack short examples into shared rows where the method allows), "
+                                  "on or off"),
+    ("--shared-prefix", "shared_prefix", str, "auto (default: tokens all examples of a batch begin with run once "
+                                              "where the method allows), on or off"),
     ("--dtype", "dtype", str, "base model dtype (default: the precision's: bfloat16 or float32)"),
     ("--threads", "threads", int, "torch threads (default: all cores, or 1 when the load average shows the cores busy)"),
     ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),

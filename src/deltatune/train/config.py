@@ -66,7 +66,8 @@ class TrainConfig:
     seed: int = 0
     device: Optional[str] = None  # auto (cuda when visible, else cpu), cpu, cuda, cuda:N (train.precision)
     precision: str = "auto"  # auto (bf16 where the hardware is fast at it, else fp32), bf16, fp16, fp32
-    packing: str = "auto"  # auto (padding-free rows where the method and model allow), on, off
+    packing: str = "auto"  # auto (packed rows where the method and model allow), on, off
+    shared_prefix: str = "auto"  # auto (a prefix all rows of a batch share runs once, where allowed), on, off
     dtype: Optional[str] = None  # dtype the base model is loaded in; None = the precision's (bf16 or float32)
     threads: Optional[int] = None  # torch.set_num_threads; None = auto (pipeline.choose_threads)
     # data
@@ -101,9 +102,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a YAML/flag value to the type of the field's default (ints, floats, bools)."""
     if value is None:
         return None
-    if name == "packing" and isinstance(value, bool):  # YAML's true/false
+    if name in ("packing", "shared_prefix") and isinstance(value, bool):  # YAML's true/false
         return "on" if value else "off"
-    if name in ("precision", "packing", "device") and isinstance(value, str):
+    if name in ("precision", "packing", "shared_prefix", "device") and isinstance(value, str):
         return value.strip().lower()
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -240,7 +241,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and not isinstance(v, str):
             raise OptionError(f"option {n!r} must be a path, got {v!r}")
-    for n in ("out", "method", "schedule", "train_on", "precision", "packing"):
+    for n in ("out", "method", "schedule", "train_on", "precision", "packing", "shared_prefix"):
         if not isinstance(getattr(cfg, n), str):
             raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
     tm = cfg.target_modules
@@ -259,8 +260,9 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.precision not in PRECISIONS:
         raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.packing not in ("auto", "on", "off"):
-        raise OptionError(f"option 'packing' must be auto, on or off, got {cfg.packing!r}")
+    for n in ("packing", "shared_prefix"):
+        if getattr(cfg, n) not in ("auto", "on", "off"):
+            raise OptionError(f"option {n!r} must be auto, on or off, got {getattr(cfg, n)!r}")
     if cfg.device is not None and not isinstance(cfg.device, str):
         raise OptionError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:

@@ -44,7 +44,7 @@ from torch import nn
 from ..inject import parameter_groups
 from .data import collate, count_targets
 from .loss import token_loss_sum
-from .packing import pack
+from .packing import pack, share_prefix
 from .precision import Precision, to_device
 
 # ----------------------------------------------------------------------------- plan and schedule
@@ -125,8 +125,10 @@ class Trainer:
         precision: the run's device and compute dtype (:mod:`deltatune.train.precision`; default:
             float32 on the model's device): batches go to the device, forward passes run under its
             autocast, fp16 steps through a gradient scaler.
-        packing: micro-batches are packed rows without padding (:mod:`deltatune.train.packing`)
-            instead of right-padded ones; the loss is the same.
+        packing: micro-batches are packed rows (:func:`deltatune.train.packing.pack`) instead of
+            right-padded ones; the loss is the same.
+        shared_prefix: the leading tokens that a micro-batch's rows share (and that hold no target)
+            run once (:func:`deltatune.train.packing.share_prefix`); the loss is the same.
 
     Attributes ``optimizer`` and ``scheduler`` exist after construction (tests hook them).
     """
@@ -154,6 +156,7 @@ class Trainer:
     progress: bool = False
     precision: Optional[Precision] = None
     packing: bool = False
+    shared_prefix: bool = False
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -188,7 +191,9 @@ class Trainer:
     def batch(self, indices: Sequence[int]) -> dict:
         """The micro-batch of these items, collated (or packed), on the run's device."""
         rows = [self.items[i] for i in indices]
-        b = pack(rows) if self.packing else collate(rows, self.pad_id)
+        b = share_prefix(rows, self.pad_id) if self.shared_prefix else None
+        if b is None:
+            b = pack(rows, self.pad_id) if self.packing else collate(rows, self.pad_id)
         return to_device(b, self.precision.device)
 
     def train_window(self, window: list[list[int]]) -> StepLog:

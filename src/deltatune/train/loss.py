@@ -42,26 +42,36 @@ CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 16 M (64 MiB in float32)
 _KEEP_CACHE: dict = {}
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
+def _forward_params(model: nn.Module) -> frozenset:
     key = type(model)
     if key not in _KEEP_CACHE:
         try:
-            _KEEP_CACHE[key] = "logits_to_keep" in inspect.signature(model.forward).parameters
+            _KEEP_CACHE[key] = frozenset(inspect.signature(model.forward).parameters)
         except (TypeError, ValueError):
-            _KEEP_CACHE[key] = False
+            _KEEP_CACHE[key] = frozenset()
     return _KEEP_CACHE[key]
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in _forward_params(model)
+
+
+def _cache_kw(model: nn.Module) -> str:
+    """The forward keyword of the key/value cache (transformers >= 5.x: ``cache``)."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 class HeadCrossEntropy(torch.autograd.Function):
     """``sum_i CE(h_i @ W.T + b, y_i)`` for h (N, D), W (V, D), b (V,) or None, y (N,) int64, in
-    chunks of ``chunk`` rows; returns a float32 scalar (and the number of rows whose argmax is the
-    label, an int64 scalar, not differentiable). The gradients with respect to ``h`` (and ``W``,
-    ``b`` when they require grad) are computed in the forward pass, chunk by chunk, and scaled by
-    the incoming gradient in the backward pass. Matmuls run in ``h``'s dtype (bf16 on the fast
-    path), the softmax in float32."""
+    chunks of ``chunk`` rows; returns a float32 scalar (and, with ``count_correct``, the number of
+    rows whose argmax is the label, an int64 scalar, not differentiable). Per chunk one float32
+    softmax gives both the loss (``-log p_y``) and the gradient with respect to the logits
+    (``p - onehot(y)``); the gradients with respect to ``h`` (and ``W``, ``b`` when they require
+    grad) are computed in the forward pass, chunk by chunk, and scaled by the incoming gradient in
+    the backward pass. Matmuls run in ``h``'s dtype (bf16 on the fast path)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, chunk):
+    def forward(ctx, h, weight, bias, y, chunk, count_correct):
         need_h, need_w = h.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
@@ -76,13 +86,13 @@ class HeadCrossEntropy(torch.autograd.Function):
                 logits = hc @ w.T  # (rows, V) in the compute dtype
                 if bias is not None:
                     logits = logits + bias.to(logits.dtype)
-                lf = logits.float()
-                lse = torch.logsumexp(lf, dim=-1)
-                total += (lse - lf.gather(1, yc[:, None]).squeeze(1)).sum()
-                correct += (lf.argmax(-1) == yc).sum()
+                if count_correct:
+                    correct += (logits.argmax(-1) == yc).sum()
+                p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (rows, V) float32, one fused pass
+                rows = torch.arange(p.shape[0], device=p.device)
+                total -= p[rows, yc].clamp_min(torch.finfo(torch.float32).tiny).log().sum()
                 if need_h or need_w or need_b:
-                    p = lf.sub_(lse[:, None]).exp_()  # softmax, in place of the float32 logits
-                    p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # d CE / d logits
+                    p[rows, yc] -= 1.0  # d CE / d logits = softmax - one-hot
                     if need_h:
                         grad_h[s:s + chunk] = p.to(h.dtype) @ w
                     if need_w:
@@ -101,16 +111,16 @@ class HeadCrossEntropy(torch.autograd.Function):
         grads = []
         for need, dtype in zip(ctx.need, ctx.dtypes):
             grads.append((next(saved) * grad_total.to(torch.float32)).to(dtype) if need else None)
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
-                       chunk: Optional[int] = None) -> tuple[torch.Tensor, int]:
-    """(float32 scalar sum of CE, number of argmax hits) of rows ``h`` (N, D) against the head
+                       chunk: Optional[int] = None, count_correct: bool = False) -> tuple[torch.Tensor, int]:
+    """(float32 scalar sum of CE, number of argmax hits or 0) of rows ``h`` (N, D) against the head
     ``weight`` (V, D) / ``bias``; see :class:`HeadCrossEntropy`. ``chunk``: rows per chunk
-    (default: :data:`CHUNK_ELEMENTS` / V)."""
+    (default: :data:`CHUNK_ELEMENTS` / V); ``count_correct``: count the argmax hits."""
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    total, correct = HeadCrossEntropy.apply(h, weight, bias, y, int(chunk))
+    total, correct = HeadCrossEntropy.apply(h, weight, bias, y, int(chunk), bool(count_correct))
     return total, int(correct)
 
 
@@ -136,12 +146,36 @@ def head_stands_aside(head: nn.Module):
         del head.__dict__["forward"]
 
 
+def _run_shared_prefix(model: nn.Module, prefix: torch.Tensor, kwargs: dict, head: Optional[nn.Module]) -> None:
+    """Run the rows' shared prefix (1, P) once and turn ``kwargs`` (the rows' suffixes, (B, S)) into a
+    call that attends to it: its key/value cache repeated for every row (the repeat's backward sums
+    the rows' gradients), an attention mask over prefix + suffix, positions P.. for the suffixes."""
+    ids = kwargs["input_ids"]
+    B, S, P = ids.shape[0], ids.shape[1], prefix.shape[1]
+    call = {"input_ids": prefix, "use_cache": True}
+    if _accepts_logits_to_keep(model):
+        call["logits_to_keep"] = 1  # the prefix predicts no target
+    with head_stands_aside(head) if head is not None else contextlib.nullcontext():
+        out = model(**call)
+    key = _cache_kw(model)
+    cache = out[key] if key in out else out["past_key_values"]
+    cache.batch_repeat_interleave(B)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones((B, S), dtype=torch.long, device=ids.device)
+    kwargs["attention_mask"] = torch.cat([mask.new_ones((B, P)), mask], dim=1)
+    kwargs["position_ids"] = torch.arange(P, P + S, device=ids.device).expand(B, S)
+    kwargs[key] = cache
+
+
 def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False, head_path: bool = True):
     """Sum of the target tokens' cross-entropy over a collated batch (module docstring).
 
     Args:
         batch: ``input_ids`` (B, T), ``attention_mask`` (B, T) or None with ``position_ids`` (B, T)
-            for a packed batch, ``labels`` (B, T) unshifted (-100 off target).
+            for a packed batch, ``labels`` (B, T) unshifted (-100 off target); with ``prefix_ids``
+            (1, P) the rows are suffixes of that shared prefix, which runs once
+            (:func:`deltatune.train.packing.share_prefix`).
         head_path: allow the head path (the logits path is used where it does not apply).
 
     Returns:
@@ -165,13 +199,15 @@ def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False
     y = labels[:, first + 1:]  # (B, keep-1)
     sel = y != IGNORE_INDEX
     head = _head_of(model) if head_path else None
+    if batch.get("prefix_ids") is not None:
+        _run_shared_prefix(model, batch["prefix_ids"], kwargs, head)
     if head is not None:
         with head_stands_aside(head):
             out = model(**kwargs)
         hidden = out.logits if hasattr(out, "logits") else out[0]
         if hidden.shape[-1] == head.in_features and hidden.shape[-1] != head.out_features:
             h = hidden[:, -keep:][:, :-1][sel]  # (N, D): the rows that predict targets
-            loss, correct = head_cross_entropy(h, head.weight, head.bias, y[sel])
+            loss, correct = head_cross_entropy(h, head.weight, head.bias, y[sel], count_correct=with_accuracy)
             n = int(sel.sum())
             return (loss, n, correct) if with_accuracy else (loss, n)
         # the model did not route its hidden states through the head: take the logits path

@@ -33,12 +33,13 @@ from torch import nn
 from ..formats.peft import save_adapter
 from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
+from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .config import TrainConfig, UsageError
 from .data import ChatEncoder, load_examples, pad_id_of, split_examples
 from .evaluate import Evaluator, PerplexityProbe
 from .loop import Trainer
-from .packing import packing_agrees
+from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
 from .outputs import check_out, prepare_out, write_marker
 from .presets import PRESETS, Preset
@@ -208,6 +209,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
     model, tok, source = load_base(cfg.model, dtype, cfg.threads, precision.device)
+    if precision.device.type == "cpu":
+        use_length_aware_attention(model)  # explicit attention for short training sequences, SDPA else
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
               f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
@@ -269,7 +272,7 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
             shutil.rmtree(old, ignore_errors=True)
         last_ckpt[:] = [d]
 
-    packing = use_packing(run)
+    packing, shared = batching(run)
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
@@ -277,35 +280,41 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
         evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
+        shared_prefix=shared,
     )
+    how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
-              f" ({'packed rows' if packing else 'padded rows'}, {run.precision.name})")
+              f" ({how}, {run.precision.name})")
     trainer.fit()
     for old in last_ckpt:
         shutil.rmtree(old, ignore_errors=True)
     return trainer
 
 
-def use_packing(run: Run) -> bool:
-    """Whether the run packs its micro-batches (:mod:`deltatune.train.packing`): ``--packing on``, or
-    ``auto`` where the method acts per token (not prompt methods) and the model gives a packed batch
-    the loss of the padded one (checked here on a few training examples).
+def batching(run: Run) -> tuple[bool, bool]:
+    """(packing, shared prefix) for the run (:mod:`deltatune.train.packing`): each ``on``, or ``auto``
+    where the method acts per token (not prompt methods) and the model gives such a batch of a few
+    training examples the loss of the padded one (checked here).
 
     Raises:
-        UsageError: ``--packing on`` with a prompt method.
+        UsageError: ``on`` with a prompt method.
     """
-    mode, prompt = run.cfg.packing, get_config(run.model).is_prompt_learning
-    if mode == "off" or (prompt and mode == "auto"):
-        return False
-    if prompt:
-        raise UsageError(f"--packing on does not work with --method {run.cfg.method}: its virtual tokens go in "
-                         "front of each sequence; use --packing off (or auto)")
-    if mode == "on":
-        return True
-    ok = packing_agrees(run.model, run.items[:8], pad_id_of(run.tok), run.precision)
-    if not ok:
-        _say(run.log, "note: this model does not give packed rows the loss of padded ones; training on padded rows")
-    return ok
+    prompt = get_config(run.model).is_prompt_learning
+    chosen = []
+    for flag, name, make in (("packing", "packed rows", lambda its: pack(its, pad_id_of(run.tok))),
+                             ("shared_prefix", "a shared prefix", lambda its: share_prefix(its, pad_id_of(run.tok)))):
+        mode = getattr(run.cfg, flag)
+        if mode == "off" or (prompt and mode == "auto"):
+            chosen.append(False)
+            continue
+        if prompt:
+            raise UsageError(f"--{flag.replace('_', '-')} on does not work with --method {run.cfg.method}: its "
+                             f"virtual tokens go in front of each sequence; use --{flag.replace('_', '-')} off (or auto)")
+        ok = mode == "on" or batching_agrees(run.model, run.items[:16], pad_id_of(run.tok), run.precision, make)
+        if not ok:
+            _say(run.log, f"note: this model does not give {name} the loss of padded rows; not using them")
+        chosen.append(ok)
+    return chosen[0], chosen[1]
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
@@ -356,6 +365,8 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "device": str(run.precision.device),
         "precision": run.precision.name,
         "packing": trainer.packing,
+        "shared_prefix": trainer.shared_prefix,
+        "attention": getattr(getattr(run.model, "config", None), "_attn_implementation", None),
         "final_loss": trainer.history[-1].loss if trainer.history else None,
         "task": run.task_name,
         "model": run.source.display,

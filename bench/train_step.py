@@ -1,0 +1,370 @@
+"""Training-step throughput and memory: deltatune's training path side by side with Hugging Face PEFT.
+
+Every configuration runs in its own fresh process (peak memory is per process); rounds alternate
+the order; each child loads SmolLM2-135M-Instruct, builds LoRA r=16 alpha=32 on q/k/v/o/gate/up/
+down, AdamW (lr 1e-4), runs ``--warmup`` steps and times ``--steps`` whole optimizer steps
+(forward + backward + step). Reported per configuration: median step time, real tokens/s (no
+padding), peak RSS of the steps (VmHWM reset after setup), the first steps' losses, and achieved
+GFLOP/s (the step's FLOPs / time) against the machine's matmul peak measured in the same run.
+
+Configurations:
+
+* ``dt``        deltatune's default training path (``deltatune train``'s Trainer): ``--precision
+                auto`` (bf16 base held once, fp32 adapters, autocast), the loss from the target rows
+                through the head in chunks, packed rows where the method allows;
+* ``dt-fp32``   the same path in fp32 (the reference for the loss check);
+* ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
+* ``dt-bf16`` / ``dt-head`` / ``dt-pack``: ``dt-base`` plus one lever (the ablation);
+* ``peft``      ``peft.get_peft_model`` + the transformers loss (``labels=``), fp32;
+* ``peft-ac``   ``peft`` under ``torch.autocast("cpu", bfloat16)`` (PEFT's best bf16 setting).
+
+Modes::
+
+    python bench/train_step.py                       # synthetic 4 x 256 full-text rows, dt vs peft, 3 rounds
+    python bench/train_step.py --seq 1024            # 4 x 1024 (the matmul-efficiency point)
+    python bench/train_step.py data                  # the main job's real data: 16 short chat examples a step
+    python bench/train_step.py scaling --seqs 256,512,1024,2048,4096 --configs dt   # step time vs tokens
+    python bench/train_step.py ablation              # each lever of the fast path alone (synthetic and data)
+    python bench/train_step.py loss-check --steps 50 # dt vs dt-fp32 on the default task: mean |loss difference|
+    python bench/train_step.py matmul                # the machine's matmul peak, fp32 and bf16
+
+``--out FILE`` writes every result as JSON. Run on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# config -> (precision, head path, packing); peft configs are handled apart
+DT_CONFIGS = {"dt": ("auto", True, True), "dt-fp32": ("fp32", True, True), "dt-base": ("fp32", False, False),
+              "dt-bf16": ("bf16", False, False), "dt-head": ("fp32", True, False), "dt-pack": ("fp32", False, True)}
+
+
+def _kb(field):
+    m = re.search(rf"{field}:\s+(\d+)\s+kB", open("/proc/self/status").read())
+    return int(m.group(1)) if m else 0
+
+
+def _quiet():
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# ----------------------------------------------------------------------------- the child: one configuration
+
+
+def _model(a, dtype):
+    import torch
+
+    if a.model == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+        return m.to(dtype), None
+    from deltatune.integrations.transformers import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(None if a.model == "default" else a.model, dtype=dtype)
+
+
+def _items(a, tok, vocab):
+    """Encoded examples: synthetic full-text rows (every next token a target) or the default task's."""
+    import torch
+
+    if a.mode == "data":
+        from deltatune.train.data import ChatEncoder
+        from deltatune.train.task import build_task
+
+        return ChatEncoder(tok).encode_all(build_task(2400, 320, 0).train)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, vocab, (a.batch * (a.warmup + a.steps), a.seq), generator=g).tolist()
+    return [{"input_ids": r, "labels": [-100] + r[1:]} for r in rows]
+
+
+def child(a):
+    _quiet()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    import deltatune as dt
+    from deltatune.train.data import collate
+    from deltatune.train.loop import Trainer, plan_windows
+    from deltatune.train.precision import resolve_precision
+
+    peft_side = a.config.startswith("peft")
+    prec_name, head, packing = DT_CONFIGS.get(a.config, ("fp32", False, False))
+    prec = resolve_precision("fp32" if peft_side else prec_name, torch.device("cpu"))
+    model, tok = _model(a, prec.base_dtype)
+    model.config.use_cache = False
+    items = _items(a, tok, model.config.vocab_size)
+    bs = a.batch if a.mode != "data" else 16
+    windows = plan_windows(len(items), bs, 1, 1, 0, a.warmup + a.steps)
+    if peft_side:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
+                                                 task_type="CAUSAL_LM"))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ac = torch.autocast("cpu", dtype=torch.bfloat16) if a.config == "peft-ac" else None
+
+        def step(window):
+            b = collate([items[i] for i in window[0]], 0)
+            with ac if ac is not None else _null():
+                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                             use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach()), int(b["lengths"].sum())
+    else:
+        import deltatune.train.loss as L
+
+        dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=a.warmup + a.steps, precision=prec,
+                          packing=packing and a.mode == "data")
+        if not head:
+            L._head_of = lambda m: None  # the logits path (deltatune before the head path)
+        model.train()
+
+        def step(window):
+            log = trainer.train_window(window)
+            return log.loss, log.tokens
+    _reset_peak()
+    times, losses, tokens = [], [], []
+    for i, w in enumerate(windows):
+        t0 = time.perf_counter()
+        loss, ntok = step(w)
+        dt_ = time.perf_counter() - t0
+        losses.append(loss)
+        if i >= a.warmup:
+            times.append(dt_)
+            tokens.append(ntok)
+    med = statistics.median(times)
+    res = {"config": a.config, "mode": a.mode, "seq": a.seq, "batch": bs, "step_s": med, "steps_s": times,
+           "tokens_per_step": statistics.median(tokens), "tok_s": statistics.median(tokens) / med,
+           "peak_steps_mib": _kb("VmHWM") / 1024, "losses": losses, "precision": prec.name,
+           "gflop_per_step": _flops(model, statistics.median(tokens), a) / 1e9}
+    res["gflop_s"] = res["gflop_per_step"] / med
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *e):
+        return False
+
+
+def _reset_peak():
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    except OSError:
+        pass
+
+
+def _flops(model, tokens_per_step, a) -> float:
+    """FLOPs of one step: 2 N T forward + 2 N T input gradients over the frozen matmul weights (N,
+    embeddings excluded, the head on every predicting position), 6 N_lora T for the adapters, and
+    the attention scores (4 T^2 D per layer forward, twice that backward) per sequence."""
+    cfg = model.config
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    n_mm, n_train = 0, 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            if p.requires_grad:
+                n_train += p.numel()
+            else:
+                n_mm += p.numel()
+    head = cfg.vocab_size * D
+    seq = a.seq if a.mode != "data" else tokens_per_step / 16
+    rows = tokens_per_step / seq
+    attn = 12 * seq * seq * D * L * rows
+    return 4 * (n_mm + head) * tokens_per_step + 6 * n_train * tokens_per_step + attn
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def _run(a, config, **over):
+    rows = over.get("rows", "data" if a.mode == "data" else "synthetic")
+    args = [sys.executable, os.path.abspath(__file__), "child", "--config", config, "--rows", rows,
+            "--seq", str(over.get("seq", a.seq)), "--batch", str(a.batch), "--steps", str(over.get("steps", a.steps)),
+            "--warmup", str(a.warmup), "--threads", str(a.threads), "--model", a.model]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=os.path.join(ROOT, "src"))
+    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{config} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+
+
+def matmul_peak(threads: int, seconds: float = 1.5) -> dict:
+    """Best GFLOP/s of torch.matmul at the model's shapes (tokens x 576 x 1536 and back), fp32 and bf16."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        best = 0.0
+        for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (4096, 576, 576), (1024, 576, 49152 // 8)):
+            x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(3):
+                x @ w
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 4:
+                x @ w
+                reps += 1
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        out[str(dtype).replace("torch.", "")] = best
+    return out
+
+
+def rounds(a, configs, **over) -> dict:
+    res = {c: [] for c in configs}
+    for r in range(a.pairs):
+        order = configs if r % 2 == 0 else configs[::-1]
+        for c in order:
+            res[c].append(_run(a, c, **over))
+            x = res[c][-1]
+            print(f"  round {r + 1} {c:<8} {x['step_s']:.3f} s/step  {x['tok_s']:.0f} tok/s  "
+                  f"{x['peak_steps_mib']:.0f} MiB  loss {x['losses'][0]:.4f}", flush=True)
+    return res
+
+
+def summarize(res: dict, ref: str, peak: dict) -> list:
+    rows = []
+    for c, rs in res.items():
+        step = statistics.median(r["step_s"] for r in rs)
+        rss = statistics.median(r["peak_steps_mib"] for r in rs)
+        row = {"config": c, "step_s": step, "tok_s": statistics.median(r["tok_s"] for r in rs), "peak_mib": rss,
+               "gflop_s": statistics.median(r["gflop_s"] for r in rs), "first_losses": rs[0]["losses"][:3]}
+        peak_key = "bfloat16" if rs[0]["precision"] == "bf16" else "float32"
+        row["matmul_peak_share"] = row["gflop_s"] / peak[peak_key] if peak else None
+        if ref in res and c != ref:
+            ratios = [b["step_s"] / x["step_s"] for x, b in zip(rs, res[ref])]
+            row[f"speed_vs_{ref}"] = statistics.median(ratios)
+            row[f"speed_vs_{ref}_range"] = [min(ratios), max(ratios)]
+            row[f"memory_vs_{ref}"] = rss / statistics.median(r["peak_steps_mib"] for r in res[ref])
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, ref):
+    print(f"\n| config | s/step | tokens/s | peak RSS MiB | GFLOP/s (share of matmul peak) | speed vs {ref} | memory vs {ref} |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        sp = r.get(f"speed_vs_{ref}")
+        rng = r.get(f"speed_vs_{ref}_range")
+        share = f" ({100 * r['matmul_peak_share']:.0f}%)" if r.get("matmul_peak_share") else ""
+        print(f"| {r['config']} | {r['step_s']:.3f} | {r['tok_s']:.0f} | {r['peak_mib']:.0f} | {r['gflop_s']:.0f}{share} | "
+              + (f"{sp:.2f}x [{rng[0]:.2f}-{rng[1]:.2f}]" if sp else "1") + " | "
+              + (f"{r[f'memory_vs_{ref}']:.2f}" if sp else "1") + " |")
+
+
+def loss_check(a) -> dict:
+    """The default task through deltatune train's own loop: the fast path vs its fp32 padded path, same
+    data, seed and steps; the mean absolute difference of the per-step losses."""
+    out = {}
+    for prec, packing in (("auto", "auto"), ("fp32", "off")):
+        d = f"/tmp/deltatune-losscheck-{prec}"
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deltatune"), "train", "--out", d, "--overwrite",
+               "--max-steps", str(a.steps), "--eval-every", "0", "--eval-size", "16", "--ppl-size", "0",
+               "--precision", prec, "--packing", packing, "--threads", str(a.threads), "--no-plot", "--no-progress"]
+        subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+        rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+        out[prec] = [r["loss"] for r in rows if r["kind"] == "train"]
+    diffs = [abs(x - y) for x, y in zip(out["auto"], out["fp32"])]
+    return {"steps": len(diffs), "mean_abs_diff": sum(diffs) / len(diffs), "max_abs_diff": max(diffs),
+            "fast_losses": out["auto"], "fp32_losses": out["fp32"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="synthetic",
+                    choices=["synthetic", "data", "scaling", "ablation", "loss-check", "matmul", "child"])
+    ap.add_argument("--config", default="dt")
+    ap.add_argument("--rows", default="synthetic", choices=["synthetic", "data"], help="(child) the batches' kind")
+    ap.add_argument("--configs", default=None, help="comma list (default: dt,peft,peft-ac)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seqs", default="256,512,1024,2048,4096")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="default", help="default (SmolLM2), tiny (quick check), or a local folder")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.mode == "child":
+        a.mode = a.rows
+        return child(a)
+    info = {"cpu": platform.processor() or platform.machine(), "threads": a.threads, "python": platform.python_version()}
+    try:
+        import peft
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    result = {"info": info, "mode": a.mode}
+    if a.mode == "matmul":
+        result["matmul_gflop_s"] = matmul_peak(a.threads)
+    elif a.mode == "loss-check":
+        result["loss_check"] = loss_check(a)
+        print(json.dumps({k: v for k, v in result["loss_check"].items() if "losses" not in k}))
+    else:
+        peak = matmul_peak(a.threads)
+        result["matmul_gflop_s"] = peak
+        print(f"matmul peak here: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16")
+        if a.mode == "scaling":
+            configs = (a.configs or "dt").split(",")
+            result["scaling"] = {}
+            for s in map(int, a.seqs.split(",")):
+                print(f"seq {s}:")
+                res = rounds(a, configs, rows="synthetic", seq=s, steps=max(1, min(a.steps, 4096 // s + 1)))
+                result["scaling"][s] = summarize(res, "peft", peak)
+                print_table(result["scaling"][s], "peft")
+        elif a.mode == "ablation":
+            for mode in ("synthetic", "data"):
+                configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack"] if mode == "data" else []) + ["dt"]
+                res = rounds(a, configs, rows=mode)
+                result[mode] = summarize(res, "dt-base", peak)
+                print_table(result[mode], "dt-base")
+        else:
+            configs = (a.configs or "dt,peft,peft-ac").split(",")
+            res = rounds(a, configs)
+            result["rows"] = summarize(res, "peft", peak)
+            result["raw"] = res
+            print_table(result["rows"], "peft")
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
