@@ -110,8 +110,10 @@ def child(a):
 
     peft_side = a.config.startswith("peft")
     prec_name, head, packing = DT_CONFIGS.get(a.config, ("fp32", False, False))
-    prec = resolve_precision("fp32" if peft_side else prec_name, torch.device("cpu"))
+    dev = torch.device(a.device)
+    prec = resolve_precision("fp32" if peft_side else prec_name, dev)
     model, tok = _model(a, prec.base_dtype)
+    model.to(dev)
     model.config.use_cache = False
     items = _items(a, tok, model.config.vocab_size)
     bs = a.batch if a.mode != "data" else 16
@@ -123,10 +125,10 @@ def child(a):
                                                  task_type="CAUSAL_LM"))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ac = torch.autocast("cpu", dtype=torch.bfloat16) if a.config == "peft-ac" else None
+        ac = torch.autocast(dev.type, dtype=torch.bfloat16) if a.config == "peft-ac" else None
 
         def step(window):
-            b = collate([items[i] for i in window[0]], 0)
+            b = {k: v.to(dev) for k, v in collate([items[i] for i in window[0]], 0).items()}
             with ac if ac is not None else _null():
                 loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                              use_cache=False).loss
@@ -148,10 +150,14 @@ def child(a):
             log = trainer.train_window(window)
             return log.loss, log.tokens
     _reset_peak()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses, tokens = [], [], []
     for i, w in enumerate(windows):
         t0 = time.perf_counter()
         loss, ntok = step(w)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         dt_ = time.perf_counter() - t0
         losses.append(loss)
         if i >= a.warmup:
@@ -160,7 +166,8 @@ def child(a):
     med = statistics.median(times)
     res = {"config": a.config, "mode": a.mode, "seq": a.seq, "batch": bs, "step_s": med, "steps_s": times,
            "tokens_per_step": statistics.median(tokens), "tok_s": statistics.median(tokens) / med,
-           "peak_steps_mib": _kb("VmHWM") / 1024, "losses": losses, "precision": prec.name,
+           "peak_steps_mib": _kb("VmHWM") / 1024, "losses": losses, "precision": prec.name, "device": str(dev),
+           "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
            "gflop_per_step": _flops(model, statistics.median(tokens), a) / 1e9}
     res["gflop_s"] = res["gflop_per_step"] / med
     print("RESULT " + json.dumps(res), flush=True)
@@ -213,7 +220,7 @@ def _run(a, config, **over):
     rows = over.get("rows", "data" if a.mode == "data" else "synthetic")
     args = [sys.executable, os.path.abspath(__file__), "child", "--config", config, "--rows", rows,
             "--seq", str(over.get("seq", a.seq)), "--batch", str(a.batch), "--steps", str(over.get("steps", a.steps)),
-            "--warmup", str(a.warmup), "--threads", str(a.threads), "--model", a.model]
+            "--warmup", str(a.warmup), "--threads", str(a.threads), "--model", a.model, "--device", a.device]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=os.path.join(ROOT, "src"))
     p = subprocess.run(args, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
@@ -222,22 +229,25 @@ def _run(a, config, **over):
     raise RuntimeError(f"{config} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
 
 
-def matmul_peak(threads: int, seconds: float = 1.5) -> dict:
+def matmul_peak(threads: int, seconds: float = 1.5, device: str = "cpu") -> dict:
     """Best GFLOP/s of torch.matmul at the model's shapes (tokens x 576 x 1536 and back), fp32 and bf16."""
     import torch
 
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         best = 0.0
         for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (4096, 576, 576), (1024, 576, 49152 // 8)):
-            x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
             for _ in range(3):
                 x @ w
+            sync()
             reps, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds / 4:
                 x @ w
                 reps += 1
+            sync()
             best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
         out[str(dtype).replace("torch.", "")] = best
     return out
@@ -317,6 +327,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="default", help="default (SmolLM2), tiny (quick check), or a local folder")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.mode == "child":
@@ -333,12 +344,12 @@ def main():
         pass
     result = {"info": info, "mode": a.mode}
     if a.mode == "matmul":
-        result["matmul_gflop_s"] = matmul_peak(a.threads)
+        result["matmul_gflop_s"] = matmul_peak(a.threads, device=a.device)
     elif a.mode == "loss-check":
         result["loss_check"] = loss_check(a)
         print(json.dumps({k: v for k, v in result["loss_check"].items() if "losses" not in k}))
     else:
-        peak = matmul_peak(a.threads)
+        peak = matmul_peak(a.threads, device=a.device)
         result["matmul_gflop_s"] = peak
         print(f"matmul peak here: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16")
         if a.mode == "scaling":
