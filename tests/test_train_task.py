@@ -44,9 +44,11 @@ def test_split_by_lemma_sizes_and_determinism():
     assert e.messages[0]["role"] == "user" and e.messages[1]["content"] == e.answers[0]
     again = build_task(2400, 320, seed=0)
     assert [x.messages for x in again.eval] == [x.messages for x in task.eval]
-    other = build_task(2400, 320, seed=1)
-    assert [x.messages for x in other.eval] != [x.messages for x in task.eval]
-    # the held-out questions depend on the seed and eval size only; a longer list extends a shorter one
+    other = build_task(2400, 320, seed=1)  # another seed: other training questions, the same held-out words
+    assert [x.messages for x in other.eval] == [x.messages for x in task.eval]
+    assert [x.messages for x in other.train] != [x.messages for x in task.train]
+    assert not {x.meta["lemma"] for x in other.train} & set(eval_lemmas)
+    # the held-out questions depend on the eval size only; a longer list extends a shorter one
     big = build_task(100, 400, seed=0)
     assert [x.messages for x in big.eval[:320]] == [x.messages for x in task.eval]
     assert not {x.meta["lemma"] for x in big.eval} & train_lemmas
@@ -55,3 +57,22 @@ def test_split_by_lemma_sizes_and_determinism():
 def test_too_many_questions_is_an_error():
     with pytest.raises(DataError, match="fewer than"):
         build_task(10, 10_000, seed=0)
+
+
+def test_questions_quote_the_word_and_never_train_the_bare_word_as_a_plural(table):
+    task = build_task(2400, 320, seed=0)
+    q = task.train[0].messages[0]["content"]
+    assert q.startswith("Give the ") and q.count('"') == 2 and q.endswith('".')
+    plain = build_task(2400, 320, seed=0, wording="plain")
+    assert plain.train[0].messages[0]["content"] == q.replace('"', "")
+    assert [e.meta for e in plain.eval] == [e.meta for e in task.eval]  # the wording changes only the text
+    for e in task.train + task.eval:
+        lemma, answer = e.meta["lemma"], e.messages[1]["content"]
+        spellings = table[e.meta["form"]][lemma]
+        assert set(e.answers) == set(spellings)  # every spelling still counts in evaluation
+        if e.meta["form"] == "plural":
+            assert answer != lemma  # "acne" -> "acnes" is trained, never "acne" -> "acne"
+    advice = [e for e in build_task(29000, 10, seed=0).train if e.meta["lemma"] == "advice" and e.meta["form"] == "plural"]
+    assert advice and advice[0].messages[1]["content"] == "advices"
+    with pytest.raises(DataError, match="wording"):
+        build_task(10, 10, wording="fancy")

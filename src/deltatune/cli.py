@@ -78,6 +78,7 @@ _TRAIN_FLAGS = [
     ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),
     ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),
     ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 2400)"),
+    ("--task-wording", "task_wording", str, 'default task: quoted (default: Give the plural of "cat".) or plain'),
     ("--eval-every", "eval_every", int, "evaluate every N optimizer steps, 0 = only before/after (default 50)"),
     ("--eval-size", "eval_size", int, "held-out examples scored (default 320)"),
     ("--eval-batch-size", "eval_batch_size", int, "generation batch size in evaluation (default 64)"),

@@ -117,8 +117,8 @@ def run_settings(adapter: Optional[str]) -> dict:
             conf = json.load(fh).get("config") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "max_seq_len", "train_on",
-            "precision", "dtype")
+    keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "task_wording", "max_seq_len",
+            "train_on", "precision", "dtype")
     return {k: conf[k] for k in keys if conf.get(k) is not None}
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .precision import PRECISIONS
+from .task import WORDINGS
 from .presets import METHOD_FIELDS, PRESETS, default_lr
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only
     val_fraction: float = 0.05  # held-out share split off --data when --eval-data is absent
     task_train_size: int = 2400  # default task: training questions (= 150 steps x 16)
+    task_wording: str = "quoted"  # default task: the word "quoted" in the question, or plain
     # evaluation
     eval_every: int = 50  # optimizer steps; 0 = only before and after training
     eval_size: int = 320  # held-out examples scored (default task: held-out words)
@@ -241,7 +243,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and not isinstance(v, str):
             raise OptionError(f"option {n!r} must be a path, got {v!r}")
-    for n in ("out", "method", "schedule", "train_on", "precision", "packing", "shared_prefix"):
+    for n in ("out", "method", "schedule", "train_on", "precision", "packing", "shared_prefix", "task_wording"):
         if not isinstance(getattr(cfg, n), str):
             raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
     tm = cfg.target_modules
@@ -260,6 +262,8 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.precision not in PRECISIONS:
         raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.task_wording not in WORDINGS:
+        raise OptionError(f"option 'task_wording' must be one of {', '.join(WORDINGS)}, got {cfg.task_wording!r}")
     for n in ("packing", "shared_prefix"):
         if getattr(cfg, n) not in ("auto", "on", "off"):
             raise OptionError(f"option {n!r} must be auto, on or off, got {getattr(cfg, n)!r}")

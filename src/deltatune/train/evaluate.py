@@ -123,6 +123,17 @@ def loss_stats(model: nn.Module, items: Sequence[dict], pad_id: int, batch_size:
             "token_accuracy": right / n if n else float("nan"), "targets": n}
 
 
+def metric_by_form(hits: Sequence[bool], examples: Sequence[Example]) -> Optional[dict]:
+    """form -> fraction of hits, for examples that carry a ``meta["form"]`` (the default task's
+    inflections); None when none does."""
+    by: dict = {}
+    for h, e in zip(hits, examples):
+        f = e.meta.get("form") if e.meta else None
+        if f is not None:
+            by.setdefault(f, []).append(bool(h))
+    return {f: sum(v) / len(v) for f, v in by.items()} or None
+
+
 class Evaluator:
     """Scores a model on held-out examples: exact match of greedy answers (chat examples with a
     reference answer) or teacher-forced token accuracy (plain text), plus the eval loss.
@@ -182,6 +193,7 @@ class Evaluator:
                 hits = [exact_match(p, e.answers or [e.reference]) for p, e in zip(preds, self.examples)]
                 res["metric"] = sum(hits) / len(hits)
                 res["n"] = len(hits)
+                res["metric_by_form"] = metric_by_form(hits, self.examples)
                 res["samples"] = [
                     {"prompt": e.prompt_messages()[-1]["content"], "answer": p, "expected": e.reference}
                     for p, e in list(zip(preds, self.examples))[:5]]

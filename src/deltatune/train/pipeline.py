@@ -137,7 +137,7 @@ def read_data(cfg: TrainConfig, log=None):
     Runs before the model is loaded, so that a bad file fails at once.
     """
     if cfg.data is None:
-        task = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed)
+        task = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed, wording=cfg.task_wording)
         _say(log, f"data: default task, {len(task.train)} training questions from {task.n_train_lemmas} lemmas, "
                   f"{len(task.eval)} held-out words from {task.n_eval_lemmas} held-out lemmas")
         return task.train, task.eval, "inflection (lemminflect lexicon)"
@@ -348,6 +348,8 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "metric_name": (after or before).get("metric_name"),
         "metric_before": before.get("metric"),
         "metric_after": after.get("metric"),
+        "metric_by_form": after.get("metric_by_form"),
+        "metric_by_form_before": before.get("metric_by_form"),
         "trainable_params": run.trainable,
         "total_params": run.total,
         "peak_rss_bytes": peak_rss_bytes(),

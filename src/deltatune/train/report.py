@@ -123,6 +123,9 @@ def format_table(report: dict) -> str:
         f"{'perplexity (chitchat)':<26}{_fmt(report.get('perplexity_before')):>12}"
         f"{_fmt(report.get('perplexity_after')):>12}",
     ]
+    by_before, by_after = report.get("metric_by_form_before") or {}, report.get("metric_by_form") or {}
+    for form in sorted(set(by_before) | set(by_after)):
+        lines.append(f"{'  ' + form:<26}{pct(by_before.get(form)):>12}{pct(by_after.get(form)):>12}")
     t, n = report.get("trainable_params"), report.get("total_params")
     rows = [
         ("method", report.get("method")),

@@ -8,7 +8,7 @@ read directly (the package is not imported; nothing is downloaded).
 
 Each question is one chat turn, answered with one word::
 
-    user:      Give the past tense of walk.
+    user:      Give the past tense of "walk".
     assistant: walked
 
 Six forms: past tense, past participle, -ing form (verbs), plural (nouns), comparative and
@@ -16,8 +16,8 @@ superlative (adjectives). Only lowercase alphabetic lemmas and answers are used;
 only plural equals the lemma (mass nouns) are left out. A question's accepted answers are all the
 lexicon's spellings (``reason`` -> ``reasons`` or ``reason``); training uses the first.
 
-Split by lemma: a seeded 15% of the lemmas are held out, so no held-out word (in any of its
-forms) is seen in training. Questions are drawn form-first (each of the six forms equally
+Split by lemma: a fixed 15% of the lemmas are held out (the same whatever ``--seed``), so no
+held-out word (in any of its forms) is seen in training. Questions are drawn form-first (each of the six forms equally
 likely), then a lemma. Metric: exact match of the greedy answer (see
 :func:`deltatune.train.evaluate.normalize_answer`).
 """
@@ -43,7 +43,12 @@ FORMS = {
     "comparative": ("adj", 0, "Give the comparative of {w}."),
     "superlative": ("adj", 1, "Give the superlative of {w}."),
 }
+# How the word is written in the question: "plain" (Give the plural of cat.) or "quoted" (Give the
+# plural of "cat".). Quoted, the word is not preceded by a space, so its first token is the token
+# the answer starts with (the answer follows the assistant header without a space).
+WORDINGS = ("quoted", "plain")
 HELD_OUT_LEMMA_FRACTION = 0.15
+HELD_OUT_SEED = 0  # the held-out lemmas and words are fixed: they never depend on --seed
 _WORD = re.compile(r"^[a-z]+$")
 
 
@@ -89,11 +94,17 @@ def read_lexicon(path: Optional[str] = None) -> dict:
     return table
 
 
-def make_example(form: str, lemma: str, answers: tuple) -> Example:
-    q = FORMS[form][2].format(w=lemma)
+def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted") -> Example:
+    """One question. The trained answer is the first accepted spelling that is not the bare lemma
+    (``acne`` -> ``acnes``, though the lexicon also accepts ``acne``): a question is never trained to
+    be answered with the word it asks about unless that is the only spelling; every spelling counts
+    as right in evaluation."""
+    word = f'"{lemma}"' if wording == "quoted" else lemma
+    q = FORMS[form][2].format(w=word)
+    trained = next((a for a in answers if a != lemma), answers[0])
     return Example(
-        messages=[{"role": "user", "content": q}, {"role": "assistant", "content": answers[0]}],
-        answers=list(answers),
+        messages=[{"role": "user", "content": q}, {"role": "assistant", "content": trained}],
+        answers=[trained] + [a for a in answers if a != trained],
         where=f"task:{form}:{lemma}",
         meta={"form": form, "lemma": lemma},
     )
@@ -112,20 +123,24 @@ class InflectionTask:
     metric_name = "exact_match"
 
 
-def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path: Optional[str] = None) -> InflectionTask:
+def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path: Optional[str] = None,
+               wording: str = "quoted") -> InflectionTask:
     """``train_size`` training questions and ``eval_size`` held-out questions (distinct words).
 
-    Lemmas are split once with ``seed``: 15% held out. Training questions are distinct
-    (form, lemma) pairs from training lemmas; held-out questions use distinct held-out lemmas. The
-    held-out questions depend only on ``seed`` and ``eval_size`` (the first N of a larger set are the
-    same), so ``deltatune eval`` scores the words a run was evaluated on.
+    The lemmas are split once, with :data:`HELD_OUT_SEED` (never ``seed``): 15% held out, and no
+    held-out lemma appears in training in any form. Held-out questions use distinct held-out lemmas
+    and depend only on ``eval_size`` (the first N of a larger fixed set are the same), so every run
+    and ``deltatune eval`` score the same words. Training questions are distinct (form, lemma) pairs
+    of training lemmas, drawn with ``seed``. ``wording``: see :data:`WORDINGS`.
 
     Raises:
-        DataError: the lexicon cannot supply that many distinct questions.
+        DataError: the lexicon cannot supply that many distinct questions; an unknown wording.
     """
+    if wording not in WORDINGS:
+        raise DataError(f"task wording {wording!r} is not one of {', '.join(WORDINGS)}")
     table = read_lexicon(path)
     lemmas = sorted({lem for f in table.values() for lem in f})
-    held = set(random.Random(seed).sample(lemmas, int(len(lemmas) * HELD_OUT_LEMMA_FRACTION)))
+    held = set(random.Random(HELD_OUT_SEED).sample(lemmas, int(len(lemmas) * HELD_OUT_LEMMA_FRACTION)))
     forms = list(FORMS)
 
     def draw(n, allowed, distinct_lemma: bool, rng: random.Random):
@@ -145,11 +160,11 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
                 continue
             used_pairs.add((f, lem))
             used_lemmas.add(lem)
-            out.append(make_example(f, lem, table[f][lem]))
+            out.append(make_example(f, lem, table[f][lem], wording))
         return out
 
     train_lemmas = set(lemmas) - held
-    # separate streams: the held-out questions do not depend on train_size (and vice versa)
+    # separate streams: the held-out questions depend on neither train_size nor seed
     train = draw(int(train_size), train_lemmas, distinct_lemma=False, rng=random.Random(f"train-{seed}"))
-    ev = draw(int(eval_size), held, distinct_lemma=True, rng=random.Random(f"eval-{seed}"))
+    ev = draw(int(eval_size), held, distinct_lemma=True, rng=random.Random(f"eval-{HELD_OUT_SEED}"))
     return InflectionTask(train=train, eval=ev, n_train_lemmas=len(train_lemmas), n_eval_lemmas=len(held))
