@@ -97,17 +97,17 @@ def share_prefix(items: Sequence[dict], pad_id: int = 0) -> Optional[dict]:
     return b
 
 
-@torch.no_grad()
 def batching_agrees(model: nn.Module, items: Sequence[dict], pad_id: int, precision,
                     make_batch: Callable, rtol: float = 2e-3) -> bool:
     """Whether ``model`` gives ``make_batch(items)`` (packed rows, a shared prefix) the loss of the
     padded batch, within ``rtol`` relative: a model that ignores ``position_ids`` or attends across
-    examples fails. The model runs in eval mode (restored after); nothing else changes."""
+    examples fails. The losses are computed as training computes them (grad mode on: the same
+    attention kernels), in eval mode (no dropout; restored after); no gradient is taken."""
     other = make_batch(items)
     if len(items) < 2 or other is None:
         return True
-    with evaluation_mode(model, precision):
+    with evaluation_mode(model, precision), torch.enable_grad():
         padded, n1 = token_loss_sum(model, to_device(collate(items, pad_id), precision.device))
         mine, n2 = token_loss_sum(model, to_device(other, precision.device))
-    a, b = float(padded), float(mine)
+    a, b = float(padded.detach()), float(mine.detach())
     return n1 == n2 and abs(a - b) <= rtol * max(abs(a), 1e-6)
