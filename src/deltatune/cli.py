@@ -59,6 +59,9 @@ _TRAIN_FLAGS = [
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up, in optimizer steps (default 10)"),
     ("--schedule", "schedule", str, "cosine (default) or constant after warm-up"),
+    ("--lr-floor", "lr_floor", float, "cosine decays to this fraction of the peak lr (default 0)"),
+    ("--warmup-from-zero", "warmup_from_zero", str, "true (default): warm-up lr step/W, the first step at 0; "
+                                                    "false: (step+1)/W"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
     ("--batch-size", "batch_size", int, "examples per micro-batch (default 16)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),

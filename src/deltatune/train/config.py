@@ -59,6 +59,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
+    lr_floor: float = 0.0  # cosine decays to lr * lr_floor at the last step
+    warmup_from_zero: bool = True  # warm-up LR step/W (the first step at 0) or (step+1)/W
     max_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
     batch_size: int = 16
     grad_accum: int = 1
@@ -231,6 +233,8 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'lora_alpha' must be > 0, got {cfg.lora_alpha!r}")
     if not (0.0 <= cfg.lora_dropout < 1.0):
         raise OptionError(f"option 'lora_dropout' must be in [0, 1), got {cfg.lora_dropout!r}")
+    if not (math.isfinite(cfg.lr_floor) and 0.0 <= cfg.lr_floor <= 1.0):
+        raise OptionError(f"option 'lr_floor' must be in [0, 1] (a fraction of the peak lr), got {cfg.lr_floor!r}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise OptionError(f"option 'weight_decay' must be >= 0, got {cfg.weight_decay!r}")
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):

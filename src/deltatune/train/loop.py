@@ -80,15 +80,22 @@ def plan_windows(n_items: int, batch_size: int, grad_accum: int, epochs: int, se
     return windows[:max_steps] if max_steps is not None else windows
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
-    """LR multiplier of optimizer step ``step`` (0-based) of ``total``; 0 at step == total."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", floor: float = 0.0,
+              warmup_from_zero: bool = True) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based) of ``total``; 0 at step == total.
+
+    Warm-up: ``step / W`` (``warmup_from_zero``: the first step runs at 0) or ``(step + 1) / W``
+    (the first step already moves). Cosine decays from 1 to ``floor`` at the last step.
+    """
+    if step >= total:
+        return 0.0
     if step < warmup:
-        return step / max(1, warmup)
+        return (step if warmup_from_zero else step + 1) / max(1, warmup)
     if schedule == "constant":
-        return 1.0 if step < total else 0.0
+        return 1.0
     span = max(1, total - warmup)
     p = min(1.0, (step - warmup) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * p))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -140,6 +147,8 @@ class Trainer:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
+    lr_floor: float = 0.0
+    warmup_from_zero: bool = True
     max_grad_norm: Optional[float] = None
     batch_size: int = 16
     grad_accum: int = 1
@@ -173,8 +182,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                             {"params": keep, "weight_decay": 0.0}], lr=self.lr)
         total, warm, sched = self.total_steps, int(self.warmup_steps), self.schedule
+        floor, from_zero = self.lr_floor, self.warmup_from_zero
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, warm, sched))
+            self.optimizer, lambda s: lr_factor(s, total, warm, sched, floor, from_zero))
         self.step = 0
         self.train_tokens = 0
         self.train_seconds = 0.0

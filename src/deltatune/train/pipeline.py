@@ -276,6 +276,7 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
+        lr_floor=cfg.lr_floor, warmup_from_zero=cfg.warmup_from_zero,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
         evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
