@@ -206,12 +206,12 @@ def test_adalora_trains_through_the_loop_and_saves_its_rank_pattern(tmp_path):
 
     from deltatune.train.loop import Trainer
 
-    model = _adalora_model()
-    with pytest.warns(UserWarning, match="total_step=100 but this training run takes 6"):
+    model = _adalora_model(total_step=12, tinit=2, tfinal=4)
+    with pytest.warns(UserWarning, match="total_step=12 but this training run takes 6"):
         tr = Trainer(model, _items(), pad_id=0, lr=5e-2, batch_size=2, max_steps=6, warmup_steps=0)
     tr.fit()
     cfg = dt.get_config(model)
-    assert cfg.total_step == 6 and cfg.rank_pattern is not None
+    assert (cfg.total_step, cfg.tinit, cfg.tfinal) == (6, 1, 2) and cfg.rank_pattern is not None
     kept = {k: sum(v) for k, v in cfg.rank_pattern.items()}
     assert len(kept) == 4 and sum(kept.values()) == 2 * 4  # the budget reached target_r per matrix
     for path in dt.get_record(model).hosts:
@@ -271,3 +271,29 @@ def test_adalora_config_checks():
     with pytest.raises(ValueError, match="rank_pattern keys"):
         dt.inject(make_tl(), dt.AdaLoraConfig(total_step=10, target_modules=["q_proj"],
                                               rank_pattern={"model.nowhere.lora_E": [True] * 12}))
+
+
+# ----------------------------------------------------------------------------- deltatune inspect
+
+
+@pytest.mark.parametrize("cfg", [
+    dt.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], alpha_pattern={"down_proj": 3}),
+    dt.LoKrConfig(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "down_proj"]),
+    dt.AdaLoraConfig(init_r=4, lora_alpha=8, total_step=5, target_modules=["q_proj", "down_proj"],
+                     rank_pattern={"model.layers.1.mlp.down_proj.lora_E": [True, False, True, True]}),
+], ids=["loha", "lokr", "adalora"])
+def test_inspect_norm_is_the_norm_of_the_weight_update(cfg, tmp_path):
+    from deltatune.formats.describe import describe_adapter
+
+    model = dt.inject(make_tl(), cfg)
+    emulate_training(model, std=0.1)
+    dt.save_adapter(model, str(tmp_path))
+    info = describe_adapter(str(tmp_path))
+    assert info["method"] == cfg.peft_type and len(info["modules"]) == 4
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    dt.merge(model)
+    for row in info["modules"]:
+        delta = model.get_submodule(row["module"]).weight.detach() - w0[row["module"] + ".weight"]
+        assert abs(row["norm"] - float(torch.linalg.norm(delta))) < 1e-4 * max(1.0, row["norm"]), row
+    if cfg.peft_type == "ADALORA":
+        assert [r["rank"] for r in info["modules"]] == [4, 4, 3, 4]  # layers.1.mlp.down_proj kept 3
