@@ -61,8 +61,8 @@ class AdaLoraConfig(LoraConfig):
         deltaT: steps between two budget allocations. Default 1.
         beta1, beta2: EMA factors of sensitivity and uncertainty. Default 0.85 each.
         orth_reg_weight: weight of the orthogonality regulariser (>= 0). Default 0.5.
-        total_step: optimizer steps of the training run (required, > 0; deltatune's loop takes its
-            own number of steps when it differs, with a warning).
+        total_step: optimizer steps of the training run (required, > 0; when deltatune's loop runs
+            another number of steps, the schedule is scaled to it, with a warning: :class:`AdaLoraHook`).
         rank_pattern: the kept triplets per matrix (set by training; module docstring).
         init_lora_weights: True: ``E = 0``, ``A, B ~ N(0, 0.02)``; False: all ~ N(0, 1).
 
@@ -228,21 +228,25 @@ class AdaLoraHook:
     """AdaLoRA's training-time part for one adapter (module docstring), run by the training loop
     (:class:`deltatune.inject.TrainHook`); PEFT's ``RankAllocator`` with ``update_and_allocate``.
 
-    ``config.total_step`` follows the run: when it differs from ``total_steps`` it is set to it
-    (with a warning), so the schedule ends where training ends and the saved config says so.
+    The schedule follows the run: when ``config.total_step`` differs from the run's ``total_steps``,
+    ``total_step`` becomes ``total_steps`` and ``tinit``/``tfinal`` are scaled by the same ratio
+    (with a warning), so pruning ends where training ends and the saved config says what ran.
 
     Raises:
-        ValueError: the run's number of steps leaves no budgeting phase for ``tinit``/``tfinal``.
+        ValueError: the scaled schedule leaves no budgeting phase.
     """
 
     def __init__(self, model: nn.Module, adapter_name: str, config: AdaLoraConfig, total_steps: int):
         if config.total_step != total_steps:
+            ratio = total_steps / config.total_step
+            tinit, tfinal = int(round(config.tinit * ratio)), int(round(config.tfinal * ratio))
             warnings.warn(f"AdaLoRA: total_step={config.total_step} but this training run takes {total_steps} optimizer "
-                          f"steps; the rank schedule follows the run (total_step={total_steps} is saved)", stacklevel=3)
-            if config.tinit >= total_steps - config.tfinal:
-                raise ValueError(f"AdaLoRA: tinit={config.tinit} and tfinal={config.tfinal} leave no budgeting phase in "
-                                 f"a run of {total_steps} optimizer steps")
-            config.total_step = total_steps
+                          f"steps; the rank schedule follows the run (total_step={total_steps}, tinit={tinit}, "
+                          f"tfinal={tfinal} are saved)", stacklevel=3)
+            if tinit >= total_steps - tfinal:
+                raise ValueError(f"AdaLoRA: tinit={tinit} and tfinal={tfinal} leave no budgeting phase in a run of "
+                                 f"{total_steps} optimizer steps")
+            config.total_step, config.tinit, config.tfinal = total_steps, tinit, tfinal
         self.config = config
         self.layers = [(path, ad) for path, _, _, ad in iter_adapter_modules(model, adapter_name)
                        if isinstance(ad, AdaLoraAdapter)]
