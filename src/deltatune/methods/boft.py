@@ -136,9 +136,10 @@ def boft_layout(n: int, block_size: int, block_num: int, factor: int, name: str)
 def cayley_half_skew(r: torch.Tensor) -> torch.Tensor:
     """(k, b, b) orthogonal ``(I - S)(I + S)^-1`` with ``S = (r - r^T) / 2`` (BOFT's Cayley map)."""
     k, b, _ = r.shape
-    s = 0.5 * (r - r.transpose(1, 2))
-    eye = torch.eye(b, dtype=r.dtype, device=r.device).expand(k, b, b)
-    return torch.linalg.solve(eye + s, eye - s, left=False)
+    w = r.float() if r.dtype in (torch.float16, torch.bfloat16) else r  # LU has no half-precision kernels
+    s = 0.5 * (w - w.transpose(1, 2))
+    eye = torch.eye(b, dtype=w.dtype, device=w.device).expand(k, b, b)
+    return torch.linalg.solve(eye + s, eye - s, left=False).to(r.dtype)
 
 
 class BOFTAdapter(nn.Module):

@@ -129,9 +129,11 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     """Orthogonal (k, b, b) matrices from skew-symmetric ``q``: PEFT's truncated series
     ``I + 2q + 2q^2 + ... + q^(terms-1)``, or the exact ``(I - q)(I + q)^-1``."""
     k, b, _ = q.shape
+    if not neumann:  # LU has no half-precision kernels: solve in float32
+        w = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+        eye = torch.eye(b, dtype=w.dtype, device=w.device).expand(k, b, b)
+        return torch.linalg.solve(eye + w, eye - w, left=False).to(q.dtype)
     eye = torch.eye(b, dtype=q.dtype, device=q.device).expand(k, b, b)
-    if not neumann:
-        return torch.linalg.solve(eye + q, eye - q, left=False)
     r = eye.clone()
     if terms > 1:
         r = r + 2.0 * q
