@@ -54,8 +54,9 @@ def check_kind(host: nn.Module, name: str, method: str, allowed: tuple) -> Layer
     kind = layer_kind(host)
     ok = kind is not None and (kind.name in allowed or ("linear-like" in allowed and kind.linear_like))
     if not ok:
-        what = ", ".join("linear layers (nn.Linear, transformers Conv1D)" if a == "linear-like" else f"nn.{a.capitalize()}"
-                         if a.startswith("conv") else a for a in allowed)
+        names = {"linear-like": "linear layers (nn.Linear, transformers Conv1D)", "conv1d": "nn.Conv1d",
+                 "conv2d": "nn.Conv2d", "conv3d": "nn.Conv3d", "embedding": "nn.Embedding"}
+        what = ", ".join(names.get(a, a) for a in allowed)
         raise TypeError(f"{method} cannot adapt {name} ({type(host).__name__}); it adapts {what}")
     return kind
 
