@@ -240,7 +240,7 @@ class BOFTAdapter(nn.Module):
         dt = compute_dtype(x, self.boft_R.dtype)
         w = dense_weight(host).to(dt)
         bias = getattr(host, "bias", None)
-        blocks = self._blocks(dt)
+        blocks = self._blocks(self.boft_R.dtype).to(dt)  # made in the adapter dtype, applied in x's under autocast
         s = self._scale().to(dt)
         if self.conv:
             w_eff = (s[:, None] * self.rotate_weight(w.reshape(w.shape[0], -1), blocks)).reshape(w.shape)

@@ -198,8 +198,9 @@ class OFTRotation(nn.Module):
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ blockdiag(R)`` over the last dimension of ``x`` (..., blocks * b), in the adapter dtype."""
         dt = compute_dtype(x, self.weight.dtype)
+        rot = self.rotations(self.weight.dtype).to(dt)  # made in the adapter dtype, applied in x's under autocast
         xr = x.to(dt).reshape(*x.shape[:-1], self.blocks, self.b)
-        return torch.einsum("...rk,rkc->...rc", xr, self.rotations(dt)).reshape(x.shape).to(x.dtype)
+        return torch.einsum("...rk,rkc->...rc", xr, rot).reshape(x.shape).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
         """``blockdiag(R)`` (in, in), float32."""
