@@ -234,14 +234,16 @@ _BOFT_OPTS = {"boft_block_size": "int", "boft_block_num": "int", "boft_n_butterf
 
 def build_loha(cfg: "TrainConfig", options: dict) -> LoHaConfig:
     """LoHa (arXiv:2108.06098) on all linear layers; ``--rank`` 8 and ``--lora-alpha`` 16 by default
-    (the parameters of LoRA r=16, scale 2). Options: ``rank_dropout``, ``module_dropout``,
-    ``use_effective_conv2d``, ``init_weights``."""
+    (the parameters of LoRA r=16, scale 2). Default lr 3e-3: one factor of the Hadamard product
+    starts at 0, so LoHa moves slower than LoRA at LoRA's 1e-3 (see LR_LOHA). Options:
+    ``rank_dropout``, ``module_dropout``, ``use_effective_conv2d``, ``init_weights``."""
     return LoHaConfig(r=int(cfg.r), alpha=float(cfg.lora_alpha), target_modules=_targets(cfg.target_modules)
                       or "all-linear", **_opts(options, _LYCORIS_OPTS))
 
 
 def build_lokr(cfg: "TrainConfig", options: dict) -> LoKrConfig:
-    """LoKr (arXiv:2309.14859) on all linear layers, ``--rank``/``--lora-alpha`` as LoRA's. Options:
+    """LoKr (arXiv:2309.14859) on all linear layers, ``--rank``/``--lora-alpha`` as LoRA's; default lr
+    3e-3 (its Kronecker factors hold ~6% of LoRA's parameters; see LR_LOKR). Options:
     ``decompose_both``, ``decompose_factor``, ``rank_dropout``, ``rank_dropout_scale``,
     ``module_dropout``, ``use_effective_conv2d``, ``init_weights`` (true | false | lycoris)."""
     kw = _opts(options, _LOKR_OPTS)
@@ -253,7 +255,8 @@ def build_lokr(cfg: "TrainConfig", options: dict) -> LoKrConfig:
 
 def build_vera(cfg: "TrainConfig", options: dict) -> VeraConfig:
     """VeRA (arXiv:2310.11454) on all linear layers; ``--rank`` 256 by default (PEFT's and the
-    paper's scale). Options: ``projection_prng_key``, ``save_projection``, ``vera_dropout``, ``d_initial``."""
+    paper's scale). Default lr 2e-2: only two scaling vectors per layer train, which want large steps
+    (see LR_VERA). Options: ``projection_prng_key``, ``save_projection``, ``vera_dropout``, ``d_initial``."""
     return VeraConfig(r=int(cfg.r), target_modules=_targets(cfg.target_modules) or "all-linear",
                       **_opts(options, _VERA_OPTS))
 
@@ -270,8 +273,9 @@ def build_adalora(cfg: "TrainConfig", options: dict) -> AdaLoraConfig:
     PEFT's) and ``--lora-alpha`` 24 (scale 2 at init_r 12); ``target_r`` 8. The schedule takes the
     run's optimizer steps ``T`` (``total_step``): no pruning for the first ``tinit = T // 10`` steps,
     the pattern fixed for the last ``tfinal = T // 5``, an allocation every step (``deltaT`` 1).
-    Options: ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
-    ``orth_reg_weight``, ``total_step``."""
+    Default lr 5e-3: the singular values start at 0 and the vectors at scale 0.02, so 1e-3 barely
+    moves in 30 steps (see LR_ADALORA). Options: ``target_r``, ``tinit``, ``tfinal``, ``deltaT``,
+    ``beta1``, ``beta2``, ``orth_reg_weight``, ``total_step``."""
     kw = _opts(options, _ADALORA_OPTS)
     total = kw.pop("total_step", None) or run_steps(cfg)
     kw.setdefault("tinit", total // 10)
@@ -281,15 +285,16 @@ def build_adalora(cfg: "TrainConfig", options: dict) -> AdaLoraConfig:
 
 
 def build_oft(cfg: "TrainConfig", options: dict) -> OFTConfig:
-    """OFT (arXiv:2306.07280) on all linear layers, blocks of ``oft_block_size`` 32 (PEFT's default).
-    Options: ``oft_block_size``, ``module_dropout``, ``coft``, ``eps``, ``block_share``,
+    """OFT (arXiv:2306.07280) on all linear layers, blocks of ``oft_block_size`` 32 (PEFT's default);
+    default lr 1e-3, LoRA's: its loss falls as fast (see LR_OFT). Options: ``oft_block_size``, ``module_dropout``, ``coft``, ``eps``, ``block_share``,
     ``use_cayley_neumann``, ``num_cayley_neumann_terms``, ``init_weights``."""
     return OFTConfig(target_modules=_targets(cfg.target_modules) or "all-linear", **_opts(options, _OFT_OPTS))
 
 
 def build_boft(cfg: "TrainConfig", options: dict) -> BOFTConfig:
     """BOFT (arXiv:2311.06243) on all linear layers; by default blocks of 8 and 2 butterfly factors
-    (PEFT's defaults, 4 and 1, are plain block-diagonal OFT with tiny blocks). Options:
+    (PEFT's defaults, 4 and 1, are plain block-diagonal OFT with tiny blocks); default lr 1e-3,
+    LoRA's (see LR_BOFT). Options:
     ``boft_block_size``, ``boft_block_num``, ``boft_n_butterfly_factor``, ``boft_dropout``, ``init_weights``."""
     kw = _opts(options, _BOFT_OPTS)
     if kw.get("boft_block_num") and "boft_block_size" not in kw:
