@@ -35,7 +35,7 @@ verify-demo: $(STAMP)
 	DELTATUNE_VERIFY_ADAPTER=$(DEMO_OUT) $(BIN)/python -m pytest -q -s -p no:cacheprovider \
 		tests/test_integration_train.py -k "peft or merged"
 
-# the README's method table: every method on the demo task (about 75 min on 2 cores)
+# the README's method table: every method on the demo task (about 2-3 hours on 2 cores with the six reparameterisations)
 methods: $(STAMP)
 	$(BIN)/python bench/method_table.py --out runs/methods
 

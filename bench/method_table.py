@@ -9,7 +9,7 @@ throughput as one run with two threads). A method whose ``OUT/<method>/report.js
 is not run again unless ``--rerun`` is given. At the end the table is printed as Markdown, and
 written to ``OUT/method_table.md`` and ``OUT/method_table.json``.
 
-    python bench/method_table.py                                   # all methods, ~11 min each on 2 cores
+    python bench/method_table.py                                   # all 15 methods, ~11 min each on 2 cores
     python bench/method_table.py --methods lora,qlora --jobs 1     # a subset
     python bench/method_table.py --methods ia3 --max-steps 4 --eval-size 8 --ppl-size 2 --out runs/smoke
 """
@@ -25,7 +25,7 @@ import time
 
 from deltatune.train.presets import PRESETS
 
-ALL = list(PRESETS)  # lora, dora, qlora, ia3, bottleneck, prompt-tuning, p-tuning, prefix-tuning, llama-adapter
+ALL = list(PRESETS)  # lora ... llama-adapter, loha, lokr, vera, adalora, oft, boft (train.presets)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

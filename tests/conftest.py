@@ -1,8 +1,8 @@
 """Shared tiny models, inputs, fixtures and helpers of the test files (import them from here).
 
 Models (seeded, fp32): TL and TG of ../shared/cases/regressions.md; TGb, TG with non-zero biases;
-and three plain ``nn.Module`` models: PM (Embedding, Conv1d, Conv2d, Linear), PF (Linear layers and
-a plain + a grouped Conv2d, two inputs) and PR (hand-written residual blocks). :func:`run` gives any
+and four plain ``nn.Module`` models: PM (Embedding, Conv1d, Conv2d, Linear), PF (Linear layers and
+a plain + a grouped Conv2d, two inputs), PR (hand-written residual blocks) and PC (1x1 and 3x3 Conv2d). :func:`run` gives any
 of them its fixed input. Also: the tiny chat tokenizer TT and conversations DV, a model folder on
 disk, ``emulate_training``, ``rel_err``/``maxdiff``, ``base_tensors``, and the ``one_thread`` fixture.
 """
@@ -149,7 +149,31 @@ def pr_input():
     return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
 
 
-MAKERS = {"TL": make_tl, "TG": make_tg, "TGb": make_tgb, "PM": make_pm, "PF": make_pf, "PR": make_pr}
+class PointConvNet(nn.Module):
+    """PC: img (B, 4, H, W) -> 1x1 Conv2d -> 3x3 Conv2d -> 1x1 Conv2d (every conv groups=1, with bias),
+    for the methods that act on a convolution's input channels (OFT, BOFT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 8, 1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, img):
+        return self.conv_out(torch.tanh(self.conv3(torch.tanh(self.conv_in(img)))))
+
+
+def make_pc(seed: int = 0):
+    torch.manual_seed(seed)
+    return PointConvNet().eval()
+
+
+def pc_input():
+    """PC's fixed input (2, 4, 5, 5)."""
+    return torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
+
+
+MAKERS = {"TL": make_tl, "TG": make_tg, "TGb": make_tgb, "PM": make_pm, "PF": make_pf, "PR": make_pr, "PC": make_pc}
 X_IDS = [[5, 17, 42, 9, 63, 2]]
 
 
@@ -163,6 +187,8 @@ def run(model, kind: str, ids=None, attention_mask=None):
         return torch.cat([a.flatten(), b.flatten()])
     if kind == "PR":
         return model(pr_input())
+    if kind == "PC":
+        return model(pc_input())
     return model(input_ids=torch.tensor(X_IDS if ids is None else ids), attention_mask=attention_mask).logits
 
 

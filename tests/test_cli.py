@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_dv, make_tl, make_tt, model_folder
 from deltatune.cli import main
-from deltatune.train.config import OptionError, TrainConfig, build_config, read_yaml
+from deltatune.train.config import OptionError, TrainConfig, UsageError, build_config, read_yaml
 from deltatune.train.report import REPORT_FIELDS
 
 
@@ -299,6 +299,13 @@ def test_every_registered_method_trains_through_the_one_loop(tiny, tmp_path, cap
     rep = json.load(open(out / "report.json"))
     assert rep["method"] == method and rep["trainable_params"] > 0 and rep["train_tokens"] > 0
     assert (out / "adapter_config.json").exists()
+    # deltatune inspect lists it: its method and every adapted module with its tensors
+    code, shown, _ = run(capsys, "inspect", str(out), "--json")
+    info = json.loads(shown)
+    assert code == 0 and info["method"] == json.load(open(out / "adapter_config.json"))["peft_type"]
+    from deltatune.formats.peft import read_adapter_tensors
+
+    assert info["modules"] and info["parameters"] == sum(t.numel() for t in read_adapter_tensors(str(out)).values())
     if method == "qlora":
         return  # its base is quantized during training; the check below loads a dense base
     # the saved adapter, loaded onto a fresh base, reproduces the final eval loss of training
@@ -456,6 +463,10 @@ FOREIGN_FLAGS = [
     ("llama-adapter", ["--rank", "4"], "--rank"),
     ("llama-adapter", ["--lora-dropout", "0.05"], "--lora-dropout"),
     ("ia3", ["--method-opt", "r=4"], "--method-opt r"),
+    ("loha", ["--lora-dropout", "0.1"], "--lora-dropout"),
+    ("vera", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("oft", ["--rank", "4"], "--rank"),
+    ("boft", ["--lora-alpha", "8"], "--lora-alpha"),
 ]
 
 
@@ -488,13 +499,43 @@ def test_a_config_file_key_the_method_does_not_read_is_refused(tiny, tmp_path, c
         build_config(read_yaml(str(y)), {"method": method})
 
 
+def test_the_reparameterisations_read_their_options_and_defaults():
+    from deltatune.train.pipeline import build_method_config
+
+    def built(method, **flags):
+        opts = flags.pop("method_options", {})
+        return build_method_config(build_config({}, {"method": method, "method_options": opts, **flags}))
+
+    loha = built("loha", method_options={"rank_dropout": "0.1", "use_effective_conv2d": "true"})
+    assert (loha.r, loha.alpha, loha.rank_dropout, loha.use_effective_conv2d) == (8, 16.0, 0.1, True)
+    assert loha.target_modules == "all-linear" and built("loha", r=4).r == 4
+    lokr = built("lokr", method_options={"decompose_both": "yes", "decompose_factor": "4", "init_weights": "lycoris"})
+    assert (lokr.r, lokr.decompose_both, lokr.decompose_factor, lokr.init_weights) == (16, True, 4, "lycoris")
+    assert built("lokr", method_options={"init_weights": "false"}).init_weights is False
+    vera = built("vera", method_options={"projection_prng_key": "5", "save_projection": "false"})
+    assert (vera.r, vera.projection_prng_key, vera.save_projection) == (256, 5, False) and built("vera", r=64).r == 64
+    ada = built("adalora", max_steps=40, method_options={"target_r": "4", "deltaT": "2"})
+    assert (ada.init_r, ada.target_r, ada.lora_alpha, ada.total_step, ada.tinit, ada.tfinal, ada.deltaT) == \
+        (12, 4, 24.0, 40, 4, 8, 2)
+    assert built("adalora").total_step == 150  # the default task: 2400 questions in batches of 16
+    oft = built("oft", method_options={"oft_block_size": "16", "coft": "true", "eps": "1e-3"})
+    assert (oft.oft_block_size, oft.coft, oft.eps, oft.r) == (16, True, 1e-3, 0)
+    boft = built("boft")
+    assert (boft.boft_block_size, boft.boft_n_butterfly_factor) == (8, 2)
+    boft = built("boft", method_options={"boft_block_num": "4"})
+    assert (boft.boft_block_size, boft.boft_block_num) == (0, 4)
+    with pytest.raises(UsageError, match="--method oft"):
+        built("oft", method_options={"oft_block_size": "0"})  # r and oft_block_size both 0
+
+
 def test_defaults_and_the_fields_a_method_reads_are_accepted():
     from deltatune.train.presets import METHOD_FIELDS, PRESETS
     from deltatune.train.pipeline import build_method_config
 
     for name, preset in PRESETS.items():
         cfg = build_config({}, {"method": name})  # every field at its default: nothing is refused
-        assert cfg.r == 16 and cfg.target_modules is None
+        assert cfg.r == preset.field_defaults.get("r", 16) and cfg.target_modules is None
+        assert cfg.lora_alpha == preset.field_defaults.get("lora_alpha", 32.0)
         for field in preset.uses:  # a field the method reads may be set, as flag or key
             value = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "target_modules": "q_proj"}[field]
             assert getattr(build_config({}, {"method": name, field: value}), field) == value

@@ -145,7 +145,92 @@ LLAMA_ADAPTER_ROWS = [
         merge_refusal=r"cannot be merged: LLaMA-Adapter .* no weight delta")
     for k in ("TL", "TG")]
 
-ROWS = LORA + IA3_ROWS + BOTTLENECK_ROWS + PROMPT_ROWS + LLAMA_ADAPTER_ROWS
+# ----------------------------------------------------------------------------- LoHa, LoKr (weight deltas)
+LYC_TARGETS = {"TL": ["q_proj", "v_proj", "down_proj"], "TG": ["c_attn", "c_proj", "c_fc"],
+               "PM": ["conv1", "conv2", "lin"], "PF": ["fc1", "conv", "gconv"]}
+LOHA = dict(method="loha", init="exact", adapter_tensors=r"\.adapters\.default\.hada_(w[12]_[ab]|t[12])$")
+LOHA_ROWS = [Row(kind=k, variant="default", config=partial(dt.LoHaConfig, r=4, alpha=8, target_modules=LYC_TARGETS[k]),
+                 **LOHA) for k in LYC_TARGETS] + [
+    Row(kind="PM", variant="effective_conv", has_params=("hada_t1", "hada_t2"), train_std=0.3, **LOHA,
+        config=partial(dt.LoHaConfig, r=3, alpha=6, use_effective_conv2d=True, target_modules=["conv1", "conv2"])),
+    Row(kind="TL", variant="patterns_rank_dropout", **LOHA,
+        config=partial(dt.LoHaConfig, r=4, alpha=8, rank_dropout=0.3, target_modules=LYC_TARGETS["TL"],
+                       rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})),
+    Row(kind="TL", variant="init_false", **{**LOHA, "init": "moves"},
+        config=partial(dt.LoHaConfig, r=4, alpha=8, init_weights=False, target_modules=LYC_TARGETS["TL"])),
+]
+LOKR = dict(method="lokr", init="exact", adapter_tensors=r"\.adapters\.default\.lokr_(w[12](_[ab])?|t2)$")
+LOKR_ROWS = [Row(kind=k, variant="default", config=partial(dt.LoKrConfig, r=4, alpha=8, target_modules=LYC_TARGETS[k]),
+                 **LOKR) for k in LYC_TARGETS] + [
+    Row(kind="TL", variant="decompose_both_r2", has_params=("lokr_w1_a", "lokr_w2_b"), **LOKR,
+        config=partial(dt.LoKrConfig, r=2, alpha=8, decompose_both=True, target_modules=LYC_TARGETS["TL"])),
+    Row(kind="PM", variant="effective_conv", has_params=("lokr_t2",), **LOKR,
+        config=partial(dt.LoKrConfig, r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"])),
+    Row(kind="TL", variant="init_lycoris_factor4", **LOKR,
+        config=partial(dt.LoKrConfig, r=4, alpha=8, init_weights="lycoris", decompose_factor=4,
+                       target_modules=LYC_TARGETS["TL"])),
+]
+
+# ----------------------------------------------------------------------------- VeRA (shared projections)
+VERA = dict(method="vera", init="exact", train_std=0.3, adapter_tensors=r"\.adapters\.default\.vera_lambda_[bd]$",
+            no_match=r"match nothing in the model|has no 'base_model\.vera_A'")
+VERA_ROWS = [
+    Row(kind="TL", variant="default", config=partial(dt.VeraConfig, r=16, target_modules=LYC_TARGETS["TL"]), **VERA),
+    Row(kind="TG", variant="default", config=partial(dt.VeraConfig, r=16, target_modules=LYC_TARGETS["TG"]), **VERA),
+    Row(kind="TL", variant="no_projection_key7", **VERA, config=partial(
+        dt.VeraConfig, r=8, save_projection=False, projection_prng_key=7, target_modules=LYC_TARGETS["TL"])),
+    Row(kind="TGb", variant="bias_vera_only", trained_base=lora_trained_biases, **VERA,
+        config=partial(dt.VeraConfig, r=8, bias="vera_only", target_modules=["c_attn", "c_fc"])),
+]
+
+# ----------------------------------------------------------------------------- AdaLoRA (SVD form)
+ADA = dict(method="adalora", init="exact", train_std=0.1, adapter_tensors=r"\.adapters\.default\.lora_[ABE]$")
+ADA_TARGETS = {"TL": ["q_proj", "v_proj", "down_proj"], "TG": ["c_attn", "c_proj"], "PM": ["conv2", "lin"]}
+ADA_ROWS = [Row(kind=k, variant="default", **ADA, config=partial(
+    dt.AdaLoraConfig, init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=ADA_TARGETS[k]))
+    for k in ADA_TARGETS] + [
+    Row(kind="TL", variant="rank_pattern", **ADA, config=partial(  # as a trained adapter's file carries it
+        dt.AdaLoraConfig, init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], rank_pattern={
+            "model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False],
+            "model.layers.1.self_attn.v_proj.lora_E": [False, False, False, True]})),
+    Row(kind="TL", variant="init_false", **{**ADA, "init": "moves", "train_std": 0.02}, config=partial(
+        dt.AdaLoraConfig, init_r=4, total_step=10, init_lora_weights=False, target_modules=["q_proj", "v_proj"])),
+]
+
+# ----------------------------------------------------------------------------- OFT, BOFT (rotations)
+OFT = dict(method="oft", init="exact", train_std=0.1, adapter_tensors=r"\.adapters\.default\.oft_(embedding_)?R\.weight$")
+OFT_ROWS = [
+    Row(kind="TL", variant="default", config=partial(dt.OFTConfig, oft_block_size=8, target_modules=LYC_TARGETS["TL"]),
+        **OFT),
+    Row(kind="TL", variant="embedding_exact_cayley", **OFT, config=partial(
+        dt.OFTConfig, oft_block_size=0, r=4, use_cayley_neumann=False, target_modules=["embed_tokens", "q_proj"])),
+    Row(kind="TL", variant="coft_block_share", **OFT, config=partial(
+        dt.OFTConfig, oft_block_size=8, coft=True, eps=1e-2, block_share=True, target_modules=["q_proj", "o_proj"])),
+    Row(kind="TG", variant="conv1d_and_wte", **OFT, config=partial(
+        dt.OFTConfig, oft_block_size=8, target_modules=["c_attn", "c_fc", "wte"])),
+    Row(kind="PC", variant="conv1x1", **OFT, config=partial(dt.OFTConfig, oft_block_size=4,
+                                                            target_modules=["conv_in", "conv_out"])),
+    Row(kind="TL", variant="init_false", **{**OFT, "init": "moves"}, config=partial(
+        dt.OFTConfig, oft_block_size=8, init_weights=False, target_modules=LYC_TARGETS["TL"])),
+]
+BOFT = dict(method="boft", train_std=0.1, adapter_tensors=r"\.adapters\.default\.boft_[Rs]$")
+BOFT_ROWS = [
+    Row(kind="TL", variant="default", config=partial(dt.BOFTConfig, boft_block_size=8, target_modules=LYC_TARGETS["TL"]),
+        **BOFT),
+    Row(kind="TL", variant="butterfly2", **BOFT, config=partial(
+        dt.BOFTConfig, boft_block_size=4, boft_n_butterfly_factor=2, target_modules=LYC_TARGETS["TL"])),
+    Row(kind="TG", variant="conv1d", **BOFT, config=partial(dt.BOFTConfig, boft_block_num=4, boft_block_size=0,
+                                                          target_modules=LYC_TARGETS["TG"])),
+    Row(kind="TGb", variant="bias_boft_only", trained_base=lora_trained_biases, **BOFT,
+        config=partial(dt.BOFTConfig, boft_block_size=8, bias="boft_only", target_modules=["c_attn", "c_fc"])),
+    Row(kind="PC", variant="conv", **BOFT, config=partial(dt.BOFTConfig, boft_block_size=4,
+                                                        target_modules=["conv_in", "conv3"])),
+    Row(kind="TL", variant="init_false", **{**BOFT, "init": "moves"}, config=partial(
+        dt.BOFTConfig, boft_block_size=8, init_weights=False, target_modules=LYC_TARGETS["TL"])),
+]
+
+ROWS = (LORA + IA3_ROWS + BOTTLENECK_ROWS + PROMPT_ROWS + LLAMA_ADAPTER_ROWS + LOHA_ROWS + LOKR_ROWS + VERA_ROWS
+        + ADA_ROWS + OFT_ROWS + BOFT_ROWS)
 
 
 # ----------------------------------------------------------------------------- helpers

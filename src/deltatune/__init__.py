@@ -25,12 +25,17 @@ from .inject import (
 )
 from .lifecycle import delete_adapter, disable_adapter, merge_and_unload, set_adapter, unload
 from .merge import merge, merged_adapters, unmerge
+from .methods.adalora import AdaLoraConfig
 from .methods.adaption_prompt import AdaptionPromptConfig
+from .methods.boft import BOFTConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lycoris import LoHaConfig, LoKrConfig
+from .methods.oft import OFTConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from .methods.vera import VeraConfig
 from .quant import quant_stats, quantize_base
 
 __version__ = "0.1.0"
@@ -41,6 +46,12 @@ __all__ = [
     "AdapterConfig",
     "LoraConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
+    "VeraConfig",
+    "AdaLoraConfig",
+    "OFTConfig",
+    "BOFTConfig",
     "BottleneckConfig",
     "PromptTuningConfig",
     "PromptEncoderConfig",

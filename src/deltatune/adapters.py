@@ -44,12 +44,15 @@ class LayerAdapter(Protocol):
         uses_base_output: the adapter reads ``call.base_output`` (the host's own output before any
             adapter changed it), e.g. DoRA.
         supports_inplace: the adapter may add into ``out`` in place when ``call.inplace`` is True.
-        composes: how it changes ``out``: ``"add"`` (adds a term that does not depend on ``out``:
-            LoRA, DoRA), ``"scale"`` (multiplies ``out`` per channel: (IA)3) or ``"other"``. Two
-            adapters of the same ``"add"``/``"scale"`` kind commute; this decides which partial
-            merges a host can represent (:mod:`deltatune.merge`).
+        composes: how it changes ``out`` (input side: ``x``): ``"add"`` (adds a term that does not
+            depend on ``out``: LoRA, DoRA, LoHa, LoKr, VeRA, AdaLoRA), ``"scale"`` (multiplies per
+            channel: (IA)3) or ``"other"`` (OFT's and BOFT's rotations). Two adapters of the same
+            ``"add"``/``"scale"`` kind commute; this decides which partial merges a host can
+            represent (:mod:`deltatune.merge`).
         no_decay: names of its parameters whose neutral value is not 0 (DoRA magnitudes, (IA)3
-            vectors, learned scalings): weight decay never applies to them (biases never decay).
+            vectors, learned scalings, VeRA's ``d``, BOFT's output scale) or that a method holds at
+            a fixed scale (AdaLoRA's singular vectors): weight decay never applies to them (biases
+            never decay).
 
     Methods:
         merge_into(host, w) -> w': the merged weight for the float32 canonical weight ``w``

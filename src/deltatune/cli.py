@@ -29,7 +29,7 @@ from .train.commands import run_eval, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, read_yaml
 from .train.data import DataError, load_examples
 from .train.pipeline import run_train
-from .train.presets import PRESETS
+from .train.presets import METHOD_FIELDS, PRESETS
 
 
 class CLIError(Exception):
@@ -107,7 +107,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _method_epilog() -> str:
     try:
-        return "methods (default --lr):\n" + "\n".join(f"  {m:<16}{PRESETS[m].lr:g}" for m in sorted(PRESETS))
+        return "methods (default --lr):\n" + "\n".join(
+            f"  {m:<16}{PRESETS[m].lr:g}" + "".join(f"  ({METHOD_FIELDS[k]} {v:g})"
+                                                   for k, v in PRESETS[m].field_defaults.items())
+            for m in sorted(PRESETS))
     except Exception:  # pragma: no cover
         return ""
 
@@ -263,11 +266,13 @@ def cmd_inspect(args) -> int:
     print(f"method:      {info['method']}")
     print(f"targets:     {info['targets']}")
     print(f"rank:        {info['rank']}   alpha: {info['lora_alpha']}")
+    print(f"settings:    {info['settings']}")
     print(f"parameters:  {info['parameters']:,d} in {len(info['modules'])} modules")
     print(f"base model:  {info['base_model']}")
     print(f"{'module':<48}{'params':>10}{'norm':>12}")
     for r in info["modules"]:
         label = "" if r["tensors"] == "lora" else f"  ({r['tensors']})"
+        label += f"  rank {r['rank']}" if "rank" in r and info["method"] == "ADALORA" else ""
         print(f"{r['module']:<48}{r['params']:>10,d}{r['norm']:>12.4g}{label}")
     return 0
 

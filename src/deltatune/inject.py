@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -52,20 +52,44 @@ class MethodSpec:
     """A method's entry points: ``inject(model, config, record, *, adapter_dtype, **options)`` fills
     the record; optional ``to_disk(model, name, config) -> {file key: tensor}`` and
     ``from_disk(model, name, config, tensors) -> leftover tensors`` for tensors outside the
-    per-layer key rule (prompt methods)."""
+    per-layer key rule (prompt methods, VeRA's shared projections; a ``to_disk`` key may also
+    replace a per-layer one, e.g. AdaLoRA's rank-pruned matrices); optional
+    ``train_hook(model, name, config, total_steps) -> TrainHook or None`` for a method that acts
+    during training (AdaLoRA's rank allocator: see :class:`TrainHook`)."""
 
     inject: Callable
     to_disk: Optional[Callable] = None
     from_disk: Optional[Callable] = None
+    train_hook: Optional[Callable] = None
+
+
+class TrainHook(Protocol):
+    """What a method that acts during training gives the training loop (one object per training run
+    and adapter, made by its ``MethodSpec.train_hook`` from the run's number of optimizer steps;
+    :func:`train_hooks` collects them).
+
+    Methods:
+        loss_term(model) -> tensor or None: a term added to the loss of every optimizer step
+            (AdaLoRA's orthogonality regulariser). The loop adds it to each micro-batch's loss
+            weighted by that micro-batch's share of the window's target tokens, so the step's
+            gradient gets it exactly once whatever the batch/accumulation split.
+        after_step(model, step, total_steps): called after each optimizer step, before the
+            gradients are cleared (``step``: 0-based index of the step just taken; ``total_steps``:
+            the run's number of optimizer steps). AdaLoRA scores and prunes ranks here.
+    """
+
+    def loss_term(self, model: nn.Module) -> Optional[torch.Tensor]: ...
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None: ...
 
 
 _METHODS: dict[type, MethodSpec] = {}
 
 
 def register_method(config_cls: type, injector: Callable, *, to_disk: Optional[Callable] = None,
-                    from_disk: Optional[Callable] = None) -> None:
+                    from_disk: Optional[Callable] = None, train_hook: Optional[Callable] = None) -> None:
     """Register a method for ``config_cls`` (and, through the class hierarchy, its subclasses)."""
-    _METHODS[config_cls] = MethodSpec(injector, to_disk, from_disk)
+    _METHODS[config_cls] = MethodSpec(injector, to_disk, from_disk, train_hook)
 
 
 def method_for(config: AdapterConfig) -> MethodSpec:
@@ -210,6 +234,21 @@ def remove(model: nn.Module, adapter_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- what trains
+
+
+def train_hooks(model: nn.Module, total_steps: int) -> list:
+    """The :class:`TrainHook` of every adapter that trains (active, not loaded for inference) and
+    whose method registered a ``train_hook``; a training loop calls this once per run of
+    ``total_steps`` optimizer steps."""
+    st = get_state(model)
+    hooks = []
+    for rec in (st.records.values() if st is not None else ()):
+        make = method_for(rec.config).train_hook
+        if make is not None and rec.trains(st):
+            h = make(model, rec.name, rec.config, total_steps)
+            if h is not None:
+                hooks.append(h)
+    return hooks
 
 
 def refresh_trainable(model: nn.Module) -> None:

@@ -69,23 +69,29 @@ def merged_adapters(model: nn.Module) -> list[str]:
 
 
 def merge_order(host: nn.Module, active: list) -> list:
-    """``[(name, adapter)]`` of the host's mergeable-side adapters in the forward's order: output-side
-    adapters in the active order (inactive ones after, in the order added), then the input-side ones."""
+    """``[(name, adapter)]`` of the host's mergeable-side adapters in the order their weights compose:
+    output-side adapters in the active order (inactive ones after, in the order added), then the
+    input-side ones in reverse: the forward maps ``x`` by the input-side adapters in the active
+    order, so the last of them to act sits next to the weight (``W R2^T R1^T`` for rotations ``R1``
+    then ``R2``, as OFT's; per-channel scalings commute either way)."""
     ads = host._modules[ADAPTERS]._modules
     ranked = [n for n in active if n in ads] + [n for n in ads if n not in active]
     return ([(n, ads[n]) for n in ranked if ads[n].side == "output"]
-            + [(n, ads[n]) for n in ranked if ads[n].side == "input"])
+            + [(n, ads[n]) for n in reversed(ranked) if ads[n].side == "input"])
 
 
 def unrepresentable(host: nn.Module, active: list, merged: set) -> Optional[str]:
     """Why ``host`` cannot compute its forward with exactly the adapters ``merged`` folded into its
     weight and the other active ones running unmerged; None when it can.
 
-    The hook runs the unmerged adapters after the (merged) host, so every merged adapter acts
-    before every unmerged one. That equals the forward where the two commute: an unmerged adapter
-    followed (in the active order) by a merged one must compose the same way (both add a term, or
-    both scale the output: see ``LayerAdapter.composes``), and a merged input-side adapter (it
-    scales what every output-side adapter reads) needs them all merged.
+    The output hook runs the unmerged output-side adapters after the (merged) host, so every merged
+    one acts before every unmerged one; the input pre-hook runs the unmerged input-side adapters
+    before it, so every merged one acts after every unmerged one. That equals the forward where the
+    two commute: an unmerged output-side adapter followed (in the active order) by a merged one, or
+    a merged input-side adapter followed by an unmerged one, must compose the same way (both add a
+    term, or both scale: see ``LayerAdapter.composes``; a rotation, ``"other"``, commutes with
+    nothing), and a merged input-side adapter (it maps what every output-side adapter reads) needs
+    them all merged.
     """
     order = [(n, a) for n, a in merge_order(host, active) if n in active]
     out = [(n, a) for n, a in order if a.side == "output"]
@@ -98,6 +104,14 @@ def unrepresentable(host: nn.Module, active: list, merged: set) -> Optional[str]
                     "what the other adds")
         if any(n in merged for n, a in order if a.side == "input"):
             return f"a merged input-side adapter scales the input that the unmerged {u!r} reads"
+    inp = [(n, a) for n in active for m, a in order if m == n and a.side == "input"]  # in the active order
+    for i, (m, ma) in enumerate(inp):
+        if m not in merged:
+            continue
+        bad = [u for u, a in inp[i + 1:] if u not in merged and not (a.composes == ma.composes != "other")]
+        if bad:
+            return (f"the unmerged {bad[0]!r} follows the merged {m!r} in the active order on the input side, and "
+                    "the two do not commute")
     return None
 
 

@@ -6,8 +6,8 @@ carries on the asked side and that are not merged into its weight. Three entry p
 consult it, all installed by :func:`attach` and removed by :func:`detach`:
 
 * the input-side forward pre-hook: each acting ``side == "input"`` adapter maps the host's first
-  input, ``x = adapter(x, None, call)`` ((IA)3 feed-forward scaling; a bottleneck adapter's tap of
-  the residual stream, which reads ``x`` and returns it unchanged);
+  input, ``x = adapter(x, None, call)`` ((IA)3 feed-forward scaling, OFT's rotation; a bottleneck
+  adapter's tap of the residual stream, which reads ``x`` and returns it unchanged);
 * the output-side forward hook: each acting ``side == "output"`` adapter maps the host's output,
   ``out = adapter(x, out, call)`` (LoRA adds ``s B A x``, (IA)3 scales, bottleneck and
   LLaMA-Adapter add their terms);

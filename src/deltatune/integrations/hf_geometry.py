@@ -37,6 +37,24 @@ LORA_TARGETS = {
     "codegen": ["qkv_proj"],
 }
 
+# AdaLoRA's own table (PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING); LoHa, LoKr,
+# VeRA, OFT and BOFT use LoRA's (VeRA: phi's attention only)
+ADALORA_TARGETS = {
+    **dict.fromkeys(["llama", "llama4", "gptj", "gpt_neo", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"],
+                    ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bart", "opt"], ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    **dict.fromkeys(["bloom", "gpt_neox"], ["query_key_value"]),
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "deberta": ["in_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+VERA_TARGETS = {**LORA_TARGETS, "phi": ["q_proj", "v_proj"]}
+
 # (target_modules, feedforward_modules) per model_type: PEFT's (IA)3 defaults
 IA3_TARGETS = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
@@ -277,7 +295,9 @@ def register(geometry: ModelGeometry) -> None:
     geometry.untie_embeddings = untie_embeddings
     geometry.load_tokenizer = load_tokenizer
     geometry.default_targets.update({"lora": LORA_TARGETS, "ia3": IA3_TARGETS,
-                                     "adaption_prompt": ADAPTION_PROMPT_TARGETS})
+                                     "adaption_prompt": ADAPTION_PROMPT_TARGETS, "loha": LORA_TARGETS,
+                                     "lokr": LORA_TARGETS, "oft": LORA_TARGETS, "boft": LORA_TARGETS,
+                                     "vera": VERA_TARGETS, "adalora": ADALORA_TARGETS})
     for fn in (record_vocab, install_checkpointing_input_hook, install_contiguous_head_input):
         if fn not in geometry.on_first_adapter:
             geometry.on_first_adapter.append(fn)

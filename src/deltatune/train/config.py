@@ -197,6 +197,10 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
             merged[key] = _coerce(key, v, getattr(defaults, key))
             spelled[key] = f"--method-opt {key}"
     cfg = dataclasses.replace(defaults, **merged)
+    preset = PRESETS.get(cfg.method) if isinstance(cfg.method, str) else None  # a bad type: validate() says so
+    for key, value in (preset.field_defaults.items() if preset is not None else ()):
+        if key not in merged:  # the method's own default where the user set none (VeRA: r=256)
+            setattr(cfg, key, value)
     cfg.method_options = method_options
     if cfg.lr is None:
         cfg.lr = default_lr(cfg.method)

@@ -21,6 +21,12 @@ optimizer step (C23): with peak ``lr``, ``warmup_steps`` W and T steps, the LR o
 (0-based) is ``lr * s / W`` for s < W, then ``lr * (1 + cos(pi * (s - W) / (T - W))) / 2``
 ("cosine"; "constant" keeps ``lr``). After the last step the scheduler stands at its end (LR 0).
 
+Methods that act during training (AdaLoRA's rank allocator) give the loop
+:class:`~deltatune.inject.TrainHook` objects (:func:`deltatune.inject.train_hooks`): a loss term
+added once per optimizer step (each micro-batch adds it weighted by its share of the window's
+target tokens; the logged loss is the cross-entropy alone) and a call after each optimizer step,
+before the gradients are cleared.
+
 AdamW's weight decay applies only to tensors whose neutral value is 0 (LoRA A/B, bottleneck and
 prompt weights), never to DoRA magnitudes, (IA)3 vectors, learned scalings, ``modules_to_save``
 copies or biases (:func:`deltatune.inject.parameter_groups`).
@@ -41,7 +47,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..inject import parameter_groups
+from ..inject import parameter_groups, train_hooks
 from .data import collate, count_targets
 from .loss import token_loss_sum
 from .packing import pack, share_prefix
@@ -185,6 +191,7 @@ class Trainer:
         floor, from_zero = self.lr_floor, self.warmup_from_zero
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warm, sched, floor, from_zero))
+        self.hooks = train_hooks(self.model, self.total_steps)  # methods acting during training (AdaLoRA)
         self.step = 0
         self.train_tokens = 0
         self.train_seconds = 0.0
@@ -217,6 +224,10 @@ class Trainer:
                 s, n = token_loss_sum(self.model, b)
             if n:
                 loss = s / n_window
+                for h in self.hooks:  # a per-step term (AdaLoRA's regulariser), spread by target share
+                    term = h.loss_term(self.model)
+                    if term is not None:
+                        loss = loss + term * (n / n_window)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 total += float(s.detach())
         if self.scaler:
@@ -237,6 +248,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        for h in self.hooks:  # after the update, gradients still there (AdaLoRA scores and prunes ranks)
+            h.after_step(self.model, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         tokens = int(sum(int(b["lengths"].sum()) for b in batches))
         return StepLog(step=self.step + 1, loss=total / max(1, n_window), lr=lr, grad_norm=gn,

@@ -10,16 +10,22 @@ read is an error when the user set it (see :func:`deltatune.train.config.build_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..integrations.transformers import ModelNotFoundError, resolve_model
+from ..methods.adalora import AdaLoraConfig
 from ..methods.adaption_prompt import AdaptionPromptConfig
+from ..methods.boft import BOFTConfig
 from ..methods.bottleneck import BottleneckConfig
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoraConfig
+from ..methods.lycoris import LoHaConfig, LoKrConfig
+from ..methods.oft import OFTConfig
 from ..methods.prefix import PrefixTuningConfig
 from ..methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from ..methods.vera import VeraConfig
 from ..quant import quant_stats, quantize_base
 
 if TYPE_CHECKING:  # annotations only: config.py imports this module
@@ -42,6 +48,8 @@ class Preset:
         prepare: ``(model, options) -> dict of extra report fields``, run on the loaded base
             before the adapter is injected (e.g. quantization); None: the model as loaded.
         uses: the :data:`METHOD_FIELDS` that ``build`` reads.
+        field_defaults: the method's own defaults of fields it reads, used where the user sets none
+            (VeRA's ``r`` is 256, not the CLI-wide 16).
     """
 
     name: str
@@ -50,6 +58,7 @@ class Preset:
     options: tuple = ()
     prepare: Optional[Callable[[object, dict], dict]] = None
     uses: frozenset = frozenset()
+    field_defaults: dict = field(default_factory=dict)
 
     def describe_options(self) -> str:
         """``--target-modules; --method-opt a, b`` (for error messages)."""
@@ -64,8 +73,8 @@ PRESETS: dict[str, Preset] = {}
 
 
 def register_preset(preset: Preset) -> Preset:
-    unknown = set(preset.uses) - set(METHOD_FIELDS)
-    if unknown:
+    unknown = (set(preset.uses) | set(preset.field_defaults)) - set(METHOD_FIELDS)
+    if unknown or not set(preset.field_defaults) <= set(preset.uses):
         raise ValueError(f"preset {preset.name!r}: uses names no method field: {sorted(unknown)}")
     PRESETS[preset.name] = preset
     return preset
@@ -95,6 +104,19 @@ def _opt_bool(options: dict, name: str, default=None):
 def _opt_int(options: dict, name: str, default):
     v = options.get(name)
     return default if v is None or v == "" else int(v)
+
+
+def _opt_float(options: dict, name: str, default):
+    v = options.get(name)
+    return default if v is None or v == "" else float(v)
+
+
+def _opts(options: dict, spec: dict) -> dict:
+    """The options of ``spec`` (name -> "bool" | "int" | "float" | "str") the user set, parsed."""
+    parse = {"bool": lambda n: _opt_bool(options, n), "int": lambda n: _opt_int(options, n, None),
+             "float": lambda n: _opt_float(options, n, None), "str": lambda n: options.get(n)}
+    out = {n: parse[t](n) for n, t in spec.items()}
+    return {n: v for n, v in out.items() if v is not None}
 
 
 def _targets(v):
@@ -193,6 +215,95 @@ def build_bottleneck(cfg: "TrainConfig", options: dict) -> BottleneckConfig:
                             **kw)
 
 
+# ----------------------------------------------------------------------------- LoHa, LoKr, VeRA, AdaLoRA, OFT, BOFT
+
+_LYCORIS_OPTS = {"rank_dropout": "float", "module_dropout": "float", "use_effective_conv2d": "bool",
+                 "init_weights": "bool"}
+_LOKR_OPTS = {**_LYCORIS_OPTS, "decompose_both": "bool", "decompose_factor": "int", "rank_dropout_scale": "bool",
+              "init_weights": "str"}
+_VERA_OPTS = {"projection_prng_key": "int", "save_projection": "bool", "vera_dropout": "float",
+              "d_initial": "float"}
+_ADALORA_OPTS = {"target_r": "int", "tinit": "int", "tfinal": "int", "deltaT": "int", "beta1": "float",
+                 "beta2": "float", "orth_reg_weight": "float", "total_step": "int"}
+_OFT_OPTS = {"oft_block_size": "int", "module_dropout": "float", "coft": "bool", "eps": "float",
+             "block_share": "bool", "use_cayley_neumann": "bool", "num_cayley_neumann_terms": "int",
+             "init_weights": "bool"}
+_BOFT_OPTS = {"boft_block_size": "int", "boft_block_num": "int", "boft_n_butterfly_factor": "int",
+              "boft_dropout": "float", "init_weights": "bool"}
+
+
+def build_loha(cfg: "TrainConfig", options: dict) -> LoHaConfig:
+    """LoHa (arXiv:2108.06098) on all linear layers; ``--rank`` 8 and ``--lora-alpha`` 16 by default
+    (the parameters of LoRA r=16, scale 2). Default lr 3e-3: one factor of the Hadamard product
+    starts at 0, so LoHa moves slower than LoRA at LoRA's 1e-3 (see LR_LOHA). Options:
+    ``rank_dropout``, ``module_dropout``, ``use_effective_conv2d``, ``init_weights``."""
+    return LoHaConfig(r=int(cfg.r), alpha=float(cfg.lora_alpha), target_modules=_targets(cfg.target_modules)
+                      or "all-linear", **_opts(options, _LYCORIS_OPTS))
+
+
+def build_lokr(cfg: "TrainConfig", options: dict) -> LoKrConfig:
+    """LoKr (arXiv:2309.14859) on all linear layers, ``--rank``/``--lora-alpha`` as LoRA's; default lr
+    3e-3 (its Kronecker factors hold ~6% of LoRA's parameters; see LR_LOKR). Options:
+    ``decompose_both``, ``decompose_factor``, ``rank_dropout``, ``rank_dropout_scale``,
+    ``module_dropout``, ``use_effective_conv2d``, ``init_weights`` (true | false | lycoris)."""
+    kw = _opts(options, _LOKR_OPTS)
+    if "init_weights" in kw and str(kw["init_weights"]).lower() != "lycoris":
+        kw["init_weights"] = _opt_bool(kw, "init_weights")
+    return LoKrConfig(r=int(cfg.r), alpha=float(cfg.lora_alpha), target_modules=_targets(cfg.target_modules)
+                      or "all-linear", **kw)
+
+
+def build_vera(cfg: "TrainConfig", options: dict) -> VeraConfig:
+    """VeRA (arXiv:2310.11454) on all linear layers; ``--rank`` 256 by default (PEFT's and the
+    paper's scale). Default lr 2e-2: only two scaling vectors per layer train, which want large steps
+    (see LR_VERA). Options: ``projection_prng_key``, ``save_projection``, ``vera_dropout``, ``d_initial``."""
+    return VeraConfig(r=int(cfg.r), target_modules=_targets(cfg.target_modules) or "all-linear",
+                      **_opts(options, _VERA_OPTS))
+
+
+def run_steps(cfg: "TrainConfig") -> int:
+    """The optimizer steps a run will take when its data is the default task (``--max-steps`` when
+    given); with ``--data`` an estimate that the training loop corrects (AdaLoRA's schedule follows)."""
+    per_epoch = math.ceil(math.ceil(cfg.task_train_size / cfg.batch_size) / cfg.grad_accum)
+    return int(cfg.max_steps or per_epoch * cfg.epochs)
+
+
+def build_adalora(cfg: "TrainConfig", options: dict) -> AdaLoraConfig:
+    """AdaLoRA (arXiv:2303.10512) on all linear layers: ``--rank`` is ``init_r`` (12 by default,
+    PEFT's) and ``--lora-alpha`` 24 (scale 2 at init_r 12); ``target_r`` 8. The schedule takes the
+    run's optimizer steps ``T`` (``total_step``): no pruning for the first ``tinit = T // 10`` steps,
+    the pattern fixed for the last ``tfinal = T // 5``, an allocation every step (``deltaT`` 1).
+    Default lr 5e-3: the singular values start at 0 and the vectors at scale 0.02, so 1e-3 barely
+    moves in 30 steps (see LR_ADALORA). Options: ``target_r``, ``tinit``, ``tfinal``, ``deltaT``,
+    ``beta1``, ``beta2``, ``orth_reg_weight``, ``total_step``."""
+    kw = _opts(options, _ADALORA_OPTS)
+    total = kw.pop("total_step", None) or run_steps(cfg)
+    kw.setdefault("tinit", total // 10)
+    kw.setdefault("tfinal", total // 5)
+    return AdaLoraConfig(init_r=int(cfg.r), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
+                         target_modules=_targets(cfg.target_modules) or "all-linear", total_step=total, **kw)
+
+
+def build_oft(cfg: "TrainConfig", options: dict) -> OFTConfig:
+    """OFT (arXiv:2306.07280) on all linear layers, blocks of ``oft_block_size`` 32 (PEFT's default);
+    default lr 1e-3, LoRA's: its loss falls as fast (see LR_OFT). Options: ``oft_block_size``, ``module_dropout``, ``coft``, ``eps``, ``block_share``,
+    ``use_cayley_neumann``, ``num_cayley_neumann_terms``, ``init_weights``."""
+    return OFTConfig(target_modules=_targets(cfg.target_modules) or "all-linear", **_opts(options, _OFT_OPTS))
+
+
+def build_boft(cfg: "TrainConfig", options: dict) -> BOFTConfig:
+    """BOFT (arXiv:2311.06243) on all linear layers; by default blocks of 8 and 2 butterfly factors
+    (PEFT's defaults, 4 and 1, are plain block-diagonal OFT with tiny blocks); default lr 1e-3,
+    LoRA's (see LR_BOFT). Options:
+    ``boft_block_size``, ``boft_block_num``, ``boft_n_butterfly_factor``, ``boft_dropout``, ``init_weights``."""
+    kw = _opts(options, _BOFT_OPTS)
+    if kw.get("boft_block_num") and "boft_block_size" not in kw:
+        kw["boft_block_size"] = 0
+    kw.setdefault("boft_block_size", 8)
+    kw.setdefault("boft_n_butterfly_factor", 2)
+    return BOFTConfig(target_modules=_targets(cfg.target_modules) or "all-linear", **kw)
+
+
 # ----------------------------------------------------------------------------- prompt methods
 
 # TEXT init of prompt tuning on the default task (arXiv:2104.08691 found task-describing text a
@@ -266,6 +377,18 @@ _LORA_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules"})
 _TARGETS = frozenset({"target_modules"})
 _LORA_OPTS = ("use_rslora", "use_dora")
 _PROMPT_OPTS = ("num_virtual_tokens",)
+_RANKED = frozenset({"r", "lora_alpha", "target_modules"})
+# Default peak learning rates of the reparameterisations, from 30-step checks on the default task
+# (SmolLM2-135M, batch 4, warm-up 3, cosine, bf16 autocast, seed 0; mean loss of the first -> last 5
+# steps, LoRA r=16 at 1e-3 for reference: 3.37 -> 0.37). LoHa starts slower than LoRA (one factor of
+# a product at 0): 1e-3 4.57 -> 1.34, 3e-3 4.33 -> 0.47. LoKr: 1e-3 -> 0.63, 3e-3 -> 0.39. VeRA
+# trains two scaling vectors per layer: 1e-2 -> 0.97, 2e-2 -> 0.50, 3e-2 -> 0.41 (2e-2 taken, a margin
+# for the longer run). AdaLoRA starts from E = 0 and singular vectors of scale 0.02: 1e-3 -> 3.09,
+# 5e-3 -> 0.42, 1e-2 -> 0.56. OFT 1e-3 -> 0.65 and BOFT 1e-3 -> 0.55 fall like LoRA.
+LR_LOHA = LR_LOKR = 3e-3
+LR_VERA = 2e-2
+LR_ADALORA = 5e-3
+LR_OFT = LR_BOFT = 1e-3
 
 for _preset in (
     Preset("lora", build_lora, options=_LORA_OPTS, uses=_LORA_FIELDS),
@@ -286,5 +409,15 @@ for _preset in (
     Preset("prefix-tuning", build_prefix_tuning, lr=1e-2,
            options=_PROMPT_OPTS + ("prefix_projection", "encoder_hidden_size")),
     Preset("llama-adapter", build_llama_adapter, lr=1e-2, options=("adapter_len", "adapter_layers"), uses=_TARGETS),
+    # the reparameterisations: lr chosen on the default task (see each builder and the README's table)
+    Preset("loha", build_loha, lr=LR_LOHA, options=tuple(_LYCORIS_OPTS), uses=_RANKED,
+           field_defaults={"r": 8, "lora_alpha": 16}),
+    Preset("lokr", build_lokr, lr=LR_LOKR, options=tuple(_LOKR_OPTS), uses=_RANKED),
+    Preset("vera", build_vera, lr=LR_VERA, options=tuple(_VERA_OPTS), uses=frozenset({"r", "target_modules"}),
+           field_defaults={"r": 256}),
+    Preset("adalora", build_adalora, lr=LR_ADALORA, options=tuple(_ADALORA_OPTS), uses=_LORA_FIELDS,
+           field_defaults={"r": 12, "lora_alpha": 24}),
+    Preset("oft", build_oft, lr=LR_OFT, options=tuple(_OFT_OPTS), uses=_TARGETS),
+    Preset("boft", build_boft, lr=LR_BOFT, options=tuple(_BOFT_OPTS), uses=_TARGETS),
 ):
     register_preset(_preset)
