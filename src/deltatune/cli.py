@@ -4,7 +4,8 @@
     deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
     deltatune eval     [--adapter DIR] [--model M] [--data F]
     deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F)
-    deltatune merge    --adapter DIR --out DIR [--model M]
+    deltatune merge    --adapter DIR --out DIR [--model M] [--format gguf --gguf-type f16]
+    deltatune export   --adapter DIR --format gguf --out FILE.gguf [--gguf-type f32]
     deltatune inspect  DIR
 
 Bad input (unknown option, missing file, existing ``--out`` ...) prints ONE line
@@ -28,6 +29,7 @@ from .integrations.transformers import ModelNotFoundError
 from .train.commands import run_eval, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, read_yaml
 from .train.data import DataError, load_examples
+from .train.export import run_export, run_merge_gguf
 from .train.pipeline import run_train
 from .train.presets import PRESETS
 
@@ -107,7 +109,7 @@ def _method_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning on your CPU, in the PEFT format.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,merge,inspect}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,chat,merge,export,inspect}")
 
     t = sub.add_parser("train", help="train an adapter (default: LoRA on SmolLM2, word-inflection task)",
                        description="Train an adapter and write it (PEFT format) with report.json, metrics.jsonl "
@@ -141,13 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
 
-    m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder")
+    m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder "
+                                     "(or a GGUF file)")
     m.add_argument("--adapter", required=True, help="adapter folder")
     m.add_argument("--out", required=True, help="output folder (model safetensors + config + tokenizer)")
     m.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     m.add_argument("--dtype", default="float32", help="dtype of the written weights (float32 or bfloat16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+    m.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                   help="safetensors (default: a transformers folder) or gguf (--out is then a .gguf file for "
+                        "llama.cpp/Ollama, with a Modelfile beside it)")
+    m.add_argument("--gguf-type", default="f16", help="GGUF weight type: f32, f16 (default), bf16 or q8_0")
+
+    x = sub.add_parser("export", help="write a LoRA adapter as a llama.cpp LoRA adapter GGUF (+ Ollama Modelfile)")
+    x.add_argument("--adapter", required=True, help="adapter folder (LoRA)")
+    x.add_argument("--format", default="gguf", choices=("gguf",), help="gguf (default)")
+    x.add_argument("--out", required=True, help="output .gguf file; an Ollama Modelfile is written beside it")
+    x.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    x.add_argument("--gguf-type", default="f32", help="tensor type: f32 (default, as llama.cpp's converter), f16, "
+                                                     "bf16 or q8_0")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file and Modelfile")
 
     i = sub.add_parser("inspect", help="method, targets, rank, parameter count, per-layer adapter norms")
     i.add_argument("adapter", help="adapter folder")
@@ -243,8 +259,21 @@ def _set_threads(n) -> None:
 
 def cmd_merge(args) -> int:
     _set_threads(args.threads)
+    if args.format == "gguf":
+        res = run_merge_gguf(args.adapter, args.out, args.model, gguf_type=args.gguf_type, overwrite=args.overwrite)
+        print(f"merged model written to {res['gguf']} (llama.cpp: llama-cli -m FILE; Ollama: ollama create NAME -f "
+              f"{res['modelfile']})")
+        return 0
     out = run_merge(args.adapter, args.out, args.model, overwrite=args.overwrite, dtype=args.dtype)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    res = run_export(args.adapter, args.out, args.model, fmt=args.format, gguf_type=args.gguf_type,
+                     overwrite=args.overwrite)
+    print(f"adapter written to {res['gguf']} (llama.cpp: --lora FILE on its base; Ollama: ollama create NAME -f "
+          f"{res['modelfile']})")
     return 0
 
 
@@ -266,7 +295,7 @@ def cmd_inspect(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge,
-            "inspect": cmd_inspect}
+            "export": cmd_export, "inspect": cmd_inspect}
 
 
 def _user_errors() -> tuple:
@@ -284,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
-            raise CLIError("deltatune: error: choose a command: train, eval, generate, merge, inspect (see deltatune --help)")
+            raise CLIError("deltatune: error: choose a command: train, eval, generate, chat, merge, export, inspect (see deltatune --help)")
         return COMMANDS[args.command](args) or 0
     except errors as e:
         if debug:
