@@ -27,10 +27,10 @@ import torch
 from .formats.describe import describe_adapter
 from .integrations.transformers import ModelNotFoundError
 from .train.commands import run_eval, run_generate, run_merge, run_settings
-from .train.config import OptionError, UsageError, build_config, read_yaml
+from .train.config import OptionError, UsageError, build_config, parse_method_opts, read_yaml
 from .train.data import DataError, load_examples
 from .train.export import run_export, run_merge_gguf
-from .train.pipeline import run_train
+from .train.api import train
 from .train.presets import PRESETS
 
 
@@ -174,27 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args):
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt")}
     if args.method_opt:
-        import yaml
-
-        mo = {}
-        for kv in args.method_opt:
-            if "=" not in kv:
-                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
-            k, v = kv.split("=", 1)
-            if not k.strip():
-                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
-            try:
-                mo[k.strip()] = yaml.safe_load(v)
-            except yaml.YAMLError:
-                raise OptionError(f"--method-opt {kv!r}: the value is not valid (a number, true/false, text or [a, b])") from None
-        flags["method_options"] = mo
+        flags["method_options"] = parse_method_opts(args.method_opt)
     yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
     return build_config(yaml_values, flags)
 
 
 def cmd_train(args) -> int:
     cfg = _train_config(args)
-    run_train(cfg)
+    train(config=cfg)  # the Python API's entry: deltatune.train(config=cfg)
     return 0
 
 

@@ -1,0 +1,7 @@
+"""``python -m deltatune ...``: the ``deltatune`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
