@@ -85,6 +85,8 @@ _TRAIN_FLAGS = [
                                                 "the longest reference)"),
     ("--ppl-size", "ppl_size", int, "chitchat conversations for perplexity before/after, 0 = skip (default 48)"),
     ("--save-every", "save_every", int, "checkpoint every N optimizer steps (default: --eval-every)"),
+    ("--report-to", "report_to", str, "also write the metrics as TensorBoard events into --out: tensorboard, or "
+                                      "none (default); needs pip install 'deltatune[tensorboard]'"),
 ]
 
 

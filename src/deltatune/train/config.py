@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from .precision import PRECISIONS
 from .presets import METHOD_FIELDS, PRESETS, default_lr
+from .tensorboard import check_report_to
 
 
 class OptionError(ValueError):
@@ -82,6 +83,7 @@ class TrainConfig:
     max_new_tokens: int = 8
     ppl_size: int = 48  # chitchat conversations for perplexity_before/after; 0 = skip
     save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every
+    report_to: str = "none"  # also write the metrics to: none, tensorboard (train.tensorboard)
     plot: bool = True
     progress: bool = True
 
@@ -103,6 +105,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         return None
     if name == "packing" and isinstance(value, bool):  # YAML's true/false
         return "on" if value else "off"
+    if name == "report_to" and isinstance(value, (list, tuple)):  # YAML list, or report_to=["tensorboard"]
+        return ",".join(str(v) for v in value) or "none"
     if name in ("precision", "packing", "device") and isinstance(value, str):
         return value.strip().lower()
     if isinstance(default, bool):
@@ -336,6 +340,10 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.packing not in ("auto", "on", "off"):
         raise OptionError(f"option 'packing' must be auto, on or off, got {cfg.packing!r}")
+    try:
+        check_report_to(cfg.report_to)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     if cfg.device is not None and not isinstance(cfg.device, str):
         raise OptionError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:

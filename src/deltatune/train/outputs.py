@@ -26,7 +26,8 @@ _OWN_NAMES = {"adapter_config.json", "adapter_model.safetensors", "report.json",
 
 def _own_entry(name: str, listed: set) -> bool:
     return (name in _OWN_NAMES or name in listed or re.fullmatch(r"checkpoint-\d+", name) is not None
-            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None)
+            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
+            or name.startswith("events.out.tfevents."))
 
 
 def check_out(path: str, overwrite: bool) -> str:

@@ -44,6 +44,7 @@ from .outputs import check_out, prepare_out, refuse_foreign_files, write_marker
 from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
+from .tensorboard import metric_sinks
 
 
 def _say(log: Optional[Callable], msg: str) -> None:
@@ -269,7 +270,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
             write_rows_jsonl(cfg.eval_data, rows.eval)
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl")), precision=precision,
+               metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out)),
+               precision=precision,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
