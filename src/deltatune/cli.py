@@ -3,7 +3,8 @@
 
     deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
     deltatune eval     [--adapter DIR] [--model M] [--data F]
-    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F)
+    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F) [--temperature T --top-p P]
+    deltatune chat     [--adapter DIR] [--model M] [--system TEXT] [--temperature T --top-p P]
     deltatune merge    --adapter DIR --out DIR [--model M] [--format gguf --gguf-type f16]
     deltatune export   --adapter DIR --format gguf --out FILE.gguf [--gguf-type f32]
     deltatune inspect  DIR
@@ -26,6 +27,7 @@ import torch
 
 from .formats.describe import describe_adapter
 from .integrations.transformers import ModelNotFoundError
+from .train.chat import run_chat
 from .train.commands import run_eval, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, parse_method_opts, read_yaml
 from .train.data import DataError, load_examples
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(flag, dest=dest, type=typ, default=None)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    g = sub.add_parser("generate", help="greedy answers to chat prompts, with or without an adapter")
+    g = sub.add_parser("generate", help="answers to chat prompts (greedy, or sampled), with or without an adapter")
     g.add_argument("--adapter", help="adapter folder (default: the bare base model)")
     g.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     g.add_argument("--prompt", action="append", help="a user message (repeatable)")
@@ -144,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
+    _add_sampling_flags(g)
+
+    c = sub.add_parser("chat", help="talk to a model + adapter interactively (/reset, /exit)")
+    c.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    c.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    c.add_argument("--system", help="system message (default: the chat template's own)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+    c.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    c.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
+    _add_sampling_flags(c)
 
     m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder "
                                      "(or a GGUF file)")
@@ -171,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter", help="adapter folder")
     i.add_argument("--json", action="store_true", help="print as JSON")
     return p
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) = greedy; > 0 samples (e.g. 0.7: varied answers)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
+                                                           "probability mass (default 1.0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default: different each run)")
 
 
 def _train_config(args):
@@ -228,7 +249,7 @@ def cmd_generate(args) -> int:
     _set_threads(args.threads)
     answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
                            system=args.system, batch_size=args.batch_size, device=args.device,
-                           precision=args.precision)
+                           precision=args.precision, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     for p, a in zip(prompts, answers):
         if args.json:
             print(json.dumps({"prompt": p, "answer": a}))
@@ -236,6 +257,14 @@ def cmd_generate(args) -> int:
             print(a)
         else:
             print(f"> {p}\n{a}\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    _set_threads(args.threads)
+    run_chat(args.adapter, args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
+             precision=args.precision)
     return 0
 
 
@@ -283,7 +312,7 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge,
             "export": cmd_export, "inspect": cmd_inspect}
 
 
