@@ -43,7 +43,7 @@ class ChatSession:
         self.pad_id = pad_id_of(tokenizer)
         self.history: list = []
         self.turn = 0
-        self.seed = seed
+        self.seed = seed  # None: each answer draws a fresh seed (sampling.generate_ids)
         cfg = getattr(model, "config", None)
         limit = max_context or getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_prompt = max(16, int(limit) - int(max_new_tokens))

@@ -140,8 +140,8 @@ class MemoryData:
     eval: Optional[list] = None
 
 
-SMALL_HELD_OUT = 10
-MEMORY_DATA = ("data.jsonl", "eval_data.jsonl")  # where rows held in memory are written in --out  # a held-out split with fewer rows than this gets a warning
+SMALL_HELD_OUT = 10  # a held-out split with fewer rows than this gets a warning
+MEMORY_DATA = ("data.jsonl", "eval_data.jsonl")  # where rows held in memory are written in --out
 
 
 def read_data(cfg: TrainConfig, log=None, rows: Optional[MemoryData] = None):
@@ -242,6 +242,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     ``deltatune eval --adapter OUT`` scores the same held-out rows."""
     t_start = time.time()
     check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
+    if rows is not None:
+        refuse_foreign_files(cfg.out, MEMORY_DATA)  # the rows are written there: never over a file of the user's
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     train_ex, eval_ex, task_name = read_data(cfg, log, rows)
@@ -259,8 +261,6 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
     trainable, total = count_parameters(model)
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
-    if rows is not None:
-        refuse_foreign_files(cfg.out, MEMORY_DATA)
     out = prepare_out(cfg.out, cfg.overwrite, "train")
     if rows is not None:
         cfg.data = os.path.join(out, MEMORY_DATA[0])
@@ -330,19 +330,19 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
     )
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
               f" ({'packed rows' if packing else 'padded rows'}, {run.precision.name})")
-    _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps))
+    _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
     trainer.fit()
     for old in last_ckpt:
         shutil.rmtree(old, ignore_errors=True)
     return trainer
 
 
-def epochs_note(plan: list, n_items: int, max_steps: Optional[int]) -> str:
+def epochs_note(plan: list, n_items: int, max_steps: Optional[int], epochs_opt: int = 1) -> str:
     """One line: how many passes over the training examples the plan makes (``plan``: the trainer's
     windows of micro-batch index lists), e.g. what ``--max-steps`` implies on a small data set."""
     seen = sum(len(mb) for window in plan for mb in window)
     epochs = seen / max(1, n_items)
-    why = f"--max-steps {max_steps}" if max_steps is not None else "--epochs"
+    why = f"--max-steps {max_steps}" if max_steps is not None else f"--epochs {epochs_opt}"
     line = f"{why}: {len(plan)} steps see {seen:,d} examples = {epochs:.3g} epochs of the {n_items:,d} training examples"
     if epochs >= 5:
         line += " (each example many times: watch the held-out loss for memorisation)"

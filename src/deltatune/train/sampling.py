@@ -2,7 +2,8 @@
 
 Sampling: ``temperature`` > 0 divides the logits before the softmax, ``top_p`` < 1 keeps the smallest
 set of tokens whose probabilities sum to at least ``top_p`` (nucleus sampling), ``seed`` makes the
-draws repeatable (torch's RNG is forked, so nothing else's stream moves). ``temperature == 0`` is
+draws repeatable (without it, a fresh seed each call; torch's RNG is forked, so nothing else's stream
+moves). ``temperature == 0`` is
 greedy decoding, the same path evaluation uses (:func:`deltatune.train.evaluate.greedy_generate`).
 Prompts are batched with left padding built from their lengths, as in evaluation, and each answer stops
 at the first end-of-turn token.
@@ -10,6 +11,7 @@ at the first end-of-turn token.
 
 from __future__ import annotations
 
+import secrets
 from typing import Optional, Sequence
 
 import torch
@@ -52,8 +54,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
     dev = next(model.parameters()).device
     results: list = [None] * len(prompts)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(int(seed))
+        # a fresh seed unless one is given (whatever seeded torch before, e.g. a training run, does not repeat)
+        torch.manual_seed(int(seed) if seed is not None else secrets.randbits(63))
         for k in range(0, len(prompts), batch_size):
             idx = list(range(k, min(k + batch_size, len(prompts))))
             L = max(len(prompts[i]) for i in idx)
