@@ -343,7 +343,8 @@ def epochs_note(plan: list, n_items: int, max_steps: Optional[int], epochs_opt: 
     seen = sum(len(mb) for window in plan for mb in window)
     epochs = seen / max(1, n_items)
     why = f"--max-steps {max_steps}" if max_steps is not None else f"--epochs {epochs_opt}"
-    line = f"{why}: {len(plan)} steps see {seen:,d} examples = {epochs:.3g} epochs of the {n_items:,d} training examples"
+    line = (f"{why}: {len(plan)} steps see {seen:,d} examples = {epochs:.3g} epoch{'' if epochs == 1 else 's'} of the "
+            f"{n_items:,d} training examples")
     if epochs >= 5:
         line += " (each example many times: watch the held-out loss for memorisation)"
     return line
