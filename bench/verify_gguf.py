@@ -120,7 +120,9 @@ def main(argv=None) -> int:
     print(f"{'prompt':<44}{'expected':<14}{'deltatune':<14}" + "".join(f"{k:<26}" for k in variants))
     for i, ex in enumerate(words):
         row = f"{ex.prompt_messages()[-1]['content'][:42]:<44}{ex.reference:<14}{dec(ours[i])!r:<14}"
-        row += "".join(f"{dec(v[i])!r + ('' if v[i] == ours[i] else ' (differs)'):<26}" for v in variants.values())
+        for v in variants.values():
+            cell = repr(dec(v[i])) + ("" if v[i] == ours[i] else " (differs)")
+            row += f"{cell:<26}"
         print(row)
     print()
     agree = {}
