@@ -4,8 +4,8 @@ included), as ../shared/DESIGN.md lays it out:
     _io, config, geometry, layers, targets  <-  adapters, routing  <-  inject  <-  merge, quant
         <-  methods, lifecycle  <-  formats  <-  integrations  <-  train  <-  cli
 
-The package root (the public API of ``deltatune/__init__.py``) sits with integrations: train and
-cli are its clients. A module imports only modules of its own rank or below, there is no import
+The package root (the public API of ``deltatune/__init__.py``) sits with train: it gathers the core,
+the integrations and the training job (``deltatune.train(...)``); cli is its client. A module imports only modules of its own rank or below, there is no import
 cycle, the core
 (everything below integrations) never imports train, cli or transformers, and a function-local
 import is only for an optional heavy dependency (never for one of deltatune's own modules).
@@ -87,7 +87,7 @@ def _resolve(target: str) -> str:
 def _rank(mod: str) -> int:
     parts = mod.split(".")
     if len(parts) == 1:  # the package itself (deltatune/__init__.py): the public API, which gathers the
-        return RANKS.index({"integrations"})  # core and integrations; train and cli are its clients
+        return RANKS.index({"train"})  # core, the integrations and the training job; cli is its client
     for i, group in enumerate(RANKS):
         if parts[1] in group:
             return i

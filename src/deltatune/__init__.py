@@ -7,6 +7,7 @@ Public API (all functions take the model and change it in place; none wraps it):
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
+    train(data=rows_or_file, out=dir, **options) -> report   (the whole training job, as `deltatune train`)
 """
 
 from . import methods  # noqa: F401  (registers the built-in methods)
@@ -37,6 +38,7 @@ from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 from .quant import quant_stats, quantize_base
+from . import train  # noqa: F401  (the callable package: deltatune.train(...) runs a training job)
 
 __version__ = "0.1.0"
 
@@ -80,4 +82,5 @@ __all__ = [
     "count_parameters",
     "config_from_dict",
     "load_config",
+    "train",
 ]

@@ -3,8 +3,10 @@
 
     deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
     deltatune eval     [--adapter DIR] [--model M] [--data F]
-    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F)
-    deltatune merge    --adapter DIR --out DIR [--model M]
+    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F) [--temperature T --top-p P]
+    deltatune chat     [--adapter DIR] [--model M] [--system TEXT] [--temperature T --top-p P]
+    deltatune merge    --adapter DIR --out DIR [--model M] [--format gguf --gguf-type f16]
+    deltatune export   --adapter DIR --format gguf --out FILE.gguf [--gguf-type f32]
     deltatune inspect  DIR
 
 Bad input (unknown option, missing file, existing ``--out`` ...) prints ONE line
@@ -25,10 +27,12 @@ import torch
 
 from .formats.describe import describe_adapter
 from .integrations.transformers import ModelNotFoundError
+from .train.chat import run_chat
 from .train.commands import run_eval, run_generate, run_merge, run_settings
-from .train.config import OptionError, UsageError, build_config, read_yaml
+from .train.config import OptionError, UsageError, build_config, parse_method_opts, read_yaml
 from .train.data import DataError, load_examples
-from .train.pipeline import run_train
+from .train.api import train
+from .train.export import run_export, run_merge_gguf
 from .train.presets import METHOD_FIELDS, PRESETS
 
 
@@ -90,6 +94,8 @@ _TRAIN_FLAGS = [
                                                 "the longest reference)"),
     ("--ppl-size", "ppl_size", int, "chitchat conversations for perplexity before/after, 0 = skip (default 48)"),
     ("--save-every", "save_every", int, "checkpoint every N optimizer steps (default: --eval-every)"),
+    ("--report-to", "report_to", str, "also write the metrics as TensorBoard events into --out: tensorboard, or "
+                                      "none (default); needs pip install 'deltatune[tensorboard]'"),
 ]
 
 
@@ -117,7 +123,7 @@ def _method_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning on your CPU, in the PEFT format.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,merge,inspect}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,chat,merge,export,inspect}")
 
     t = sub.add_parser("train", help="train an adapter (default: LoRA on SmolLM2, word-inflection task)",
                        description="Train an adapter and write it (PEFT format) with report.json, metrics.jsonl "
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(flag, dest=dest, type=typ, default=None)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    g = sub.add_parser("generate", help="greedy answers to chat prompts, with or without an adapter")
+    g = sub.add_parser("generate", help="answers to chat prompts (greedy, or sampled), with or without an adapter")
     g.add_argument("--adapter", help="adapter folder (default: the bare base model)")
     g.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     g.add_argument("--prompt", action="append", help="a user message (repeatable)")
@@ -150,14 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
+    _add_sampling_flags(g)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder")
+    c = sub.add_parser("chat", help="talk to a model + adapter interactively (/reset, /exit)")
+    c.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    c.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    c.add_argument("--system", help="system message (default: the chat template's own)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+    c.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    c.add_argument("--precision", default="auto", help="auto (default: bf16 where fast, else fp32), bf16, fp16, fp32")
+    _add_sampling_flags(c)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base; write a plain transformers model folder "
+                                     "(or a GGUF file)")
     m.add_argument("--adapter", required=True, help="adapter folder")
     m.add_argument("--out", required=True, help="output folder (model safetensors + config + tokenizer)")
     m.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     m.add_argument("--dtype", default="float32", help="dtype of the written weights (float32 or bfloat16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+    m.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                   help="safetensors (default: a transformers folder) or gguf (--out is then a .gguf file for "
+                        "llama.cpp/Ollama, with a Modelfile beside it)")
+    m.add_argument("--gguf-type", default="f16", help="GGUF weight type: f32, f16 (default), bf16 or q8_0")
+
+    x = sub.add_parser("export", help="write a LoRA adapter as a llama.cpp LoRA adapter GGUF (+ Ollama Modelfile)")
+    x.add_argument("--adapter", required=True, help="adapter folder (LoRA)")
+    x.add_argument("--format", default="gguf", choices=("gguf",), help="gguf (default)")
+    x.add_argument("--out", required=True, help="output .gguf file; an Ollama Modelfile is written beside it")
+    x.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
+    x.add_argument("--gguf-type", default="f32", help="tensor type: f32 (default, as llama.cpp's converter), f16, "
+                                                     "bf16 or q8_0")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file and Modelfile")
 
     i = sub.add_parser("inspect", help="method, targets, rank, parameter count, per-layer adapter norms")
     i.add_argument("adapter", help="adapter folder")
@@ -165,30 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) = greedy; > 0 samples (e.g. 0.7: varied answers)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
+                                                           "probability mass (default 1.0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default: different each run)")
+
+
 def _train_config(args):
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt")}
     if args.method_opt:
-        import yaml
-
-        mo = {}
-        for kv in args.method_opt:
-            if "=" not in kv:
-                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
-            k, v = kv.split("=", 1)
-            if not k.strip():
-                raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
-            try:
-                mo[k.strip()] = yaml.safe_load(v)
-            except yaml.YAMLError:
-                raise OptionError(f"--method-opt {kv!r}: the value is not valid (a number, true/false, text or [a, b])") from None
-        flags["method_options"] = mo
+        flags["method_options"] = parse_method_opts(args.method_opt)
     yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
     return build_config(yaml_values, flags)
 
 
 def cmd_train(args) -> int:
     cfg = _train_config(args)
-    run_train(cfg)
+    train(config=cfg)  # the Python API's entry: deltatune.train(config=cfg)
     return 0
 
 
@@ -233,7 +259,7 @@ def cmd_generate(args) -> int:
     _set_threads(args.threads)
     answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
                            system=args.system, batch_size=args.batch_size, device=args.device,
-                           precision=args.precision)
+                           precision=args.precision, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     for p, a in zip(prompts, answers):
         if args.json:
             print(json.dumps({"prompt": p, "answer": a}))
@@ -241,6 +267,14 @@ def cmd_generate(args) -> int:
             print(a)
         else:
             print(f"> {p}\n{a}\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    _set_threads(args.threads)
+    run_chat(args.adapter, args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
+             precision=args.precision)
     return 0
 
 
@@ -253,8 +287,21 @@ def _set_threads(n) -> None:
 
 def cmd_merge(args) -> int:
     _set_threads(args.threads)
+    if args.format == "gguf":
+        res = run_merge_gguf(args.adapter, args.out, args.model, gguf_type=args.gguf_type, overwrite=args.overwrite)
+        print(f"merged model written to {res['gguf']} (llama.cpp: llama-cli -m FILE; Ollama: ollama create NAME -f "
+              f"{res['modelfile']})")
+        return 0
     out = run_merge(args.adapter, args.out, args.model, overwrite=args.overwrite, dtype=args.dtype)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    res = run_export(args.adapter, args.out, args.model, fmt=args.format, gguf_type=args.gguf_type,
+                     overwrite=args.overwrite)
+    print(f"adapter written to {res['gguf']} (llama.cpp: --lora FILE on its base; Ollama: ollama create NAME -f "
+          f"{res['modelfile']})")
     return 0
 
 
@@ -277,8 +324,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge,
-            "inspect": cmd_inspect}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge,
+            "export": cmd_export, "inspect": cmd_inspect}
 
 
 def _user_errors() -> tuple:
@@ -296,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
-            raise CLIError("deltatune: error: choose a command: train, eval, generate, merge, inspect (see deltatune --help)")
+            raise CLIError("deltatune: error: choose a command: train, eval, generate, chat, merge, export, inspect (see deltatune --help)")
         return COMMANDS[args.command](args) or 0
     except errors as e:
         if debug:

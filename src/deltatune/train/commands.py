@@ -21,9 +21,10 @@ from ..lifecycle import merge_and_unload
 from ..quant import is_quantized, quantize_base
 from .config import TrainConfig, UsageError
 from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
-from .evaluate import Evaluator, evaluation_mode, greedy_generate
+from .evaluate import Evaluator, evaluation_mode
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import load_base, read_data, run_precision
+from .sampling import check_sampling, generate_ids
 
 
 def to_stderr(msg: str) -> None:
@@ -125,9 +126,13 @@ def run_settings(adapter: Optional[str]) -> dict:
 def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: list[str], *,
                  max_new_tokens: int = 64, system: Optional[str] = None, batch_size: int = 16,
                  dtype: Optional[str] = None, device: Optional[str] = None, precision: str = "auto",
+                 temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
                  log: Optional[Callable] = to_stderr) -> list[str]:
-    """Greedy answers to chat prompts (one user turn each), stopping at end of turn; on ``device`` in
-    ``precision`` (:mod:`deltatune.train.precision`; the base in ``dtype``, default the precision's)."""
+    """Answers to chat prompts (one user turn each), stopping at end of turn: greedy, or sampled with
+    ``temperature`` > 0 and ``top_p`` (:mod:`deltatune.train.sampling`; ``seed`` for repeatable draws);
+    on ``device`` in ``precision`` (:mod:`deltatune.train.precision`; the base in ``dtype``, default the
+    precision's)."""
+    check_sampling(temperature, top_p, max_new_tokens)
     prec, dtype = run_precision(TrainConfig(device=device, precision=precision, dtype=dtype))
     model, tok, _ = load_with_adapter(adapter, model_path, dtype, log, prec.device)
     enc = ChatEncoder(tok)
@@ -139,8 +144,9 @@ def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: lis
         else:
             ids.append(list(tok(p)["input_ids"]))
     with evaluation_mode(model, prec):
-        outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
-                               pad_id=pad_id_of(tok), batch_size=batch_size)
+        outs = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
+                            pad_id=pad_id_of(tok), batch_size=batch_size, temperature=temperature, top_p=top_p,
+                            seed=seed)
     return [tok.decode(o, skip_special_tokens=True) for o in outs]
 
 

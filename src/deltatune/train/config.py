@@ -22,6 +22,7 @@ from typing import Any, Optional
 from .precision import PRECISIONS
 from .task import WORDINGS
 from .presets import METHOD_FIELDS, PRESETS, default_lr
+from .tensorboard import check_report_to
 
 
 class OptionError(ValueError):
@@ -87,6 +88,7 @@ class TrainConfig:
     max_new_tokens: int = 8
     ppl_size: int = 48  # chitchat conversations for perplexity_before/after; 0 = skip
     save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every
+    report_to: str = "none"  # also write the metrics to: none, tensorboard (train.tensorboard)
     plot: bool = True
     progress: bool = True
 
@@ -108,6 +110,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         return None
     if name in ("packing", "shared_prefix") and isinstance(value, bool):  # YAML's true/false
         return "on" if value else "off"
+    if name == "report_to" and isinstance(value, (list, tuple)):  # YAML list, or report_to=["tensorboard"]
+        return ",".join(str(v) for v in value) or "none"
     if name in ("precision", "packing", "shared_prefix", "device") and isinstance(value, str):
         return value.strip().lower()
     if isinstance(default, bool):
@@ -174,13 +178,11 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
     spelled: dict = {}  # field -> how the user set it, for the messages
     aliases = {"rank": "r"}  # keys may also be spelled as the flags
     for source, values in (("config file", yaml_values or {}), ("flag", flag_values or {})):
-        for k, v in values.items():
+        for k, v in flag_spellings(values, source).items():
             key = str(k).replace("-", "_").lstrip("_")
             key = aliases.get(key, key)
             if key not in known:
-                near = difflib.get_close_matches(key, known, n=3)
-                hint = f" (did you mean {', '.join(near)}?)" if near else ""
-                raise OptionError(f"unknown option {k!r} in {source}{hint}")
+                raise OptionError(f"unknown option {k!r} in {source}{unknown_hint(key, known)}")
             if v is None:
                 continue
             if key == "method_options":
@@ -207,6 +209,83 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
     validate(cfg)
     refuse_unread_fields(cfg.method, spelled)
     return cfg
+
+
+# names other training tools (transformers' TrainingArguments, TRL, axolotl, LLaMA-Factory, PEFT scripts) give
+# options deltatune has under another name
+OTHER_TOOL_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lora_r": "r", "lora_rank": "r",
+    "lora_target_modules": "target_modules", "lora_target": "target_modules", "model_name_or_path": "model",
+    "base_model": "model", "model_name": "model", "output_dir": "out", "dataset": "data", "train_file": "data",
+    "dataset_path": "data", "datasets": "data", "validation_file": "eval_data", "eval_file": "eval_data",
+    "eval_dataset": "eval_data", "max_seq_length": "max_seq_len", "max_length": "max_seq_len",
+    "sequence_len": "max_seq_len", "cutoff_len": "max_seq_len", "lr_scheduler_type": "schedule",
+    "lr_scheduler": "schedule", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+    "eval_steps": "eval_every", "save_steps": "save_every", "val_set_size": "val_fraction", "adapter": "method",
+    "peft_method": "method", "finetuning_type": "method", "bf16": "precision", "fp16": "precision",
+    "torch_dtype": "dtype", "max_new_tokens_eval": "max_new_tokens",
+}
+
+
+def unknown_hint(key: str, known) -> str:
+    """The hint of an unknown option: the deltatune name of another tool's option, else the nearest names."""
+    if key in OTHER_TOOL_NAMES:
+        return f": deltatune calls it {OTHER_TOOL_NAMES[key]!r}"
+    near = difflib.get_close_matches(key, list(known), n=3)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def parse_method_opts(items) -> dict:
+    """``--method-opt`` values (``KEY=VALUE`` strings; values read as YAML: numbers, true/false, text,
+    ``[a, b]``) as a dict; a dict is taken as it is.
+
+    Raises:
+        OptionError: an item that is not ``KEY=VALUE``, or a value YAML cannot read.
+    """
+    import yaml
+
+    if isinstance(items, dict):
+        return dict(items)
+    if isinstance(items, str):
+        items = [items]
+    out = {}
+    for kv in items or []:
+        if not isinstance(kv, str) or "=" not in kv or not kv.split("=", 1)[0].strip():
+            raise OptionError(f"--method-opt {kv!r} must be KEY=VALUE")
+        k, v = kv.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise OptionError(f"--method-opt {kv!r}: the value is not valid (a number, true/false, text or [a, b])") from None
+    return out
+
+
+def flag_spellings(values: dict, source: str) -> dict:
+    """Options spelled as the command's flags, as fields: ``method_opt`` (a list of ``KEY=VALUE``, or a
+    mapping) -> ``method_options``; ``no_plot`` / ``no_progress`` -> ``plot`` / ``progress`` negated;
+    ``config`` is refused (a config file cannot name another).
+
+    Raises:
+        OptionError: ``config`` given, or a ``no_*`` value that is not true/false.
+    """
+    out = {}
+    for k, v in values.items():
+        key = str(k).replace("-", "_").lstrip("_")
+        if key == "method_opt":
+            if v is not None:
+                out.setdefault("method_options", {}).update(parse_method_opts(v))
+        elif key in ("no_plot", "no_progress"):
+            if v is not None:
+                out[key[3:]] = not _coerce(key, v, True)
+        elif key == "config" and source == "config file":
+            raise OptionError("a config file cannot name another config file (key 'config'): merge the two files")
+        elif key == "method_options" and isinstance(v, dict):
+            out.setdefault("method_options", {}).update(v)
+        else:
+            out[k] = v
+    return out
 
 
 def refuse_unread_fields(method: str, spelled: dict) -> None:
@@ -275,6 +354,10 @@ def validate(cfg: TrainConfig) -> None:
     for n in ("packing", "shared_prefix"):
         if getattr(cfg, n) not in ("auto", "on", "off"):
             raise OptionError(f"option {n!r} must be auto, on or off, got {getattr(cfg, n)!r}")
+    try:
+        check_report_to(cfg.report_to)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     if cfg.device is not None and not isinstance(cfg.device, str):
         raise OptionError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:

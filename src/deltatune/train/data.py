@@ -29,9 +29,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from .._io import atomic_write_bytes
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -177,6 +180,43 @@ def load_examples(path: str) -> list[Example]:
     if not rows:
         raise DataError(f"data file {path} has no rows")
     return [row_to_example(r, path, i + 1) for i, r in enumerate(rows)]
+
+
+def examples_from_rows(rows, name: str = "data") -> list[Example]:
+    """Rows held in memory (a list of dicts in any shape :func:`row_to_example` reads, or any iterable of
+    mappings such as a ``datasets.Dataset``) as :class:`Example` s; errors name ``name`` and the row
+    (1-based), as for a file.
+
+    Raises:
+        DataError: not an iterable of mappings (a pandas DataFrame: pass ``df.to_dict("records")``), no
+            rows, or a row of no known shape.
+    """
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise DataError(f"{name} must be a file path or a list of rows (dicts), got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            hint = " (for a pandas DataFrame pass df.to_dict('records'))" if hasattr(rows, "to_dict") else ""
+            raise DataError(f"{name}: row {i + 1} is a {type(row).__name__}, not a dict of fields{hint}")
+        out.append(row_to_example(dict(row), name, i + 1))
+    if not out:
+        raise DataError(f"{name} has no rows")
+    return out
+
+
+def write_rows_jsonl(path: str, rows) -> None:
+    """Write rows held in memory as JSON lines (so that a run trained on them can be evaluated again).
+
+    Raises:
+        DataError: a value JSON cannot hold (the row is named).
+    """
+    lines = []
+    for i, row in enumerate(rows):
+        try:
+            lines.append(json.dumps(dict(row), ensure_ascii=False))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"row {i + 1} cannot be written as JSON ({e}): give plain strings, numbers and lists") from None
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def split_examples(examples: list, val_fraction: float, seed: int, max_eval: Optional[int] = None):

@@ -26,7 +26,8 @@ _OWN_NAMES = {"adapter_config.json", "adapter_model.safetensors", "report.json",
 
 def _own_entry(name: str, listed: set) -> bool:
     return (name in _OWN_NAMES or name in listed or re.fullmatch(r"checkpoint-\d+", name) is not None
-            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None)
+            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
+            or name.startswith("events.out.tfevents."))
 
 
 def check_out(path: str, overwrite: bool) -> str:
@@ -85,6 +86,21 @@ def prepare_out(path: str, overwrite: bool, command: str = "train") -> str:
     except OSError as e:
         raise UsageError(f"--out {path} cannot be written: {e.strerror or e}") from None
     return path
+
+
+def refuse_foreign_files(path: str, names) -> None:
+    """Raise :class:`UsageError` when ``path`` holds one of ``names`` that deltatune did not write there
+    (the marker does not list it): a run that writes such a file would replace the user's."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(os.path.join(path, OUTPUT_MARKER), encoding="utf-8") as fh:
+            ours = set(json.load(fh).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        ours = set()
+    for n in names:
+        if os.path.exists(os.path.join(path, n)) and n not in ours:
+            raise UsageError(f"--out {path} holds a {n} deltatune did not write, and this run writes its in-memory "
+                             f"rows there: choose another --out")
 
 
 def write_marker(path: str, command: str, files: Optional[list] = None, kept: Optional[list] = None) -> None:

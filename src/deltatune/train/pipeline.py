@@ -36,15 +36,16 @@ from ..lifecycle import disable_adapter
 from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .config import TrainConfig, UsageError
-from .data import ChatEncoder, load_examples, pad_id_of, split_examples
+from .data import ChatEncoder, examples_from_rows, load_examples, pad_id_of, split_examples, write_rows_jsonl
 from .evaluate import Evaluator, PerplexityProbe
 from .loop import Trainer
 from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
-from .outputs import check_out, prepare_out, write_marker
+from .outputs import check_out, prepare_out, refuse_foreign_files, write_marker
 from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
+from .tensorboard import metric_sinks
 
 
 def _say(log: Optional[Callable], msg: str) -> None:
@@ -131,11 +132,37 @@ def build_method_config(cfg: TrainConfig):
         raise UsageError(f"--method {cfg.method}: {e}") from None
 
 
-def read_data(cfg: TrainConfig, log=None):
-    """(train examples, held-out examples, task name): the default task, or the rows of ``--data``.
+@dataclass
+class MemoryData:
+    """Training rows held in memory (``deltatune.train(data=[...])``): ``train`` and, optionally,
+    ``eval`` (the held-out rows; None: split off ``train`` as from a file)."""
 
-    Runs before the model is loaded, so that a bad file fails at once.
+    train: list
+    eval: Optional[list] = None
+
+
+SMALL_HELD_OUT = 10  # a held-out split with fewer rows than this gets a warning
+MEMORY_DATA = ("data.jsonl", "eval_data.jsonl")  # where rows held in memory are written in --out
+
+
+def read_data(cfg: TrainConfig, log=None, rows: Optional[MemoryData] = None):
+    """(train examples, held-out examples, task name): the default task, the rows of ``--data``, or
+    ``rows`` held in memory.
+
+    Runs before the model is loaded, so that a bad file fails at once. A held-out split made from the
+    data with fewer than :data:`SMALL_HELD_OUT` rows gets a one-line warning.
     """
+    if rows is not None:
+        examples = examples_from_rows(rows.train, "data")
+        if rows.eval is not None:
+            train_ex, eval_ex = examples, examples_from_rows(rows.eval, "eval_data")
+        elif cfg.eval_data:
+            train_ex, eval_ex = examples, load_examples(cfg.eval_data)
+        else:
+            train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
+        _say(log, f"data: {len(examples)} rows from memory: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+        _warn_small_held_out(log, eval_ex, rows.eval is None and not cfg.eval_data)
+        return train_ex, eval_ex, "rows from memory"
     if cfg.data is None:
         task = build_task(cfg.task_train_size, cfg.eval_size, cfg.seed, wording=cfg.task_wording)
         _say(log, f"data: default task, {len(task.train)} training questions from {task.n_train_lemmas} lemmas, "
@@ -147,7 +174,15 @@ def read_data(cfg: TrainConfig, log=None):
     else:
         train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
     _say(log, f"data: {cfg.data}: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+    _warn_small_held_out(log, eval_ex, not cfg.eval_data)
     return train_ex, eval_ex, os.path.basename(cfg.data)
+
+
+def _warn_small_held_out(log, eval_ex: list, split_made: bool) -> None:
+    if split_made and 0 < len(eval_ex) < SMALL_HELD_OUT:
+        _say(log, f"warning: the held-out split has only {len(eval_ex)} rows, so its scores are coarse (one row = "
+                  f"{100 / len(eval_ex):.0f}%): give held-out rows of your own with --eval-data FILE (or a larger "
+                  "--val-fraction)")
 
 
 def encode_data(cfg: TrainConfig, tokenizer, train_ex, log=None):
@@ -187,10 +222,12 @@ def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optio
     return train_session(cfg, log, progress)["report"]
 
 
-def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None, *,
+                  rows: Optional[MemoryData] = None) -> dict:
     """:func:`run_train`, returning ``{"report", "model", "tokenizer", "evaluator", "trainer"}`` (for tests
-    and notebooks: the trained model stays in memory)."""
-    run = prepare(cfg, log)
+    and notebooks: the trained model stays in memory). ``rows``: training data held in memory instead of
+    ``cfg.data`` (see :func:`prepare`)."""
+    run = prepare(cfg, log, rows=rows)
     before, ppl_before = score_base(run)
     trainer = fit(run, progress)
     report = finish(run, trainer, before, ppl_before)
@@ -198,13 +235,19 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
             "trainer": trainer}
 
 
-def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
-    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``."""
+def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional[MemoryData] = None) -> Run:
+    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``.
+
+    ``rows`` (data held in memory) are written into ``--out`` as ``data.jsonl`` (and ``eval_data.jsonl``)
+    and ``cfg.data`` (``cfg.eval_data``) name those files, so that the report records them and
+    ``deltatune eval --adapter OUT`` scores the same held-out rows."""
     t_start = time.time()
     check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
+    if rows is not None:
+        refuse_foreign_files(cfg.out, MEMORY_DATA)  # the rows are written there: never over a file of the user's
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
-    train_ex, eval_ex, task_name = read_data(cfg, log)
+    train_ex, eval_ex, task_name = read_data(cfg, log, rows)
     precision, dtype = run_precision(cfg)
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
@@ -222,9 +265,16 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     trainable, total = count_parameters(model)
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
     out = prepare_out(cfg.out, cfg.overwrite, "train")
+    if rows is not None:
+        cfg.data = os.path.join(out, MEMORY_DATA[0])
+        write_rows_jsonl(cfg.data, rows.train)
+        if rows.eval is not None:
+            cfg.eval_data = os.path.join(out, MEMORY_DATA[1])
+            write_rows_jsonl(cfg.eval_data, rows.eval)
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl")), precision=precision,
+               metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out)),
+               precision=precision,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -286,10 +336,24 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
               f" ({how}, {run.precision.name})")
+    _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
     trainer.fit()
     for old in last_ckpt:
         shutil.rmtree(old, ignore_errors=True)
     return trainer
+
+
+def epochs_note(plan: list, n_items: int, max_steps: Optional[int], epochs_opt: int = 1) -> str:
+    """One line: how many passes over the training examples the plan makes (``plan``: the trainer's
+    windows of micro-batch index lists), e.g. what ``--max-steps`` implies on a small data set."""
+    seen = sum(len(mb) for window in plan for mb in window)
+    epochs = seen / max(1, n_items)
+    why = f"--max-steps {max_steps}" if max_steps is not None else f"--epochs {epochs_opt}"
+    line = (f"{why}: {len(plan)} steps see {seen:,d} examples = {epochs:.3g} epoch{'' if epochs == 1 else 's'} of the "
+            f"{n_items:,d} training examples")
+    if epochs >= 5:
+        line += " (each example many times: watch the held-out loss for memorisation)"
+    return line
 
 
 def batching(run: Run) -> tuple[bool, bool]:

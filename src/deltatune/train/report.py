@@ -30,11 +30,14 @@ def peak_rss_bytes() -> int:
 
 
 class MetricsLog:
-    """Appends JSON lines to ``path`` (flushed per line, so a crashed run keeps its history)."""
+    """Appends JSON lines to ``path`` (flushed per line, so a crashed run keeps its history), and hands
+    every row to ``sinks`` too (objects with ``write(row)`` and ``close()``, e.g. the TensorBoard writer
+    of ``--report-to tensorboard``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, sinks=()):
         self.path = path
         self.rows: list = []
+        self.sinks = list(sinks)
         self._fh = open(path, "w", encoding="utf-8")
 
     def write(self, row: dict) -> None:
@@ -42,9 +45,13 @@ class MetricsLog:
         self.rows.append(row)
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+        for s in self.sinks:
+            s.write(row)
 
     def close(self) -> None:
         self._fh.close()
+        for s in self.sinks:
+            s.close()
 
 
 def _clean(v):
