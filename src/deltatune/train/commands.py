@@ -20,7 +20,7 @@ from ..layers import dense_weight, set_dense_weight
 from ..lifecycle import merge_and_unload
 from ..quant import is_quantized, quantize_base
 from .config import TrainConfig, UsageError
-from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
+from .data import ChatEncoder, end_of_turn_ids, has_chat_template, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode, greedy_generate
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import load_base, read_data, run_precision
@@ -97,7 +97,7 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
         data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
     precision, dtype = run_precision(cfg)
     model, tok, source = load_with_adapter(adapter, model_path, dtype, log, precision.device)
-    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on, truncation=cfg.truncation)
     ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, precision=precision)
     res = ev(model)
@@ -118,7 +118,7 @@ def run_settings(adapter: Optional[str]) -> dict:
     except (OSError, ValueError, AttributeError):
         return {}
     keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "task_wording", "max_seq_len",
-            "train_on", "precision", "dtype")
+            "train_on", "truncation", "precision", "dtype")
     return {k: conf[k] for k in keys if conf.get(k) is not None}
 
 
@@ -129,19 +129,38 @@ def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: lis
     """Greedy answers to chat prompts (one user turn each), stopping at end of turn; on ``device`` in
     ``precision`` (:mod:`deltatune.train.precision`; the base in ``dtype``, default the precision's)."""
     prec, dtype = run_precision(TrainConfig(device=device, precision=precision, dtype=dtype))
-    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log, prec.device)
+    model, tok, source = load_with_adapter(adapter, model_path, dtype, log, prec.device)
     enc = ChatEncoder(tok)
+    stops = end_of_turn_ids(tok)
     ids = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        if getattr(tok, "chat_template", None):
+    if has_chat_template(tok):
+        for p in prompts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
             ids.append(enc.prompt_ids(msgs))
-        else:
-            ids.append(list(tok(p)["input_ids"]))
+    else:
+        lead = (system + "\n\n") if system else ""
+        ids = [list(tok(lead + p)["input_ids"]) for p in prompts]
+        if log is not None:
+            log(f"note: {source.display} has no chat template: each prompt is plain text: "
+                + plain_prompt_format(tok, bool(system)))
+    if not stops and log is not None:
+        log("note: the tokenizer has no EOS and no end-of-turn token: answers run to --max-new-tokens")
     with evaluation_mode(model, prec):
-        outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
+        outs = greedy_generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stops,
                                pad_id=pad_id_of(tok), batch_size=batch_size)
     return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def plain_prompt_format(tok, with_system: bool) -> str:
+    """How :func:`run_generate` lays out a prompt for a model without a chat template (for its note)."""
+    probe = list(tok("x")["input_ids"])
+    bare = list(tok("x", add_special_tokens=False)["input_ids"])
+    k = len(probe) - len(bare)
+    head = ", ".join(tok.convert_ids_to_tokens(probe[:k])) if k > 0 and probe[k:] == bare else ""
+    parts = ([f"the tokenizer's {head}"] if head else []) + (["the --system text, a blank line"] if with_system
+                                                            else []) + ["the prompt (no roles, no template)"]
+    eos = getattr(tok, "eos_token", None)
+    return ", then ".join(parts) + (f"; generation stops at EOS {eos}" if eos else "")
 
 
 def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overwrite: bool = False,

@@ -152,9 +152,11 @@ def read_data(cfg: TrainConfig, log=None):
 
 def encode_data(cfg: TrainConfig, tokenizer, train_ex, log=None):
     """(encoder, encoded training items)."""
-    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on, truncation=cfg.truncation)
     items = enc.encode_all(train_ex)
     _say(log, f"tokenised: {enc.stats.summary()}")
+    for w in enc.stats.warnings():
+        _say(log, f"warning: {w}")
     if not items:
         raise UsageError("no training example has a target token left: check the data and --max-seq-len")
     return enc, items
@@ -180,6 +182,7 @@ class Run:
     metrics: MetricsLog
     ppl_probe: Optional[PerplexityProbe]
     precision: Precision
+    data_stats: Optional[dict] = None  # the training set's EncodeStats.to_dict()
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
@@ -214,6 +217,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
               f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
+    data_stats = enc.stats.to_dict()  # before the evaluator encodes its examples with the same encoder
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                           precision=precision) if eval_ex else None
@@ -225,7 +229,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
                metrics=MetricsLog(os.path.join(out, "metrics.jsonl")), precision=precision,
-               ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
+               ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None,
+               data_stats=data_stats)
 
 
 def score_base(run: Run) -> tuple[dict, Optional[float]]:
@@ -374,6 +379,7 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "model": run.source.display,
         "out": run.out,
         "samples_after": after.get("samples"),
+        "data": run.data_stats,
         "config": run.cfg.to_dict(),
         **run.extra,
         "extra_fields": sorted(run.extra),
