@@ -345,3 +345,23 @@ def test_cli_without_a_chat_template(tmp_path, capsys):
     assert (f"note: {model} has no chat template: each prompt is plain text: the tokenizer's <s>, then the --system "
             "text, a blank line, then the prompt (no roles, no template); generation stops at EOS </s>") in err
     assert json.loads(stdout.strip().splitlines()[-1])["prompt"] == "hi"
+
+
+def test_cli_template_without_end_of_turn_learns_to_stop(tmp_path, capsys):
+    """Trained on answers the NE template never closes, the model learns the EOS the run appended, and
+    ``generate`` stops there (not at --max-new-tokens)."""
+    model = _folder(tmp_path, "ne", make_ne())
+    rows = [{"prompt": p, "completion": a} for p, a in (("hi", "yo"), ("up?", "ok"), ("hm", "no"), ("go", "ya"))] * 4
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "train", "--model", model, "--data", data, "--out", str(out), "--method", "full",
+                             "--lr", "1e-2", "--max-steps", "60", "--warmup-steps", "0", "--batch-size", "16",
+                             "--val-fraction", "0", "--eval-every", "0", "--ppl-size", "0", "--threads", "1",
+                             "--no-progress", "--no-plot", "--precision", "fp32")
+    assert code == 0, err
+    assert "EOS appended as the stop target of 16 answers" in stdout
+    code, stdout, err = _run(capsys, "generate", "--model", str(out), "--prompt", "hi", "--prompt", "up?",
+                             "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    answers = [json.loads(line)["answer"] for line in stdout.strip().splitlines()]
+    assert answers == ["yo\n", "ok\n"]  # stopped at the trained EOS: 3 tokens of 12

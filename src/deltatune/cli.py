@@ -191,7 +191,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
                                            "seed", "dtype", "threads", "device", "precision")}
-    recorded = run_settings(args.adapter) if not args.data else {}  # the run's own held-out split
+    recorded = run_settings(args.adapter or args.model) if not args.data else {}  # the run's own held-out split
     cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
     res = run_eval(args.adapter, args.model, args.data, cfg)

@@ -22,6 +22,7 @@ from ..quant import is_quantized, quantize_base
 from .config import TrainConfig, UsageError
 from .data import ChatEncoder, end_of_turn_ids, has_chat_template, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode, greedy_generate
+from .full import drop_gguf_marks as _drop_gguf_marks
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import load_base, read_data, run_precision
 
@@ -39,6 +40,9 @@ def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[st
         UsageError: the adapter folder is missing, or its base cannot be found here.
     """
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        if os.path.isfile(os.path.join(adapter_dir, "config.json")):
+            raise UsageError(f"--adapter {adapter_dir} is a model folder, not an adapter (no adapter_config.json; "
+                             f"e.g. a --method full run): pass it as --model {adapter_dir}")
         raise UsageError(f"--adapter {adapter_dir} is not an adapter folder (no adapter_config.json)")
     if model_flag:
         return model_flag
@@ -107,8 +111,8 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
 
 def run_settings(adapter: Optional[str]) -> dict:
     """The data and precision options a training run recorded in ``adapter/report.json`` (empty when there
-    is none), so that ``deltatune eval --adapter DIR`` scores the same held-out examples, computed the
-    same way, as the run did (flags still win)."""
+    is none), so that ``deltatune eval --adapter DIR`` (or ``--model DIR`` of a ``--method full`` run)
+    scores the same held-out examples, computed the same way, as the run did (flags still win)."""
     p = os.path.join(adapter, "report.json") if adapter else ""
     if not p or not os.path.isfile(p):
         return {}
@@ -198,20 +202,3 @@ def _dequantize_rest(model) -> None:
     for _, m in list(model.named_modules()):
         if is_quantized(m):
             set_dense_weight(m, dense_weight(m))
-
-
-def _drop_gguf_marks(model) -> None:
-    """A GGUF base is de-quantised on load, but transformers keeps its GGUF "quantizer", which refuses to
-    save; the weights are plain float tensors, so drop the marks and save them as safetensors."""
-    q = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
-    if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
-        model.hf_quantizer = None
-        cfg = getattr(model, "config", None)
-        if cfg is not None and hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        if hasattr(model, "quantization_method"):
-            try:
-                del model.quantization_method
-            except AttributeError:
-                pass

@@ -135,7 +135,7 @@ def format_table(report: dict) -> str:
         ("tokens/s (train)", _fmt(report.get("train_tokens_per_s"))),
         ("wall time", f"{report.get('wall_seconds', 0):.0f} s"),
         ("peak RSS", f"{report.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB"),
-        ("adapter", report.get("out")),
+        ("model folder" if report.get("saved") == "model" else "adapter", report.get("out")),
     ]
     data = report.get("data") or {}
     if data.get("truncated") or data.get("dropped_no_target"):
