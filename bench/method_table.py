@@ -3,7 +3,8 @@
 Each method trains through the one CLI (``deltatune train``) with the same data, steps, batch and
 seed as the demo (SmolLM2-135M-Instruct, 150 optimizer steps of 16 questions, seed 0, held-out
 exact match on 320 words of held-out lemmas, chitchat perplexity before/after), each with its own
-default learning rate (``deltatune train --help`` lists them). Runs go into ``OUT/<method>``
+default learning rate (``deltatune train --help`` lists them); ``full`` (full fine-tuning: every weight,
+a model folder instead of an adapter) runs the same way. Runs go into ``OUT/<method>``
 (``--overwrite``); ``--jobs 2`` runs two at a time with one torch thread each (on 2 cores the same
 throughput as one run with two threads). A method whose ``OUT/<method>/report.json`` already exists
 is not run again unless ``--rerun`` is given. At the end the table is printed as Markdown, and
@@ -25,7 +26,7 @@ import time
 
 from deltatune.train.presets import PRESETS
 
-ALL = list(PRESETS)  # lora ... llama-adapter, loha, lokr, vera, adalora, oft, boft (train.presets)
+ALL = list(PRESETS)  # lora ... llama-adapter, loha, lokr, vera, adalora, oft, boft, full (train.presets)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

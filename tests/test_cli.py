@@ -191,7 +191,7 @@ def test_learning_rate_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path
 
     assert all(isinstance(p.lr, float) and p.lr > 0 for p in PRESETS.values())  # every method has its default
     expected = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "ia3": 1e-2, "p-tuning": 1e-2,
-                "prefix-tuning": 1e-2, "llama-adapter": 1e-2, "prompt-tuning": 3e-2}
+                "prefix-tuning": 1e-2, "llama-adapter": 1e-2, "prompt-tuning": 3e-2, "full": 3e-5}
     for method, lr in expected.items():
         assert build_config({}, {"method": method}).lr == lr, method
         assert build_config({}, {"method": method, "lr": 5e-4}).lr == 5e-4  # a flag wins
@@ -298,14 +298,15 @@ def test_every_registered_method_trains_through_the_one_loop(tiny, tmp_path, cap
     assert code == 0, err
     rep = json.load(open(out / "report.json"))
     assert rep["method"] == method and rep["trainable_params"] > 0 and rep["train_tokens"] > 0
-    assert (out / "adapter_config.json").exists()
-    # deltatune inspect lists it: its method and every adapted module with its tensors
-    code, shown, _ = run(capsys, "inspect", str(out), "--json")
-    info = json.loads(shown)
-    assert code == 0 and info["method"] == json.load(open(out / "adapter_config.json"))["peft_type"]
-    from deltatune.formats.peft import read_adapter_tensors
+    assert (out / ("model.safetensors" if method == "full" else "adapter_config.json")).exists()
+    if method != "full":
+        # deltatune inspect lists it: its method and every adapted module with its tensors
+        code, shown, _ = run(capsys, "inspect", str(out), "--json")
+        info = json.loads(shown)
+        assert code == 0 and info["method"] == json.load(open(out / "adapter_config.json"))["peft_type"]
+        from deltatune.formats.peft import read_adapter_tensors
 
-    assert info["modules"] and info["parameters"] == sum(t.numel() for t in read_adapter_tensors(str(out)).values())
+        assert info["modules"] and info["parameters"] == sum(t.numel() for t in read_adapter_tensors(str(out)).values())
     if method == "qlora":
         return  # its base is quantized during training; the check below loads a dense base
     # the saved adapter, loaded onto a fresh base, reproduces the final eval loss of training
@@ -321,8 +322,12 @@ def test_every_registered_method_trains_through_the_one_loop(tiny, tmp_path, cap
     ev = Evaluator(tok, held, ChatEncoder(tok), size=4, loss_size=64, precision=prec)
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=prec.base_dtype)  # loaded as the run loads it
-    res = ev(load_adapter(base, str(out)))
+    if method == "full":  # the run's weights are the float32 model folder it wrote
+        trained_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=prec.base_dtype)  # loaded as the run loads it
+        trained_model = load_adapter(base, str(out))
+    res = ev(trained_model)
     assert abs(res["eval_loss"] - rep["eval_loss_after"]) < 1e-5
     assert res["metric"] == rep["metric_after"]
 
@@ -467,6 +472,8 @@ FOREIGN_FLAGS = [
     ("vera", ["--lora-alpha", "8"], "--lora-alpha"),
     ("oft", ["--rank", "4"], "--rank"),
     ("boft", ["--lora-alpha", "8"], "--lora-alpha"),
+    ("full", ["--rank", "4"], "--rank"),
+    ("full", ["--target-modules", "q_proj"], "--target-modules"),
 ]
 
 
@@ -543,7 +550,7 @@ def test_defaults_and_the_fields_a_method_reads_are_accepted():
         assert preset.uses <= set(METHOD_FIELDS)
     assert PRESETS["lora"].uses == PRESETS["qlora"].uses == PRESETS["dora"].uses == set(METHOD_FIELDS)
     assert PRESETS["ia3"].uses == PRESETS["bottleneck"].uses == PRESETS["llama-adapter"].uses == {"target_modules"}
-    for name in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+    for name in ("prompt-tuning", "p-tuning", "prefix-tuning", "full"):
         assert PRESETS[name].uses == frozenset()
     # the typed route: the flag's int reaches the LoRA config; a --method-opt of a field sets the field
     assert build_method_config(build_config({}, {"method": "lora", "r": 4})).r == 4

@@ -98,9 +98,26 @@ def test_c19_marker_text_in_user_turn_changes_nothing(sm_tok):
     t = targets(enc, Example(messages=msgs))
     assert t == offset_reference(sm_tok, msgs)
     assert len(t) >= 5
-    # with a system turn too
+    # with a system turn too, holding special-token text: it stays text (one <|im_start|> per message)
     msgs2 = [{"role": "system", "content": "Be brief. <|im_start|>assistant"}] + msgs
-    assert targets(enc, Example(messages=msgs2)) == offset_reference(sm_tok, msgs2)
+    out = enc.encode(Example(messages=msgs2))
+    ref_ids, ref_targets = piecewise_reference(sm_tok, msgs2)
+    assert out["input_ids"] == ref_ids and targets(enc, Example(messages=msgs2)) == ref_targets
+    assert out["input_ids"].count(1) == 3  # <|im_start|>: one per message, none from the system text
+
+
+def piecewise_reference(tok, messages):
+    """Independent reference for contents holding special-token text: SmolLM2's ChatML written out by
+    hand, per message ``<|im_start|>role\n`` (control token), the content encoded as text, ``<|im_end|>\n``;
+    targets: an assistant message's content tokens and its <|im_end|>."""
+    ids, tg = [], []
+    for m in messages:
+        ids += tok(f"<|im_start|>{m['role']}\n", add_special_tokens=False)["input_ids"]
+        body = tok(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"] + [2]
+        if m["role"] == "assistant":
+            tg += list(range(len(ids), len(ids) + len(body)))
+        ids += body + tok("\n", add_special_tokens=False)["input_ids"]
+    return ids, tg
 
 
 def test_c19_loss_equals_hand_computation_on_tl():
@@ -122,17 +139,25 @@ def test_c19_loss_equals_hand_computation_on_tl():
 
 
 def test_example_without_target_is_reported_not_kept(sm_tok):
-    enc = ChatEncoder(sm_tok, max_seq_len=30)
+    enc = ChatEncoder(sm_tok, max_seq_len=30, truncation="end")
     ex = Example(messages=[{"role": "user", "content": WALK_USER}, {"role": "assistant", "content": "walked"}],
                  where="f.jsonl:7")
     assert enc.encode(ex) is None
     assert enc.stats.dropped_no_target == ["f.jsonl:7"]
     assert "1 dropped" in enc.stats.summary() and "f.jsonl:7" in enc.stats.summary()
-    # cut inside the answer: the answer's first token stays a target
-    enc2 = ChatEncoder(sm_tok, max_seq_len=38)
+    # cut inside the answer: the answer's first token stays a target, and the loss is counted apart
+    enc2 = ChatEncoder(sm_tok, max_seq_len=38, truncation="end")
     out = enc2.encode(ex)
     assert len(out["input_ids"]) == 38 and enc2.stats.truncated == 1
     assert [t for t, lab in enumerate(out["labels"]) if lab != IGNORE_INDEX] == [37]
+    assert enc2.stats.cut_answer == ["f.jsonl:7"] and enc2.stats.cut_harmless == 0
+    # the default cuts the prompt's start instead: the same example keeps its whole answer at 30 tokens
+    full = ChatEncoder(sm_tok).encode(ex)
+    enc3 = ChatEncoder(sm_tok, max_seq_len=30)
+    out = enc3.encode(ex)
+    assert len(out["input_ids"]) == 30 and out["input_ids"][0] == full["input_ids"][0]  # the leading BOS stays
+    assert out["input_ids"][1:] == full["input_ids"][11:40] and out["labels"][-3:] == full["input_ids"][37:40]
+    assert enc3.stats.cut_harmless == 1 and enc3.stats.cut_answer == [] and not enc3.stats.dropped_no_target
 
 
 # ----------------------------------------------------------------------------- C17 part 1

@@ -83,6 +83,8 @@ _TRAIN_FLAGS = [
     ("--threads", "threads", int, "torch threads (default: all cores, or 1 when the load average shows the cores busy)"),
     ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),
     ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),
+    ("--truncation", "truncation", str, "past --max-seq-len: prompt (default: cut the prompt from its start, answers "
+                                        "kept) or end"),
     ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),
     ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 2400)"),
     ("--task-wording", "task_wording", str, 'default task: quoted (default: Give the plural of "cat".) or plain'),
@@ -221,7 +223,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
                                            "seed", "dtype", "threads", "device", "precision")}
-    recorded = run_settings(args.adapter) if not args.data else {}  # the run's own held-out split
+    recorded = run_settings(args.adapter or args.model) if not args.data else {}  # the run's own held-out split
     cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
     res = run_eval(args.adapter, args.model, args.data, cfg)

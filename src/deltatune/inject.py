@@ -275,19 +275,23 @@ def parameter_groups(model: nn.Module) -> tuple[list, list]:
     value (LoRA A/B, bottleneck projections, prompt embeddings and encoders, LLaMA-Adapter prompts
     and gates). Magnitudes (DoRA), scaling vectors ((IA)3), learned scalings, ``modules_to_save``
     copies (neutral: the original module) and every bias never decay; each adapter module names its
-    exceptions in ``no_decay``.
+    exceptions in ``no_decay``. A trainable base tensor outside any adapter (full fine-tuning)
+    decays when it is a matrix (linear and embedding weights), never when it is a vector
+    (normalisation scales, whose neutral value is 1, and biases).
     """
     st = get_state(model)
-    no_decay = set()
+    no_decay, adapter = set(), set()
     for rec in (st.records.values() if st is not None else ()):
         for _, mod in rec.adapter_modules(model):
             own = dict(mod.named_parameters())
+            adapter.update(id(p) for p in own.values())
             no_decay.update(id(own[n]) for n in mod.no_decay if n in own)
     decay, keep = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in no_decay or name == "bias" or name.endswith(".bias"):
+        if (id(p) in no_decay or name == "bias" or name.endswith(".bias")
+                or (id(p) not in adapter and p.dim() < 2)):
             keep.append(p)
         else:
             decay.append(p)

@@ -20,8 +20,9 @@ from ..layers import dense_weight, set_dense_weight
 from ..lifecycle import merge_and_unload
 from ..quant import is_quantized, quantize_base
 from .config import TrainConfig, UsageError
-from .data import ChatEncoder, end_of_turn_ids, load_examples, pad_id_of
+from .data import ChatEncoder, end_of_turn_ids, has_chat_template, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode
+from .full import drop_gguf_marks as _drop_gguf_marks
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import load_base, read_data, run_precision
 from .sampling import check_sampling, generate_ids
@@ -40,6 +41,9 @@ def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[st
         UsageError: the adapter folder is missing, or its base cannot be found here.
     """
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        if os.path.isfile(os.path.join(adapter_dir, "config.json")):
+            raise UsageError(f"--adapter {adapter_dir} is a model folder, not an adapter (no adapter_config.json; "
+                             f"e.g. a --method full run): pass it as --model {adapter_dir}")
         raise UsageError(f"--adapter {adapter_dir} is not an adapter folder (no adapter_config.json)")
     if model_flag:
         return model_flag
@@ -98,7 +102,7 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
         data = cfg.eval_data or (f"{cfg.data} (the run's held-out split)" if cfg.data else None)
     precision, dtype = run_precision(cfg)
     model, tok, source = load_with_adapter(adapter, model_path, dtype, log, precision.device)
-    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    enc = ChatEncoder(tok, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on, truncation=cfg.truncation)
     ev = Evaluator(tok, examples, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, precision=precision)
     res = ev(model)
@@ -108,8 +112,8 @@ def run_eval(adapter: Optional[str], model_path: Optional[str], data: Optional[s
 
 def run_settings(adapter: Optional[str]) -> dict:
     """The data and precision options a training run recorded in ``adapter/report.json`` (empty when there
-    is none), so that ``deltatune eval --adapter DIR`` scores the same held-out examples, computed the
-    same way, as the run did (flags still win)."""
+    is none), so that ``deltatune eval --adapter DIR`` (or ``--model DIR`` of a ``--method full`` run)
+    scores the same held-out examples, computed the same way, as the run did (flags still win)."""
     p = os.path.join(adapter, "report.json") if adapter else ""
     if not p or not os.path.isfile(p):
         return {}
@@ -119,7 +123,7 @@ def run_settings(adapter: Optional[str]) -> dict:
     except (OSError, ValueError, AttributeError):
         return {}
     keys = ("data", "eval_data", "val_fraction", "seed", "eval_size", "task_train_size", "task_wording", "max_seq_len",
-            "train_on", "precision", "dtype")
+            "train_on", "truncation", "precision", "dtype")
     return {k: conf[k] for k in keys if conf.get(k) is not None}
 
 
@@ -134,20 +138,39 @@ def run_generate(adapter: Optional[str], model_path: Optional[str], prompts: lis
     precision's)."""
     check_sampling(temperature, top_p, max_new_tokens)
     prec, dtype = run_precision(TrainConfig(device=device, precision=precision, dtype=dtype))
-    model, tok, _ = load_with_adapter(adapter, model_path, dtype, log, prec.device)
+    model, tok, source = load_with_adapter(adapter, model_path, dtype, log, prec.device)
     enc = ChatEncoder(tok)
+    stops = end_of_turn_ids(tok)
     ids = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        if getattr(tok, "chat_template", None):
+    if has_chat_template(tok):
+        for p in prompts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
             ids.append(enc.prompt_ids(msgs))
-        else:
-            ids.append(list(tok(p)["input_ids"]))
+    else:
+        lead = (system + "\n\n") if system else ""
+        ids = [list(tok(lead + p)["input_ids"]) for p in prompts]
+        if log is not None:
+            log(f"note: {source.display} has no chat template: each prompt is plain text: "
+                + plain_prompt_format(tok, bool(system)))
+    if not stops and log is not None:
+        log("note: the tokenizer has no EOS and no end-of-turn token: answers run to --max-new-tokens")
     with evaluation_mode(model, prec):
-        outs = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=end_of_turn_ids(tok),
+        outs = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stops,
                             pad_id=pad_id_of(tok), batch_size=batch_size, temperature=temperature, top_p=top_p,
                             seed=seed)
     return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def plain_prompt_format(tok, with_system: bool) -> str:
+    """How :func:`run_generate` lays out a prompt for a model without a chat template (for its note)."""
+    probe = list(tok("x")["input_ids"])
+    bare = list(tok("x", add_special_tokens=False)["input_ids"])
+    k = len(probe) - len(bare)
+    head = ", ".join(tok.convert_ids_to_tokens(probe[:k])) if k > 0 and probe[k:] == bare else ""
+    parts = ([f"the tokenizer's {head}"] if head else []) + (["the --system text, a blank line"] if with_system
+                                                            else []) + ["the prompt (no roles, no template)"]
+    eos = getattr(tok, "eos_token", None)
+    return ", then ".join(parts) + (f"; generation stops at EOS {eos}" if eos else "")
 
 
 def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overwrite: bool = False,
@@ -185,20 +208,3 @@ def _dequantize_rest(model) -> None:
     for _, m in list(model.named_modules()):
         if is_quantized(m):
             set_dense_weight(m, dense_weight(m))
-
-
-def _drop_gguf_marks(model) -> None:
-    """A GGUF base is de-quantised on load, but transformers keeps its GGUF "quantizer", which refuses to
-    save; the weights are plain float tensors, so drop the marks and save them as safetensors."""
-    q = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
-    if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
-        model.hf_quantizer = None
-        cfg = getattr(model, "config", None)
-        if cfg is not None and hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        if hasattr(model, "quantization_method"):
-            try:
-                del model.quantization_method
-            except AttributeError:
-                pass

@@ -77,6 +77,7 @@ class TrainConfig:
     # data
     max_seq_len: int = 256
     train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only
+    truncation: str = "prompt"  # past max_seq_len: cut the "prompt" from its start (answers kept), or the "end"
     val_fraction: float = 0.05  # held-out share split off --data when --eval-data is absent
     task_train_size: int = 2400  # default task: training questions (= 150 steps x 16)
     task_wording: str = "quoted"  # default task: the word "quoted" in the question, or plain
@@ -330,7 +331,8 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and not isinstance(v, str):
             raise OptionError(f"option {n!r} must be a path, got {v!r}")
-    for n in ("out", "method", "schedule", "train_on", "precision", "packing", "shared_prefix", "task_wording"):
+    for n in ("out", "method", "schedule", "train_on", "truncation", "precision", "packing", "shared_prefix",
+              "task_wording"):
         if not isinstance(getattr(cfg, n), str):
             raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
     tm = cfg.target_modules
@@ -345,6 +347,8 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'schedule' must be 'cosine' or 'constant', got {cfg.schedule!r}")
     if cfg.train_on not in ("all_assistant", "last_assistant"):
         raise OptionError(f"option 'train_on' must be 'all_assistant' or 'last_assistant', got {cfg.train_on!r}")
+    if cfg.truncation not in ("prompt", "end"):
+        raise OptionError(f"option 'truncation' must be 'prompt' or 'end', got {cfg.truncation!r}")
     if cfg.dtype is not None and cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.precision not in PRECISIONS:

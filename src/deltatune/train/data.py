@@ -14,14 +14,35 @@ search for marker strings in the ids: for every assistant message ``i``, the con
 ``i`` is rendered with the generation prompt (``P``) and the conversation through ``i`` without it
 (``Q``); the targets are the tokens of ``Q`` after ``P``, up to and including the first end-of-turn
 token (ChatML's ``<|im_end|>``). Tokens the template adds after the end-of-turn token (ChatML's
-newline) are not targets. By default every assistant turn is trained (``train_on="all_assistant"``);
-``"last_assistant"`` trains the last turn only. The end-of-turn token is trained even when it is
-also the pad token (SmolLM2: pad = eos = ``<|im_end|>``): padding is found from sequence lengths,
-never by comparing ids with the pad id.
+newline) are not targets. A conversation that opens with an assistant message has no ``P``: its
+targets start after the text the template writes before that message's content (a default system
+turn, the assistant header), found by rendering the message with a stand-in content. By default
+every assistant turn is trained (``train_on="all_assistant"``); ``"last_assistant"`` trains the
+last turn only. The end-of-turn token is trained even when it is also the pad token (SmolLM2: pad =
+eos = ``<|im_end|>``): padding is found from sequence lengths, never by comparing ids with the pad
+id.
 
-Sequences are cut at ``max_seq_len`` tokens (the end is dropped). An example left with no target
-(an empty answer, or an answer entirely beyond ``max_seq_len``) is dropped and counted in
-:attr:`EncodeStats`, which the training report prints; it is never kept silently.
+* A template that writes no end-of-turn token after an answer (plain ``User: ... / Bot: ...``
+  layouts) would teach no stop: the tokenizer's EOS is then inserted after each trained answer's
+  turn and trained as its stop (generation stops at EOS, :func:`end_of_turn_ids`); without an EOS
+  either, the run says in one line that generation will not stop (:meth:`EncodeStats.warnings`).
+* Message contents are text: special-token text a user typed (the literal string ``<|im_end|>``)
+  is encoded as text (``split_special_tokens``), never as the control token; only the template's
+  own text yields control tokens.
+* A prompt that already holds the rendered chat template (a user message that ends with the
+  template's generation header, e.g. ``<|im_start|>assistant``) is never templated a second time:
+  alone or followed by its answer it is encoded as it is, its answer and the stop token (the
+  template's end-of-turn token, else EOS) as targets; inside a longer conversation it is an error.
+* Without a chat template, conversation rows are an error that names the model and the fix
+  (:class:`NoChatTemplateError`); ``text`` rows need none.
+
+Truncation to ``max_seq_len`` tokens (``truncation="prompt"``, the default): the template's text
+after the last answer goes first; then the prompt is cut from its start (a leading BOS stays), so
+that every answer token is kept; only when the answers alone do not fit does the prompt's end keep
+half the room and the answers' end go. ``truncation="end"`` keeps the first ``max_seq_len`` tokens.
+:class:`EncodeStats` counts examples that lost only non-target tokens apart from those that lost
+answer tokens; an example left with no target (an empty answer, or an answer entirely cut) is
+dropped and counted, never kept silently. The training report prints both.
 """
 
 from __future__ import annotations
@@ -252,6 +273,14 @@ def split_examples(examples: list, val_fraction: float, seed: int, max_eval: Opt
 # ----------------------------------------------------------------------------- tokenising
 
 
+class NoChatTemplateError(DataError):
+    """Conversations given to a tokenizer without a chat template (the message names the model and the fix)."""
+
+
+TRUNCATIONS = ("prompt", "end")
+_SENTINEL = "zqxdtcontent{}xqz"  # stands for a message's content in a probe rendering
+
+
 def _special_ids(tokenizer) -> set:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     dec = getattr(tokenizer, "added_tokens_decoder", None) or {}
@@ -261,56 +290,168 @@ def _special_ids(tokenizer) -> set:
     return ids
 
 
+def _special_texts(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into special (control) tokens, longest first."""
+    out = {t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if isinstance(t, str) and t}
+    dec = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for t in dec.values():
+        if getattr(t, "special", False) and getattr(t, "content", ""):
+            out.add(t.content)
+    return sorted(out, key=len, reverse=True)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def model_name_of(tokenizer) -> str:
+    """The model folder (or name) a tokenizer was loaded from, for messages."""
+    return str(getattr(tokenizer, "name_or_path", "") or "this model")
+
+
+def no_template_message(tokenizer) -> str:
+    return (f"the tokenizer of {model_name_of(tokenizer)} has no chat template, so conversation rows (messages | "
+            "prompt+completion | instruction+output) cannot be laid out: give plain 'text' rows (trained on every "
+            "token), use a chat model (e.g. an -Instruct folder), or add a template to the model folder "
+            "(chat_template.jinja, or 'chat_template' in tokenizer_config.json)")
+
+
+def template_end_of_turn(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant message's content (ChatML's
+    ``<|im_end|>``), found by rendering a probe conversation; None when it writes none there."""
+    if not has_chat_template(tokenizer):
+        return None
+    probe = "zqxprobe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:
+        return None
+    k = text.rfind(probe)
+    if k < 0:
+        return None
+    rest = _encode(tokenizer, text[k + len(probe):])
+    return int(rest[0]) if rest and rest[0] in _special_ids(tokenizer) else None
+
+
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that close an assistant turn (the stop tokens of chat generation).
 
     The tokenizer's eos token, plus the special token the chat template writes right after an
-    assistant message's content (found by rendering a probe conversation), when there is one.
+    assistant message's content (:func:`template_end_of_turn`), when there is one.
     """
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    if getattr(tokenizer, "chat_template", None):
-        probe = "zqxprobe"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False)
-        except Exception:
-            text = ""
-        k = text.rfind(probe)
-        if k >= 0:
-            rest = _encode(tokenizer, text[k + len(probe):])
-            special = _special_ids(tokenizer)
-            if rest and rest[0] in special and rest[0] not in ids:
-                ids.append(int(rest[0]))
+    t = template_end_of_turn(tokenizer)
+    if t is not None and t not in ids:
+        ids.append(t)
     return ids
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    """Ids of template text: special-token text becomes the special token."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of message text: special-token text stays text (``split_special_tokens``)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja's TemplateError, raise_exception(...) of the template
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"the chat template of {model_name_of(tokenizer)} refuses this conversation "
+                        f"(roles {[m['role'] for m in messages]}): {msg}") from None
+
+
+def _content_parts(tokenizer, messages, generation_prompt: bool, text: str) -> Optional[list]:
+    """``[(is_content, piece)]`` that join to ``text`` (the rendering of ``messages``): the template's own
+    text and each message's content apart, found by rendering the conversation with a stand-in for each
+    content. None when the template does not write each content once, as it is or stripped."""
+    probe = [{**m, "content": _SENTINEL.format(j)} for j, m in enumerate(messages)]
+    try:
+        ptext = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception:
+        return None
+    pieces, pos = [], 0
+    for j in range(len(messages)):
+        s = _SENTINEL.format(j)
+        k = ptext.find(s, pos)
+        if k < 0 or ptext.count(s) != 1:
+            return None
+        pieces += [(None, ptext[pos:k]), (j, None)]
+        pos = k + len(s)
+    pieces.append((None, ptext[pos:]))
+    for how in (lambda c: c, str.strip):
+        parts = [(j is not None, seg if j is None else how(messages[j]["content"])) for j, seg in pieces]
+        if "".join(p for _, p in parts) == text:
+            return parts
+    return None
 
 
 @dataclass
 class EncodeStats:
-    """What tokenising a data set dropped or cut (shown in the report)."""
+    """What tokenising a data set cut, dropped or added (shown in the run's summary and ``report.json``).
+
+    ``truncated``: examples longer than ``max_seq_len``; of those, ``cut_harmless`` lost only tokens
+    that are not targets (the prompt's start, the template's text after the last answer), and
+    ``cut_answer`` ("file:row") lost answer tokens but kept some; ``dropped_no_target`` ("file:row")
+    were left with no target at all (also an empty answer). ``eos_appended``: answers whose stop target
+    is the tokenizer's EOS, appended because the chat template writes no end-of-turn token after an
+    answer; ``no_stop``: answers trained with no stop token (no end-of-turn token and no EOS);
+    ``as_is``: prompts that already held the rendered chat template, encoded as they are.
+    """
 
     kept: int = 0
     truncated: int = 0
-    dropped_no_target: list = field(default_factory=list)  # "file:row" of dropped examples
+    cut_harmless: int = 0
+    cut_answer: list = field(default_factory=list)
+    dropped_no_target: list = field(default_factory=list)
+    eos_appended: int = 0
+    no_stop: int = 0
+    as_is: int = 0
+
+    @staticmethod
+    def _rows(rows: list) -> str:
+        return ", ".join(rows[:5]) + (", ..." if len(rows) > 5 else "")
 
     def summary(self) -> str:
         s = f"{self.kept} examples"
-        if self.truncated:
-            s += f", {self.truncated} cut at max_seq_len"
+        if self.cut_harmless:
+            s += f", {self.cut_harmless} cut at max_seq_len with every answer token kept"
+        if self.cut_answer:
+            s += (f", {len(self.cut_answer)} lost answer tokens at max_seq_len ({self._rows(self.cut_answer)}; "
+                  "raise --max-seq-len)")
         if self.dropped_no_target:
-            few = ", ".join(self.dropped_no_target[:5])
-            s += f", {len(self.dropped_no_target)} dropped with no target token left ({few}"
-            s += ", ...)" if len(self.dropped_no_target) > 5 else ")"
+            s += f", {len(self.dropped_no_target)} dropped with no target token left ({self._rows(self.dropped_no_target)})"
+        if self.as_is:
+            s += f", {self.as_is} prompts already held the chat template (encoded as they are)"
+        if self.eos_appended:
+            s += (f", EOS appended as the stop target of {self.eos_appended} answers (the chat template writes "
+                  "no end-of-turn token after an answer)")
         return s
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.no_stop:
+            out.append(f"{self.no_stop} answers are trained with no stop token (the chat template writes no "
+                       "end-of-turn token after an answer and the tokenizer has no EOS): generation will not stop "
+                       "before --max-new-tokens")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"examples": self.kept, "truncated": self.truncated, "cut_harmless": self.cut_harmless,
+                "cut_answer": len(self.cut_answer), "cut_answer_rows": self.cut_answer[:20],
+                "dropped_no_target": len(self.dropped_no_target), "dropped_rows": self.dropped_no_target[:20],
+                "eos_appended": self.eos_appended, "no_stop": self.no_stop, "prompts_as_is": self.as_is}
+
+
+def _n_targets(labels: list) -> int:
+    return sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
 
 
 class ChatEncoder:
@@ -320,43 +461,156 @@ class ChatEncoder:
         tokenizer: a transformers tokenizer; chat examples need a chat template.
         max_seq_len: examples are cut to this many tokens.
         train_on: "all_assistant" (every assistant turn is a target) or "last_assistant".
+        truncation: "prompt" (cut the prompt from its start, before any answer token) or "end".
     """
 
-    def __init__(self, tokenizer, max_seq_len: int = 256, train_on: str = "all_assistant"):
+    def __init__(self, tokenizer, max_seq_len: int = 256, train_on: str = "all_assistant",
+                 truncation: str = "prompt"):
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         self.tok = tokenizer
         self.max_seq_len = int(max_seq_len)
         self.train_on = train_on
+        self.truncation = truncation
         self.eot = set(end_of_turn_ids(tokenizer))
+        t_eot = template_end_of_turn(tokenizer)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.stop_id = t_eot if t_eot is not None else (int(eos) if eos is not None else None)
+        self.special_texts = _special_texts(tokenizer)
+        self._gen_header: Optional[str] = None
         self.stats = EncodeStats()
 
     # -- chat
+    def _require_template(self) -> None:
+        if not has_chat_template(self.tok):
+            raise NoChatTemplateError(no_template_message(self.tok))
+
+    def _has_special_text(self, messages) -> bool:
+        return any(s in m["content"] for m in messages for s in self.special_texts)
+
+    def _conv(self, messages, generation_prompt: bool, split: bool):
+        """(text, ids, offsets or None) of a rendered conversation; with ``split`` each message's content
+        is encoded as text (special-token text in it stays text) and the offsets come with the ids."""
+        text = _render(self.tok, messages, generation_prompt)
+        if not split:
+            return text, _encode(self.tok, text), None
+        parts = _content_parts(self.tok, messages, generation_prompt, text)
+        if parts is None:
+            found = next(s for s in self.special_texts if any(s in m["content"] for m in messages))
+            raise DataError(f"a message holds the text of the special token {found!r}, and the chat template of "
+                            f"{model_name_of(self.tok)} changes message contents, so it cannot be kept as text: "
+                            "remove it from the data")
+        ids, offs, pos = [], [], 0
+        for is_content, piece in parts:
+            if piece:
+                enc = self.tok(piece, add_special_tokens=False, split_special_tokens=is_content,
+                               return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                offs += [(a + pos, b + pos) for a, b in enc["offset_mapping"]]
+            pos += len(piece)
+        return text, ids, offs
+
+    def generation_header(self) -> str:
+        """The text the template adds for a generation prompt (ChatML: ``<|im_start|>assistant``), stripped."""
+        if self._gen_header is None:
+            probe = [{"role": "user", "content": "zqxprobe"}]
+            try:
+                a, b = (_render(self.tok, probe, g) for g in (False, True))
+            except DataError:
+                a, b = "", ""
+            self._gen_header = b[len(a):].strip() if b.startswith(a) else ""
+        return self._gen_header
+
+    def rendered_prompt(self, messages: list) -> bool:
+        """True when the conversation is a prompt that already holds the rendered chat template (a user
+        message ending with the generation header), alone or followed by its answer: it is encoded as it
+        is, never templated a second time.
+
+        Raises:
+            DataError: such a message within any other conversation (it would be templated twice).
+        """
+        g = self.generation_header()
+        if not g:
+            return False
+        hits = [j for j, m in enumerate(messages) if m["role"] == "user" and m["content"].rstrip().endswith(g)]
+        if not hits:
+            return False
+        if hits == [0] and len(messages) <= 2 and all(m["role"] == "assistant" for m in messages[1:]):
+            return True
+        j = hits[0]
+        raise DataError(f"message {j + 1} (user) already holds the rendered chat template (it ends "
+                        f"with {g!r}) inside a longer conversation, which would template it twice: give plain message "
+                        "texts, or the rendered prompt alone as 'prompt' with its 'completion'")
+
+    def _as_is(self, messages: list) -> tuple[list[int], list[int]]:
+        """A rendered prompt encoded as it is (its special-token text is the template's), then its answer as
+        text and the stop token (the template's end-of-turn token, else EOS) as targets."""
+        ids = _encode(self.tok, messages[0]["content"])
+        labels = [IGNORE_INDEX] * len(ids)
+        self.stats.as_is += 1
+        if len(messages) == 1:
+            return ids, labels
+        answer = messages[1]["content"]
+        if self.stop_id is not None:
+            stop_text = self.tok.convert_ids_to_tokens(self.stop_id)
+            if isinstance(stop_text, str) and stop_text and answer.rstrip().endswith(stop_text):
+                answer = answer.rstrip()[: -len(stop_text)]
+        a = _encode_text(self.tok, answer)
+        if self.stop_id is not None:
+            a = a + [self.stop_id]
+        else:
+            self.stats.no_stop += 1
+        return ids + a, labels + a
+
     def chat_ids_and_labels(self, messages: list) -> tuple[list[int], list[int]]:
         """Full (untruncated) ids and labels of a conversation; labels are IGNORE_INDEX off-target."""
-        if not getattr(self.tok, "chat_template", None):
-            raise DataError("this tokenizer has no chat template: give plain 'text' rows, or a model with a template")
-        full_text = _render(self.tok, messages, False)
-        ids = _encode(self.tok, full_text)
+        self._require_template()
+        if self.rendered_prompt(messages):
+            return self._as_is(messages)
+        split = self._has_special_text(messages)
+        full_text, ids, offs = self._conv(messages, False, split)
         labels = [IGNORE_INDEX] * len(ids)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.train_on == "last_assistant":
             turns = turns[-1:]
+        open_ends = []
         for i in turns:
-            start, stop = self._turn_span(messages, i, full_text, ids)
+            start, stop, closed = self._turn_span(messages, i, full_text, ids, offs, split)
             labels[start:stop] = ids[start:stop]
+            if not closed and stop > start:
+                open_ends.append(stop)
+        eos = getattr(self.tok, "eos_token_id", None)
+        for end in reversed(open_ends):  # the template closes no answer: the tokenizer's EOS is the stop
+            if eos is None:
+                self.stats.no_stop += 1
+                continue
+            ids.insert(end, int(eos))
+            labels.insert(end, int(eos))
+            self.stats.eos_appended += 1
         return ids, labels
 
-    def _turn_span(self, messages, i, full_text, ids) -> tuple[int, int]:
-        """[start, stop) of assistant turn ``i``'s targets in ``ids``: its content and end-of-turn token."""
-        p_text = _render(self.tok, messages[:i], True) if i > 0 else ""
-        q_text = _render(self.tok, messages[: i + 1], False)
-        p = _encode(self.tok, p_text) if p_text else []
-        q = _encode(self.tok, q_text)
+    def _lead_in(self, message: dict) -> str:
+        """The template's text before the content of a conversation's first message (e.g. a default system
+        turn and the assistant header)."""
+        text = _render(self.tok, [{**message, "content": _SENTINEL.format(0)}], False)
+        k = text.find(_SENTINEL.format(0))
+        return text[:k] if k >= 0 else ""
+
+    def _turn_span(self, messages, i, full_text, ids, offs, split) -> tuple[int, int, bool]:
+        """(start, stop, closed): ``[start, stop)`` are assistant turn ``i``'s targets in ``ids`` (its content
+        and its end-of-turn token); ``closed``: an end-of-turn token ends them (else they run to the turn's end)."""
+        if i > 0:
+            p_text, p = self._conv(messages[:i], True, split)[:2]
+        else:  # the conversation opens with this answer: what the template writes before it is not a target
+            p_text = self._lead_in(messages[0])
+            p = _encode(self.tok, p_text) if p_text else []
+        q_text, q = self._conv(messages[: i + 1], False, split)[:2]
         if q[: len(p)] == p and ids[: len(q)] == q:
             start, end = len(p), len(q)
         elif full_text.startswith(q_text) and q_text.startswith(p_text):
             # the tokens merge across the turn boundary: fall back to character offsets
-            enc = self.tok(full_text, add_special_tokens=False, return_offsets_mapping=True)
-            offs = enc["offset_mapping"]
+            if offs is None:
+                offs = self.tok(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             start = next((t for t, (a, b) in enumerate(offs) if a >= len(p_text) and b > a), len(ids))
             end = next((t for t, (a, b) in enumerate(offs) if a >= len(q_text)), len(ids))
         else:
@@ -364,35 +618,70 @@ class ChatEncoder:
                 "the chat template does not render this conversation incrementally (turn "
                 f"{i} changes earlier text); use train_on=last_assistant or plain 'text' rows"
             )
-        stop = end
         for t in range(start, end):
             if ids[t] in self.eot:
-                stop = t + 1
-                break
-        return start, stop
+                return start, t + 1, True
+        return start, end, False
 
     def prompt_ids(self, messages: list) -> list[int]:
-        """Ids of a generation prompt (the conversation, then the assistant header)."""
-        return _encode(self.tok, _render(self.tok, messages, True))
+        """Ids of a generation prompt (the conversation, then the assistant header); a prompt that already
+        holds the rendered template as it is."""
+        self._require_template()
+        if self.rendered_prompt(messages):
+            return _encode(self.tok, messages[0]["content"])
+        return self._conv(messages, True, self._has_special_text(messages))[1]
 
     # -- any example
+    def _fit(self, ids: list, labels: list) -> tuple[list, list]:
+        """``ids``/``labels`` cut to ``max_seq_len`` (module docstring: truncation)."""
+        M = self.max_seq_len
+        if len(ids) <= M:
+            return ids, labels
+        tgt = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+        if self.truncation == "end" or not tgt:
+            return ids[:M], labels[:M]
+        first, last = tgt[0], tgt[-1] + 1
+        if last <= M:  # only the template's text after the last answer goes
+            return ids[:last], labels[:last]
+        bos = getattr(self.tok, "bos_token_id", None)
+        head = 1 if bos is not None and ids[0] == bos and first > 1 else 0
+        room = M - head
+        if last - (first - 1) <= room:  # the answers fit after at least one prompt token: cut the prompt's start
+            s = last - room
+        else:  # the answers alone do not fit: the prompt's end keeps half the room, the answers' end goes
+            s = first - min(first - head, max(1, room // 2))
+        return ids[:head] + ids[s: s + room], labels[:head] + labels[s: s + room]
+
     def encode(self, ex: Example) -> Optional[dict]:
         """``{"input_ids": list[int], "labels": list[int]}`` cut to max_seq_len, or None (no target left)."""
-        if ex.messages is not None:
-            ids, labels = self.chat_ids_and_labels(ex.messages)
-        else:
-            ids = list(self.tok(ex.text, add_special_tokens=True)["input_ids"])
-            if self.tok.eos_token_id is not None and (not ids or ids[-1] != self.tok.eos_token_id):
-                ids.append(int(self.tok.eos_token_id))
-            bos = getattr(self.tok, "bos_token_id", None)
-            labels = [IGNORE_INDEX if (t == 0 and x == bos) else x for t, x in enumerate(ids)]
-        if len(ids) > self.max_seq_len:
-            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-            self.stats.truncated += 1
+        try:
+            if ex.messages is not None:
+                ids, labels = self.chat_ids_and_labels(ex.messages)
+            else:
+                ids = list(self.tok(ex.text, add_special_tokens=True)["input_ids"])
+                if self.tok.eos_token_id is not None and (not ids or ids[-1] != self.tok.eos_token_id):
+                    ids.append(int(self.tok.eos_token_id))
+                bos = getattr(self.tok, "bos_token_id", None)
+                labels = [IGNORE_INDEX if (t == 0 and x == bos) else x for t, x in enumerate(ids)]
+        except NoChatTemplateError:
+            raise
+        except DataError as e:
+            if ex.where:
+                raise DataError(f"{ex.where}: {e}") from None
+            raise
+        before = _n_targets(labels)
+        cut = len(ids) > self.max_seq_len
+        ids, labels = self._fit(ids, labels)
+        after = _n_targets(labels)
+        self.stats.truncated += int(cut)
         # a target at position 0 has no prediction; count targets that can carry loss
-        if not any(lab != IGNORE_INDEX for lab in labels[1:]):
+        if not after:
             self.stats.dropped_no_target.append(ex.where or "?")
             return None
+        if cut and after < before:
+            self.stats.cut_answer.append(ex.where or "?")
+        elif cut:
+            self.stats.cut_harmless += 1
         self.stats.kept += 1
         return {"input_ids": ids, "labels": labels}
 

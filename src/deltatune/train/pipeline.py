@@ -6,12 +6,13 @@ A run is four named steps:
    method's preset; read the data (a bad file fails before the model loads); load the model and
    tokenizer; tokenise; run the preset's model preparer (``qlora`` quantizes the base); inject the
    adapter, once (a config that does not fit the model fails here, before ``--out`` is touched);
-   then create ``--out``.
+   then create ``--out``. ``--method full`` injects nothing (:mod:`deltatune.train.full`).
 2. :func:`score_base`: the metric and the chitchat perplexity of the base model (the "before"
-   column), inside :func:`deltatune.disable_adapter`, which computes exactly the base model.
+   column), inside :func:`deltatune.disable_adapter`, which computes exactly the base model
+   (``full``: the frozen base as loaded; every weight becomes trainable after it is scored).
 3. :func:`fit`: the one training loop, with evaluations and checkpoints.
-4. :func:`finish`: save the adapter (PEFT format) into ``--out``; perplexity with the adapter;
-   write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
+4. :func:`finish`: save the adapter (PEFT format; ``full``: the model folder) into ``--out``;
+   perplexity with the adapter; write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
 
 The other subcommands are in :mod:`deltatune.train.commands`; the rules of output folders in
 :mod:`deltatune.train.outputs`.
@@ -38,6 +39,7 @@ from ..integrations.transformers import ModelSource, load_model, load_tokenizer,
 from .config import TrainConfig, UsageError
 from .data import ChatEncoder, examples_from_rows, load_examples, pad_id_of, split_examples, write_rows_jsonl
 from .evaluate import Evaluator, PerplexityProbe
+from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
 from .loop import Trainer
 from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
@@ -187,9 +189,11 @@ def _warn_small_held_out(log, eval_ex: list, split_made: bool) -> None:
 
 def encode_data(cfg: TrainConfig, tokenizer, train_ex, log=None):
     """(encoder, encoded training items)."""
-    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on)
+    enc = ChatEncoder(tokenizer, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on, truncation=cfg.truncation)
     items = enc.encode_all(train_ex)
     _say(log, f"tokenised: {enc.stats.summary()}")
+    for w in enc.stats.warnings():
+        _say(log, f"warning: {w}")
     if not items:
         raise UsageError("no training example has a target token left: check the data and --max-seq-len")
     return enc, items
@@ -215,6 +219,8 @@ class Run:
     metrics: MetricsLog
     ppl_probe: Optional[PerplexityProbe]
     precision: Precision
+    data_stats: Optional[dict] = None  # the training set's EncodeStats.to_dict()
+    trains_base: bool = False  # --method full: no adapter, every weight trains, a model folder is saved
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
@@ -247,6 +253,9 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
         refuse_foreign_files(cfg.out, MEMORY_DATA)  # the rows are written there: never over a file of the user's
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
+    if preset.trains_base:
+        check_out_is_not_model(cfg.out, cfg.model)
+        cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
     train_ex, eval_ex, task_name = read_data(cfg, log, rows)
     precision, dtype = run_precision(cfg)
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
@@ -257,12 +266,15 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
               f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
+    data_stats = enc.stats.to_dict()  # before the evaluator encodes its examples with the same encoder
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                           precision=precision) if eval_ex else None
     extra = dict(preset.prepare(model, dict(cfg.method_options)) or {}) if preset.prepare else {}
-    inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
+    if not preset.trains_base:
+        inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
     trainable, total = count_parameters(model)
+    trainable = total if preset.trains_base else trainable  # full: every weight, once the base is scored
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
     out = prepare_out(cfg.out, cfg.overwrite, "train")
     if rows is not None:
@@ -274,7 +286,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
                metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out)),
-               precision=precision,
+               precision=precision, data_stats=data_stats, trains_base=preset.trains_base,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -285,7 +297,7 @@ def score_base(run: Run) -> tuple[dict, Optional[float]]:
     nothing from the stream training uses.
     """
     _say(run.log, "scoring the base model ...")
-    with disable_adapter(run.model):  # exactly the base model, by contract
+    with contextlib.nullcontext() if run.trains_base else disable_adapter(run.model):  # exactly the base model
         before = run.evaluator(run.model, 0) if run.evaluator else {}
         if before:
             run.metrics.write({"kind": "eval", **{k: v for k, v in before.items() if k != "samples"}})
@@ -317,11 +329,16 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
 
     def checkpoint(step):
         d = os.path.join(run.out, f"checkpoint-{step}")
-        save_adapter(model, d)
+        if run.trains_base:
+            save_model_folder(model, run.tok, d)
+        else:
+            save_adapter(model, d)
         for old in last_ckpt:
             shutil.rmtree(old, ignore_errors=True)
         last_ckpt[:] = [d]
 
+    if run.trains_base:
+        make_trainable(model)  # the base has been scored: now every weight trains
     packing, shared = batching(run)
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -364,7 +381,7 @@ def batching(run: Run) -> tuple[bool, bool]:
     Raises:
         UsageError: ``on`` with a prompt method.
     """
-    prompt = get_config(run.model).is_prompt_learning
+    prompt = not run.trains_base and get_config(run.model).is_prompt_learning
     chosen = []
     for flag, name, make in (("packing", "packed rows", lambda its: pack(its, pad_id_of(run.tok))),
                              ("shared_prefix", "a shared prefix", lambda its: share_prefix(its, pad_id_of(run.tok)))):
@@ -383,13 +400,17 @@ def batching(run: Run) -> tuple[bool, bool]:
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
-    """Save the adapter, score the chitchat perplexity with it, write the report files; return the report."""
+    """Save the adapter (``full``: the model folder), score the chitchat perplexity with it, write the report
+    files; return the report."""
     cfg, model, out = run.cfg, run.model, run.out
-    saved_cfg = get_config(model)
-    saved_cfg.base_model_name_or_path = run.source.display
-    if getattr(saved_cfg, "task_type", "") is None:
-        saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
-    save_adapter(model, out)
+    if run.trains_base:
+        save_model_folder(model, run.tok, out)
+    else:
+        saved_cfg = get_config(model)
+        saved_cfg.base_model_name_or_path = run.source.display
+        if getattr(saved_cfg, "task_type", "") is None:
+            saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
+        save_adapter(model, out)
     ppl_after = run.ppl_probe(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
     write_report(os.path.join(out, "report.json"), report)
@@ -439,6 +460,8 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "model": run.source.display,
         "out": run.out,
         "samples_after": after.get("samples"),
+        "data": run.data_stats,
+        "saved": "model" if run.trains_base else "adapter",
         "config": run.cfg.to_dict(),
         **run.extra,
         "extra_fields": sorted(run.extra),

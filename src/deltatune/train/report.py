@@ -142,8 +142,13 @@ def format_table(report: dict) -> str:
         ("tokens/s (train)", _fmt(report.get("train_tokens_per_s"))),
         ("wall time", f"{report.get('wall_seconds', 0):.0f} s"),
         ("peak RSS", f"{report.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB"),
-        ("adapter", report.get("out")),
+        ("model folder" if report.get("saved") == "model" else "adapter", report.get("out")),
     ]
+    data = report.get("data") or {}
+    if data.get("truncated") or data.get("dropped_no_target"):
+        rows.insert(3, ("cut at max_seq_len", f"{data.get('cut_harmless', 0):,d} with every answer token kept, "
+                                             f"{data.get('cut_answer', 0):,d} lost answer tokens, "
+                                             f"{data.get('dropped_no_target', 0):,d} dropped (no target left)"))
     for k in sorted(report):
         if k not in REPORT_FIELDS and k in report.get("extra_fields", []):
             rows.append((k, _fmt(report[k])))
