@@ -38,7 +38,7 @@ def _train_actions():
 
 SAMPLE = {"method": "lora", "schedule": "cosine", "train_on": "all_assistant", "precision": "auto", "packing": "auto",
           "device": "cpu", "dtype": "float32", "target_modules": "q_proj", "report_to": "none", "model": "m",
-          "data": "d.jsonl", "eval_data": "e.jsonl", "out": "o", "method_opt": ["use_rslora=true"]}
+          "data": "d.jsonl", "eval_data": "e.jsonl", "out": "o", "method_opt": ["use_rslora=true"], "truncation": "prompt"}
 
 
 def test_every_train_flag_name_is_a_config_key():
@@ -48,6 +48,10 @@ def test_every_train_flag_name_is_a_config_key():
             continue
         if key in SAMPLE:
             value = SAMPLE[key]
+        elif isinstance(getattr(TrainConfig(), key, None), str):
+            value = getattr(TrainConfig(), key)  # a string option's own default is a valid value
+        elif action.choices:
+            value = list(action.choices)[0]  # every choice-valued flag, present or future
         elif action.type is int:
             value = 2
         elif action.type is float:
