@@ -35,6 +35,12 @@ Gradient clipping (``max_grad_norm``) takes the norm once per optimizer step ove
 accumulated gradient. Randomness: the data order comes from its own generator seeded with
 ``seed``; dropout draws from torch's global generator, seeded with ``seed`` at the start;
 evaluation (see :mod:`deltatune.train.evaluate`) never touches either.
+
+Several processes (``torchrun``; :mod:`deltatune.train.distributed`): the plan is the one of a single
+process with the combined batch ``batch_size x world``; each process runs its rows of every micro-batch,
+``N_window`` is summed over the processes before the first forward, the gradients are summed after the
+last backward, and the logged loss and token counts are global; so the run equals one process with the
+combined batch. Dropout draws from ``seed + rank``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from torch import nn
 
 from ..inject import parameter_groups, train_hooks
 from .data import collate, count_targets
+from .distributed import SINGLE, Dist
 from .loss import token_loss_sum
 from .packing import pack, share_prefix
 from .precision import Precision, to_device
@@ -142,6 +149,8 @@ class Trainer:
             right-padded ones; the loss is the same.
         shared_prefix: the leading tokens that a micro-batch's rows share (and that hold no target)
             run once (:func:`deltatune.train.packing.share_prefix`); the loss is the same.
+        dist: this process's place in a multi-process run (:func:`deltatune.train.distributed.setup`;
+            default: a single process); ``batch_size`` is then per process.
 
     Attributes ``optimizer`` and ``scheduler`` exist after construction (tests hook them).
     """
@@ -172,6 +181,7 @@ class Trainer:
     precision: Optional[Precision] = None
     packing: bool = False
     shared_prefix: bool = False
+    dist: Optional[Dist] = None
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -181,8 +191,11 @@ class Trainer:
         if self.precision is None:
             self.precision = Precision(self.params[0].device)
         self.scaler = self.precision.grad_scaler()
-        self.plan = plan_windows(len(self.items), self.batch_size, self.grad_accum, self.epochs, self.seed,
-                                 self.max_steps)
+        self.dist = self.dist or SINGLE
+        if self.dist.lockstep:  # a sharded model: every process makes the same model calls
+            self.shared_prefix = False
+        self.plan = plan_windows(len(self.items), self.batch_size * self.dist.world, self.grad_accum, self.epochs,
+                                 self.seed, self.max_steps)  # the combined batch of every process
         self.total_steps = len(self.plan)
         decay, keep = parameter_groups(self.model)  # weight decay only where 0 is the neutral value
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
@@ -216,13 +229,19 @@ class Trainer:
     def train_window(self, window: list[list[int]]) -> StepLog:
         """Forward/backward every micro-batch of one window, then clip and take one optimizer step."""
         t0 = time.perf_counter()
-        batches = [self.batch(mb) for mb in window]
-        n_window = sum(count_targets(b) for b in batches)
+        d = self.dist
+        shards = [d.shard(mb) for mb in window]  # this process's rows (all of them for a single process)
+        # a sharded model needs every process in every forward: an empty share runs a row with weight 0
+        batches = [(self.batch(s or mb[:1]), bool(s)) for s, mb in zip(shards, window) if s or d.lockstep]
+        n_window = int(d.all_sum([sum(count_targets(b) for b, real in batches if real)])[0])
         total = 0.0
-        for b in batches:
+        for i, (b, real) in enumerate(batches):
+            d.gradient_sync(self.model, i == len(batches) - 1)
             with self.precision.autocast():
                 s, n = token_loss_sum(self.model, b)
-            if n:
+            if n and not real:
+                (s * 0.0).backward()
+            elif n:
                 loss = s / n_window
                 for h in self.hooks:  # a per-step term (AdaLoRA's regulariser), spread by target share
                     term = h.loss_term(self.model)
@@ -230,11 +249,15 @@ class Trainer:
                         loss = loss + term * (n / n_window)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 total += float(s.detach())
+        d.sync_grads(self.params)  # DDP: the trainable tensors' gradients summed over the processes
+        tokens = int(sum(int(b["lengths"].sum()) for b, real in batches if real))
+        total, tokens = d.all_sum([total, tokens])  # global figures (and the same non-finite verdict everywhere)
+        tokens = int(tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         gn = None
         if self.max_grad_norm:
-            gn = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            gn = d.clip_grad_norm(self.params, self.max_grad_norm)
         lr = float(self.optimizer.param_groups[0]["lr"])
         skipped_by_scaler = self.scaler is not None and gn is not None and not math.isfinite(gn)
         if not math.isfinite(total) or (gn is not None and not math.isfinite(gn) and not skipped_by_scaler):
@@ -251,15 +274,14 @@ class Trainer:
         for h in self.hooks:  # after the update, gradients still there (AdaLoRA scores and prunes ranks)
             h.after_step(self.model, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(sum(int(b["lengths"].sum()) for b in batches))
         return StepLog(step=self.step + 1, loss=total / max(1, n_window), lr=lr, grad_norm=gn,
                        targets=n_window, tokens=tokens, seconds=time.perf_counter() - t0)
 
     def fit(self) -> list:
         """Run every window of the plan; return the list of :class:`StepLog`."""
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + self.dist.rank)
         bar = None
-        if self.progress:
+        if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, unit="step", desc="train", dynamic_ncols=True, leave=True)

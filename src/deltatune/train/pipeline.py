@@ -15,7 +15,9 @@ A run is four named steps:
    perplexity with the adapter; write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
 
 The other subcommands are in :mod:`deltatune.train.commands`; the rules of output folders in
-:mod:`deltatune.train.outputs`.
+:mod:`deltatune.train.outputs`. Under ``torchrun`` every process runs these steps; rank 0 alone
+logs and writes, the model is wrapped for ``--strategy`` after injection, and the figures are
+global (:mod:`deltatune.train.distributed`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +39,7 @@ from ..lifecycle import disable_adapter
 from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .config import TrainConfig, UsageError
+from . import distributed
 from .data import ChatEncoder, examples_from_rows, load_examples, pad_id_of, split_examples, write_rows_jsonl
 from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
@@ -221,6 +224,7 @@ class Run:
     precision: Precision
     data_stats: Optional[dict] = None  # the training set's EncodeStats.to_dict()
     trains_base: bool = False  # --method full: no adapter, every weight trains, a model folder is saved
+    dist: distributed.Dist = field(default_factory=lambda: distributed.SINGLE)  # this process's place (torchrun)
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
@@ -233,24 +237,44 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
     """:func:`run_train`, returning ``{"report", "model", "tokenizer", "evaluator", "trainer"}`` (for tests
     and notebooks: the trained model stays in memory). ``rows``: training data held in memory instead of
     ``cfg.data`` (see :func:`prepare`)."""
-    run = prepare(cfg, log, rows=rows)
-    before, ppl_before = score_base(run)
-    trainer = fit(run, progress)
-    report = finish(run, trainer, before, ppl_before)
+    d = start_processes(cfg)
+    with distributed.lost_contact(d, "training"):
+        run = prepare(cfg, log, rows=rows, dist=d)
+        before, ppl_before = score_base(run)
+        trainer = fit(run, progress)
+        report = finish(run, trainer, before, ppl_before)
+    d.close()
     return {"report": report, "model": run.model, "tokenizer": run.tok, "evaluator": run.evaluator,
             "trainer": trainer}
 
 
-def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional[MemoryData] = None) -> Run:
+def start_processes(cfg: TrainConfig) -> distributed.Dist:
+    """This process's :class:`~deltatune.train.distributed.Dist` for ``cfg.strategy`` and ``cfg.device``
+    (joins the launcher's process group under torchrun; a single process otherwise).
+
+    Raises:
+        UsageError: an unknown device, or ``--strategy`` that this launch cannot run.
+    """
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return distributed.setup(cfg.strategy, device)
+
+
+def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional[MemoryData] = None,
+            dist: Optional[distributed.Dist] = None) -> Run:
     """Check every input, load and prepare the model, inject the adapter once, then create ``--out``.
 
     ``rows`` (data held in memory) are written into ``--out`` as ``data.jsonl`` (and ``eval_data.jsonl``)
     and ``cfg.data`` (``cfg.eval_data``) name those files, so that the report records them and
     ``deltatune eval --adapter OUT`` scores the same held-out rows."""
     t_start = time.time()
-    check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
-    if rows is not None:
-        refuse_foreign_files(cfg.out, MEMORY_DATA)  # the rows are written there: never over a file of the user's
+    d = dist or start_processes(cfg)
+    log = log if d.is_main else None  # rank 0 speaks for the run
+    d.first_on_main(lambda: check_out(cfg.out, cfg.overwrite))  # nothing is deleted before every input is checked
+    if rows is not None:  # the rows are written there: never over a file of the user's
+        d.first_on_main(lambda: refuse_foreign_files(cfg.out, MEMORY_DATA))
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     if preset.trains_base:
@@ -258,9 +282,11 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
         cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
     train_ex, eval_ex, task_name = read_data(cfg, log, rows)
     precision, dtype = run_precision(cfg)
+    precision = distributed.localize(d, precision)  # cuda: this process's GPU
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
-    model, tok, source = load_base(cfg.model, dtype, cfg.threads, precision.device)
+    # fsdp: loaded on the CPU, each process then keeps its shards on its device (Dist.wrap)
+    model, tok, source = load_base(cfg.model, dtype, cfg.threads, None if d.lockstep else precision.device)
     if precision.device.type == "cpu":
         use_length_aware_attention(model)  # explicit attention for short training sequences, SDPA else
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
@@ -276,8 +302,15 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     trainable, total = count_parameters(model)
     trainable = total if preset.trains_base else trainable  # full: every weight, once the base is scored
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
-    out = prepare_out(cfg.out, cfg.overwrite, "train")
-    if rows is not None:
+    if d.lockstep:
+        distributed.check_fsdp(model, cfg.method, precision.name, preset.trains_base, d.world)
+    d.wrap(model)  # fsdp: every transformer block and the root sharded
+    d.broadcast_params(p for p in model.parameters() if p.requires_grad)  # ddp: rank 0's adapter everywhere
+    if d.active:
+        _say(log, f"processes: {d.world} ({d.strategy}, {d.backend}); batch {cfg.batch_size} per process, "
+                  f"{cfg.batch_size * d.world} combined")
+    out = d.first_on_main(lambda: prepare_out(cfg.out, cfg.overwrite, "train"))
+    if rows is not None and d.is_main:
         cfg.data = os.path.join(out, MEMORY_DATA[0])
         write_rows_jsonl(cfg.data, rows.train)
         if rows.eval is not None:
@@ -285,8 +318,9 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
             write_rows_jsonl(cfg.eval_data, rows.eval)
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out)),
-               precision=precision, data_stats=data_stats, trains_base=preset.trains_base,
+               metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out))
+               if d.is_main else distributed.NoMetrics(),
+               precision=precision, data_stats=data_stats, trains_base=preset.trains_base, dist=d,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -297,14 +331,15 @@ def score_base(run: Run) -> tuple[dict, Optional[float]]:
     nothing from the stream training uses.
     """
     _say(run.log, "scoring the base model ...")
+    main = run.dist.main_call  # rank 0 scores (every process when the model is sharded)
     with contextlib.nullcontext() if run.trains_base else disable_adapter(run.model):  # exactly the base model
-        before = run.evaluator(run.model, 0) if run.evaluator else {}
+        before = main(run.evaluator)(run.model, 0) if run.evaluator else {}
         if before:
             run.metrics.write({"kind": "eval", **{k: v for k, v in before.items() if k != "samples"}})
             _say(run.log, f"before: {before['metric_name']} = {before['metric']:.3f}" +
                  (f" (e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['prompt']!r})"
                   if before.get("samples") else ""))
-        ppl_before = run.ppl_probe(run.model) if run.ppl_probe else None
+        ppl_before = main(run.ppl_probe)(run.model) if run.ppl_probe else None
     return before, ppl_before
 
 
@@ -329,10 +364,13 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
 
     def checkpoint(step):
         d = os.path.join(run.out, f"checkpoint-{step}")
-        if run.trains_base:
-            save_model_folder(model, run.tok, d)
-        else:
-            save_adapter(model, d)
+        with run.dist.full_parameters(model):  # fsdp: whole tensors (every process takes part)
+            if not run.dist.is_main:
+                return
+            if run.trains_base:
+                save_model_folder(model, run.tok, d)
+            else:
+                save_adapter(model, d)
         for old in last_ckpt:
             shutil.rmtree(old, ignore_errors=True)
         last_ckpt[:] = [d]
@@ -346,16 +384,17 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
         lr_floor=cfg.lr_floor, warmup_from_zero=cfg.warmup_from_zero,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
-        evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
+        evaluate=run.dist.main_call(run.evaluator), on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
-        shared_prefix=shared,
+        shared_prefix=shared, dist=run.dist,
     )
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
-              f" ({how}, {run.precision.name})")
+              + (f" x {run.dist.world} processes" if run.dist.active else "")
+              + f" ({how}, {run.precision.name})")
     _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
     trainer.fit()
-    for old in last_ckpt:
+    for old in last_ckpt:  # (rank 0's list; empty elsewhere)
         shutil.rmtree(old, ignore_errors=True)
     return trainer
 
@@ -386,6 +425,10 @@ def batching(run: Run) -> tuple[bool, bool]:
     for flag, name, make in (("packing", "packed rows", lambda its: pack(its, pad_id_of(run.tok))),
                              ("shared_prefix", "a shared prefix", lambda its: share_prefix(its, pad_id_of(run.tok)))):
         mode = getattr(run.cfg, flag)
+        if flag == "shared_prefix" and run.dist.lockstep and mode != "off":
+            _say(run.log, "note: --strategy fsdp runs without the shared prefix (a second model call on some processes "
+                          "only would unpair the sharded model's all-gathers)")
+            mode = "off"
         if mode == "off" or (prompt and mode == "auto"):
             chosen.append(False)
             continue
@@ -396,23 +439,33 @@ def batching(run: Run) -> tuple[bool, bool]:
         if not ok:
             _say(run.log, f"note: this model does not give {name} the loss of padded rows; not using them")
         chosen.append(ok)
+    chosen = run.dist.broadcast_object(chosen)  # every process batches as rank 0 decided
     return chosen[0], chosen[1]
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
     """Save the adapter (``full``: the model folder), score the chitchat perplexity with it, write the report
     files; return the report."""
-    cfg, model, out = run.cfg, run.model, run.out
-    if run.trains_base:
-        save_model_folder(model, run.tok, out)
-    else:
+    cfg, model, out, d = run.cfg, run.model, run.out, run.dist
+    if not run.trains_base:
         saved_cfg = get_config(model)
         saved_cfg.base_model_name_or_path = run.source.display
         if getattr(saved_cfg, "task_type", "") is None:
             saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
-        save_adapter(model, out)
-    ppl_after = run.ppl_probe(model) if run.ppl_probe else None
+    with d.full_parameters(model):  # fsdp: the whole adapter tensors, gathered by every process
+        if d.is_main:  # rank 0 alone writes
+            if run.trains_base:
+                save_model_folder(model, run.tok, out)
+            else:
+                save_adapter(model, out)
+    ppl_after = d.main_call(run.ppl_probe)(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
+    if d.active:
+        figures = distributed.process_figures(d)
+        report.update(processes=d.world, strategy=d.strategy, **figures,
+                      train_tokens_per_s_per_process=report["train_tokens_per_s"] / d.world)
+    if not d.is_main:
+        return report
     write_report(os.path.join(out, "report.json"), report)
     run.metrics.close()
     if cfg.plot:
