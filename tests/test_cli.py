@@ -83,9 +83,10 @@ def test_existing_out_is_refused_without_overwrite(tiny, trained, capsys):
 def test_overwrite_replaces_a_previous_run_but_never_foreign_files(tiny, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(train_args(tiny, out, "--max-steps", "1")) == 0
-    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9").mkdir()  # the user's folder, though named like a checkpoint: not in the marker
     assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
-    assert not (out / "checkpoint-9").exists()
+    assert (out / "checkpoint-9").is_dir()
+    (out / "checkpoint-9").rmdir()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
