@@ -84,7 +84,8 @@ class TrainConfig:
     eval_loss_size: int = 64  # held-out examples for the eval loss
     max_new_tokens: int = 8
     ppl_size: int = 48  # chitchat conversations for perplexity_before/after; 0 = skip
-    save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every
+    save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every; 0 = none
+    keep_checkpoints: int = 1  # the last K checkpoints stay (until the run finishes)
     plot: bool = True
     progress: bool = True
 
@@ -215,6 +216,14 @@ def refuse_unread_fields(method: str, spelled: dict) -> None:
             raise OptionError(f"{how} is not an option of --method {method} (its options: {preset.describe_options()})")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its paths (model, data, eval_data, out) absolute and resolved, as a run records them
+    (so that they still hold from another working directory)."""
+    paths = {n: os.path.realpath(os.path.expanduser(getattr(cfg, n)))
+             for n in ("model", "data", "eval_data", "out") if isinstance(getattr(cfg, n), str)}
+    return dataclasses.replace(cfg, **paths)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`OptionError` for values no run can use."""
     def positive(name):
@@ -223,7 +232,7 @@ def validate(cfg: TrainConfig) -> None:
             raise OptionError(f"option {name!r} must be > 0, got {v!r}")
 
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
-              "task_train_size", "r"):
+              "task_train_size", "r", "keep_checkpoints"):
         positive(n)
     if cfg.lr is None or not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise OptionError(f"option 'lr' must be a finite number > 0, got {cfg.lr!r}")

@@ -9,9 +9,15 @@ A run is four named steps:
    then create ``--out``.
 2. :func:`score_base`: the metric and the chitchat perplexity of the base model (the "before"
    column), inside :func:`deltatune.disable_adapter`, which computes exactly the base model.
-3. :func:`fit`: the one training loop, with evaluations and checkpoints.
+3. :func:`fit`: the one training loop, with evaluations and checkpoints
+   (:mod:`deltatune.train.checkpoint`: every ``--save-every`` steps, after the last step, and on
+   SIGINT/SIGTERM, which stop the run after the current step).
 4. :func:`finish`: save the adapter (PEFT format) into ``--out``; perplexity with the adapter;
-   write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
+   write ``report.json``, ``metrics.jsonl`` and ``curves.png``; then the checkpoints go.
+
+A resumed run (``--resume``: :func:`train_session` with a :class:`deltatune.train.checkpoint.Resume`)
+checks in step 1 that the checkpoint is of the same configuration and data, skips step 2 (the base
+scores are in the checkpoint) and continues step 3 from the checkpoint.
 
 The other subcommands are in :mod:`deltatune.train.commands`; the rules of output folders in
 :mod:`deltatune.train.outputs`.
@@ -24,7 +30,7 @@ import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -35,13 +41,14 @@ from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
 from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
-from .config import TrainConfig, UsageError
+from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
+from .config import TrainConfig, UsageError, absolute_paths
 from .data import ChatEncoder, load_examples, pad_id_of, split_examples
 from .evaluate import Evaluator, PerplexityProbe
-from .loop import Trainer
+from .loop import StepLog, Trainer
 from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
-from .outputs import check_out, prepare_out, write_marker
+from .outputs import TRAIN_FILES, check_out, prepare_out, record_files, write_marker
 from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
@@ -180,28 +187,41 @@ class Run:
     metrics: MetricsLog
     ppl_probe: Optional[PerplexityProbe]
     precision: Precision
+    fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run must match to resume it
+    resume: Optional[Resume] = None  # the checkpoint the run continues from
+    scores_before: tuple = ({}, None)  # (evaluation, perplexity) of the base model
 
 
-def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
+              resume: Optional[Resume] = None) -> dict:
     """Train as ``deltatune train`` does; return the report dict (also written to ``out/report.json``)."""
-    return train_session(cfg, log, progress)["report"]
+    return train_session(cfg, log, progress, resume)["report"]
 
 
-def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
+                  resume: Optional[Resume] = None) -> dict:
     """:func:`run_train`, returning ``{"report", "model", "tokenizer", "evaluator", "trainer"}`` (for tests
-    and notebooks: the trained model stays in memory)."""
-    run = prepare(cfg, log)
-    before, ppl_before = score_base(run)
+    and notebooks: the trained model stays in memory). ``resume``: continue that run (see
+    :func:`deltatune.train.checkpoint.find_resume`)."""
+    run = prepare(cfg, log, resume)
+    if run.resume is not None and run.resume.state is not None:
+        run.scores_before = (run.resume.run.get("before") or {}, run.resume.run.get("ppl_before"))
+    else:
+        run.scores_before = score_base(run)
+    before, ppl_before = run.scores_before
     trainer = fit(run, progress)
     report = finish(run, trainer, before, ppl_before)
     return {"report": report, "model": run.model, "tokenizer": run.tok, "evaluator": run.evaluator,
             "trainer": trainer}
 
 
-def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
-    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``."""
+def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[Resume] = None) -> Run:
+    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``
+    (a resumed run: check the checkpoint fits, then clear what the interrupted process left after it)."""
     t_start = time.time()
-    check_out(cfg.out, cfg.overwrite)  # nothing is deleted before every input has been checked
+    cfg = absolute_paths(cfg)  # recorded so, they hold from any working directory
+    if resume is None:
+        check_out(cfg.out, cfg.overwrite, TRAIN_FILES)  # nothing is deleted before every input has been checked
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     train_ex, eval_ex, task_name = read_data(cfg, log)
@@ -221,10 +241,21 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print) -> Run:
     inject(model, method_config)  # e.g. target modules that match nothing fail here: before --out is touched
     trainable, total = count_parameters(model)
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
-    out = prepare_out(cfg.out, cfg.overwrite, "train")
+    fp = fingerprint(cfg, precision=precision.name, dtype=dtype, items=items, eval_examples=eval_ex, model=model)
+    if resume is not None and resume.state is not None:
+        check_resumable(resume, fp, (cfg.packing, cfg.shared_prefix))  # before anything in --out changes
+        out, metrics = resume.out, MetricsLog(os.path.join(resume.out, "metrics.jsonl"),
+                                              keep_lines=int(resume.run.get("metrics_lines", 0)))
+        t_start -= float(resume.run.get("elapsed", 0.0))
+        _say(log, f"resuming from {resume.checkpoint}")
+    else:
+        if resume is not None:
+            _say(log, f"no complete checkpoint in {resume.out}: the run starts again from step 0")
+        out = prepare_out(cfg.out, cfg.overwrite or resume is not None, "train", TRAIN_FILES, config=cfg.to_dict())
+        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl")), precision=precision,
+               metrics=metrics, precision=precision, fingerprint=fp, resume=resume,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -247,8 +278,8 @@ def score_base(run: Run) -> tuple[dict, Optional[float]]:
 
 
 def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
-    """Train with evaluations; checkpoints go into ``out/checkpoint-N`` (only the last is kept, and
-    removed at the end)."""
+    """Train with evaluations; checkpoints go into ``out/checkpoint-N`` (the last ``--keep-checkpoints``
+    are kept until :func:`finish`); a resumed run continues from its checkpoint."""
     cfg, model, log = run.cfg, run.model, run.log
     t_train = time.time()
 
@@ -263,32 +294,35 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
              if res.get("eval_loss") is not None else f"step {step}: {res['metric_name']} = {res['metric']:.3f}")
 
     save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
-    last_ckpt: list = []
-
-    def checkpoint(step):
-        d = os.path.join(run.out, f"checkpoint-{step}")
-        save_adapter(model, d)
-        for old in last_ckpt:
-            shutil.rmtree(old, ignore_errors=True)
-        last_ckpt[:] = [d]
-
-    packing, shared = batching(run)
+    resumed = run.resume if run.resume is not None and run.resume.state is not None else None
+    packing, shared = tuple(resumed.run["batching"]) if resumed else batching(run)
+    saver = Checkpointer(run.out, model, keep=cfg.keep_checkpoints, meta=lambda: {
+        "config": cfg.to_dict(), "fingerprint": run.fingerprint, "batching": [packing, shared],
+        "before": {k: v for k, v in run.scores_before[0].items()}, "ppl_before": run.scores_before[1],
+        "metrics_lines": run.metrics.sync(), "elapsed": time.time() - run.t_start})
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
-        evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
+        evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=lambda step: saver.save(trainer),
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
         shared_prefix=shared,
     )
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
+    if resumed:
+        trainer.load_state_dict(resumed.state)
+        trainer.history = history_of(run.metrics.rows)
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
-              f" ({how}, {run.precision.name})")
-    trainer.fit()
-    for old in last_ckpt:
-        shutil.rmtree(old, ignore_errors=True)
+              f" ({how}, {run.precision.name})" + (f", from step {trainer.step}" if resumed else ""))
+    run_fit(trainer, saver, final=bool(save_every))
     return trainer
+
+
+def history_of(rows: list) -> list:
+    """The :class:`StepLog` of the ``train`` rows of ``metrics.jsonl`` (a resumed run's earlier steps)."""
+    keys = ("step", "loss", "lr", "grad_norm", "targets", "tokens", "seconds")
+    return [StepLog(**{k: r.get(k) for k in keys}) for r in rows if r.get("kind") == "train"]
 
 
 def batching(run: Run) -> tuple[bool, bool]:
@@ -324,7 +358,8 @@ def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]
     saved_cfg.base_model_name_or_path = run.source.display
     if getattr(saved_cfg, "task_type", "") is None:
         saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
-    save_adapter(model, out)
+    written = save_adapter(model, out)
+    record_files(out, add=[os.path.relpath(d, out) for d in written if os.path.abspath(d) != out])
     ppl_after = run.ppl_probe(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
     write_report(os.path.join(out, "report.json"), report)
@@ -334,7 +369,8 @@ def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]
             plot_curves(run.metrics.rows, os.path.join(out, "curves.png"), title=f"{cfg.method} on {run.task_name}")
         except Exception as e:  # a plotting failure must not lose the run
             _say(run.log, f"warning: curves.png not written: {e}")
-    write_marker(out, "train")
+    write_marker(out, "train", status="finished")
+    Checkpointer(out, model, meta=dict).remove_all()  # the run is whole: its checkpoints go
     _say(run.log, "\n" + format_table(report))
     return report
 
