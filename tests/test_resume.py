@@ -411,3 +411,190 @@ def test_sigkill_at_20_random_moments_then_resume_gives_the_uninterrupted_run(ti
                                               "report.json", OUTPUT_MARKER])  # no checkpoint, nothing temporary
     assert_whole(out)
     assert_same_run(out, reference)
+
+
+def _snapshot(folder):
+    """{relative path: (size, mtime_ns, bytes hash)} of everything under ``folder``."""
+    import hashlib
+
+    snap = {}
+    for root, dirs, files in os.walk(folder):
+        for n in files + dirs:
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            digest = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else "dir"
+            snap[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, digest)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny, tmp_path_factory):
+    """A run killed (SIGKILL) during its 5th step: checkpoints 1-4 were written, the last one kept."""
+    out = tmp_path_factory.mktemp("int") / "run"
+    code = _wait(_spawn(train_argv(tiny, out), str(out) + ".log", ("step", 5)))
+    assert code == -signal.SIGKILL
+    assert [s for s, _ in complete_checkpoints(str(out))] == [4]
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sigint_saves_a_checkpoint_exits_130_with_one_line_and_the_resumed_run_is_the_uninterrupted_one(
+        tiny, reference, tmp_path, capfd):
+    """A real `deltatune train` process (console script, fresh interpreter)."""
+    out = tmp_path / "run"
+    exe = os.path.join(os.path.dirname(sys.executable), "deltatune")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "deltatune"]
+    p = subprocess.Popen(cmd + train_argv(tiny, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not complete_checkpoints(str(out)) and p.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=240)[1]
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1, err
+    step = [s for s, _ in complete_checkpoints(str(out))][-1]
+    assert lines[0] == (f"deltatune: interrupted by SIGINT after step {step} of 40; checkpoint saved in "
+                        f"{out}/checkpoint-{step}: resume with: deltatune train --resume {out}")
+    assert 1 <= step < 40 and assert_whole(out) == [step]
+    assert read_marker(out)["status"] == "running"
+    # the interrupted run is not deleted by --overwrite, and a plain rerun says how to resume
+    before = _snapshot(out)
+    for extra in (["--overwrite"], []):
+        code, _, err = run_cli(capfd, *train_argv(tiny, out, *extra))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"holds an interrupted run (checkpoint-{step}): continue it with deltatune train --resume {out}" in err
+    code, _, err = run_cli(capfd, "merge", "--adapter", str(reference), "--out", str(out), "--overwrite")
+    assert code == 2 and "interrupted run" in err
+    assert _snapshot(out) == before
+    code, _, err = run_cli(capfd, "train", "--resume", str(out))
+    assert code == 0, err
+    assert_same_run(out, reference)
+    assert not [n for n in os.listdir(out) if CHECKPOINT_RE.fullmatch(n) or is_temporary(n)]
+    code, _, err = run_cli(capfd, "train", "--resume", str(out))  # nothing left to do: said, not an error
+    assert code == 0 and err.strip() == f"deltatune: {out} holds a finished run (report.json): nothing to resume"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lr", "0.5"], "--lr is 0.001 in the checkpoint but 0.5 here"),
+    (["--rank", "4"], "--rank is 16 in the checkpoint but 4 here"),
+    (["--seed", "1"], "--seed is 0 in the checkpoint but 1 here"),
+    (["--batch-size", "2"], "--batch-size is 4 in the checkpoint but 2 here"),
+    (["--max-steps", "50"], "--max-steps is 40 in the checkpoint but 50 here"),
+    (["--method-opt", "use_rslora=true"], "--method-opt is {} in the checkpoint but {'use_rslora': True} here"),
+    (["--precision", "bf16"], "--precision is 'fp32' in the checkpoint but 'bf16' here"),
+    (["--packing", "off"], "--packing is on in the checkpoint but off here"),
+    (["--max-seq-len", "8"], "--max-seq-len is 256 in the checkpoint but 8 here: leave it out"),
+    (["--val-fraction", "0.01"], "the training data differs from the checkpoint's (36 examples"),
+    (["--data", "OTHER"], "the training data differs from the checkpoint's (36 examples"),
+    (["--eval-size", "2"], "--eval-size is 4 in the checkpoint but 2 here"),
+    (["--out", "ELSEWHERE"], "is not the folder being resumed"),
+    (["--overwrite"], "--overwrite would start it over"),
+    (["--keep-checkpoints", "0"], "keep_checkpoints"),
+    (["--lr", "1", "--lr", "2"], "--lr given twice"),
+])
+def test_resume_refuses_another_configuration_or_data_in_one_line_naming_it(
+        tiny, interrupted, tmp_path, capfd, extra, needle):
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"messages": m}) + "\n" for m in make_dv(40, seed=7)))
+    extra = [a.replace("OTHER", str(other)).replace("ELSEWHERE", str(tmp_path / "x")) for a in extra]
+    run = _copy(interrupted, tmp_path / "run")
+    before = _snapshot(run)
+    code, _, err = run_cli(capfd, "train", "--resume", str(run), *extra)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    assert needle in lines[0], lines[0]
+    assert _snapshot(run) == before  # nothing changed
+
+
+@pytest.mark.parametrize("what, needle", [
+    ("missing", "no such folder"),
+    ("foreign", "not the output folder of a deltatune training run"),
+    ("merge", "is a merge output"),
+    ("damaged", "is damaged"),
+])
+def test_resume_of_what_is_not_a_run_is_one_line(tiny, interrupted, reference, tmp_path, capfd, what, needle):
+    target = tmp_path / "t"
+    if what == "foreign":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    elif what == "merge":
+        assert main(["merge", "--adapter", str(reference), "--out", str(target)]) == 0
+    elif what == "damaged":
+        _copy(interrupted, target)
+        p = target / "checkpoint-4" / STATE_JSON
+        p.write_text(p.read_text()[:100])
+    before = _snapshot(tmp_path)
+    code, _, err = run_cli(capfd, "train", "--resume", str(target))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny, reference, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert _wait(_spawn(train_argv(tiny, out), str(tmp_path / "log"), ("step", 1))) == -signal.SIGKILL
+    assert not complete_checkpoints(str(out)) and read_marker(out)["config"]["max_steps"] == 40
+    code, stdout, err = run_cli(capfd, "train", "--resume", str(out))
+    assert code == 0 and "the run starts again from step 0" in stdout, err
+    assert_same_run(out, reference)
+
+
+def test_keep_checkpoints_keeps_the_last_k_until_the_run_finishes(tiny, reference, tmp_path):
+    out = tmp_path / "run"
+    assert _wait(_spawn(train_argv(tiny, out, "--keep-checkpoints", "3"), str(tmp_path / "log"),
+                        ("step", 7))) == -signal.SIGKILL
+    assert [s for s, _ in complete_checkpoints(str(out))] == [4, 5, 6]
+    listed = [n for n in read_marker(out)["files"] if CHECKPOINT_RE.fullmatch(n)]
+    assert sorted(listed) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
+    state, run = read_checkpoint(str(out / "checkpoint-5"))
+    assert state["step"] == 5 and run["config"]["keep_checkpoints"] == 3
+    # each checkpoint's adapter is the run's adapter at that step: resuming from checkpoint-5 (the
+    # last one deleted) gives the same end as resuming from checkpoint-6
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-6")
+    assert main(["train", "--resume", str(out), "--keep-checkpoints", "1"]) == 0
+    assert_same_run(out, reference)
+    assert "checkpoint-" not in " ".join(os.listdir(out)) and not read_marker(out)["files"][5:]
+
+
+def test_a_non_finite_step_is_not_taken_the_message_names_it_and_the_last_good_checkpoint_stays(
+        tiny, tmp_path, capfd, monkeypatch):
+    import deltatune.train.loop as loop
+
+    calls = [0]
+    real = loop.token_loss_sum
+
+    def nan_at_step_3(model, batch, **kw):
+        calls[0] += 1
+        s, n = real(model, batch, **kw)
+        return (s * float("nan"), n) if calls[0] == 3 else (s, n)
+
+    monkeypatch.setattr(loop, "token_loss_sum", nan_at_step_3)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capfd, *train_argv(tiny, out))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("deltatune: error: training diverged at step 3: loss nan")
+    assert f"the last good checkpoint, {out}/checkpoint-2, is kept" in lines[0]
+    assert assert_whole(out) == [2] and not (out / "adapter_model.safetensors").exists()
+    assert read_marker(out)["status"] == "diverged"
+    code, _, err = run_cli(capfd, *train_argv(tiny, out, "--overwrite"))
+    assert code == 2 and "holds a run that diverged (checkpoint-2)" in err
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_takes_no_step():
+    model = _model("plain")
+    tr = Trainer(model, _items(), pad_id=0, batch_size=4, max_steps=3, max_grad_norm=None)
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+    p0.register_hook(lambda g: g * float("inf"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(NonFiniteLoss, match=r"diverged at step 1: loss [0-9.]+, gradient not finite"):
+        tr.fit()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert not tr.optimizer.state and tr.step == 0

@@ -45,7 +45,8 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register("action", "store", _StoreOnce)  # every single-valued flag: given twice is an error
+        for name in (None, "store"):  # every single-valued flag (argparse's default action): twice is an error
+            self.register("action", name, _StoreOnce)
 
     def error(self, message):  # one line instead of usage + message
         raise CLIError(f"{self.prog}: error: {message} (see {self.prog} --help)")
