@@ -59,9 +59,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # say which file (fsync and write do not)
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     fsync_dir(d)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -49,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
             self.register("action", name, _StoreOnce)
 
     def error(self, message):  # one line instead of usage + message
-        raise CLIError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise CLIError(f"deltatune: error: {message} (see {self.prog} --help)")
 
 
 class _StoreOnce(argparse._StoreAction):
@@ -353,15 +354,19 @@ class _QuietPipe:
 
 
 def _os_error_line(e: OSError) -> Optional[str]:
-    """One line for a file the command could not read or write (a full disk, a read-only folder ...)."""
-    fixes = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space",
-             errno.EROFS: "choose a writable folder", errno.EACCES: "check the permissions or choose another folder",
-             errno.EPERM: "check the permissions or choose another folder", errno.EISDIR: "give a file, not a folder",
-             errno.ENOTDIR: "give a folder", errno.EFBIG: "free some space or raise the file size limit"}
-    if e.errno not in fixes:
-        return None
+    """One line for a file the command could not write or read (a full disk, a read-only folder ...);
+    None for other OS errors."""
     where = f" {e.filename}" if e.filename else ""
-    return f"deltatune: error: cannot write or read{where}: {e.strerror or e}: {fixes[e.errno]}"
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"deltatune: error: cannot write{where}: {reason}: free some space or choose another --out"
+    if e.errno == errno.EROFS:
+        return f"deltatune: error: cannot write{where}: {reason}: choose a writable folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"deltatune: error: cannot use{where}: {reason}: check its permissions or choose another folder"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR):
+        return f"deltatune: error: cannot use{where}: {reason}: give a file where a file is asked, a folder where a folder is"
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -371,12 +376,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = bool(os.environ.get("DELTATUNE_DEBUG"))
     if not debug:
         _quiet_libraries()
-    stdout = sys.stdout
+    stdout, show = sys.stdout, warnings.showwarning
     sys.stdout = _QuietPipe(stdout)
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         return _main(argv, debug)
     finally:
-        sys.stdout = stdout
+        sys.stdout, warnings.showwarning = stdout, show
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line on stderr (no source line under it)."""
+    text = " ".join(str(message).split())
+    mine = os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(filename or "")
+    print(f"deltatune: warning: {text}" if mine else f"warning ({category.__name__}): {text}", file=file or sys.stderr)
 
 
 def _main(argv: list, debug: bool) -> int:

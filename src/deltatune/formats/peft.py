@@ -205,16 +205,21 @@ def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
         return tensors
     p = os.path.join(directory, WEIGHTS_NAME_BIN)
     if os.path.isfile(p):
-        warnings.warn(f"{p} is a legacy pickle file: read with torch.load(weights_only=True), which runs no code; "
-                      "save the adapter again to get adapter_model.safetensors", stacklevel=2)
         try:
-            tensors = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+                warnings.simplefilter("ignore")
+                tensors = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - an unpickling error, a truncated zip, ...
-            raise AdapterFileError(f"{p} was refused: it is not a plain file of tensors "
-                                   f"({_first_line(e)}); nothing in it was run") from None
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to", "Unsupported global"))),
+                       _first_line(e))
+            raise AdapterFileError(f"{p} was refused: it is not a plain file of tensors (torch.load(weights_only=True): "
+                                   f"{why[:200]}); nothing in it was run: use adapter_model.safetensors") from None
         if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                     for k, v in tensors.items()):
             raise AdapterFileError(f"{p} holds a {type(tensors).__name__}, not a mapping of names to tensors")
+        warnings.warn(f"{p} is a legacy pickle file, read with torch.load(weights_only=True), which runs no code; "
+                      "save the adapter again to get adapter_model.safetensors", stacklevel=2)
         return tensors
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
 

@@ -195,8 +195,10 @@ class Checkpointer:
         os.makedirs(tmp)
         try:
             self._fill(tmp, trainer)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # a write that failed (a full disk) leaves nothing behind
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, final) from None
             raise
         record_files(self.out, add=[name])  # listed as deltatune's before it appears
         if os.path.isdir(final):

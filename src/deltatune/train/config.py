@@ -97,6 +97,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_NUMBERS = ("max_steps", "threads", "save_every", "max_grad_norm", "lr")
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off"}
 
@@ -118,6 +119,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if s in _BOOL_FALSE:
             return False
         raise OptionError(f"option {name!r} must be true or false, got {value!r}")
+    if isinstance(value, bool) and (isinstance(default, (int, float)) or name in _NUMBERS):
+        raise OptionError(f"option {name!r} must be a number, got {value!r}")
     try:
         if isinstance(default, int) or name in ("max_steps", "threads", "save_every"):
             if isinstance(value, float) and not value.is_integer():
@@ -132,21 +135,26 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 
 def read_yaml(path: str) -> dict:
-    """The mapping in a YAML options file.
+    """The mapping in a YAML (or JSON) options file, read with ``yaml.safe_load`` (no code runs).
 
     Raises:
-        OptionError: the file is missing, is not YAML, or is not a mapping.
+        OptionError: the file is missing, a folder, not UTF-8, not YAML, or not a mapping.
     """
     import yaml
 
+    if os.path.isdir(path):
+        raise OptionError(f"config file {path} is a folder: give a YAML or JSON file")
     if not os.path.isfile(path):
         raise OptionError(f"config file not found: {path}")
+    kind = "JSON" if path.lower().endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.safe_load(fh)  # safe: no tag constructs an object or runs code
+    except UnicodeDecodeError as e:
+        raise OptionError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptionError(f"config file {path} is not valid YAML: {first}") from None
+        raise OptionError(f"config file {path} is not valid {kind}: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
