@@ -123,7 +123,7 @@ def config_from_dict(d: dict) -> AdapterConfig:
     if not isinstance(d, dict):
         raise ValueError(f"an adapter config is a JSON object of fields, got {type(d).__name__}")
     pt = d.get("peft_type")
-    if pt not in _CONFIG_REGISTRY:
+    if not isinstance(pt, str) or pt not in _CONFIG_REGISTRY:
         raise ValueError(
             f"adapter config has peft_type {pt!r}; deltatune reads {', '.join(registered_peft_types())}"
         )
@@ -165,6 +165,16 @@ class LayerAdapterConfig(AdapterConfig):
     layers_pattern: Optional[Union[list, str]] = None
 
     def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            v = getattr(self, name)
+            strings = isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v)
+            if v is not None and not strings and not (isinstance(v, str) and name != "modules_to_save"):
+                raise ValueError(f"{name} must be " + ("a list of module names" if name == "modules_to_save" else
+                                                       "a module name, a list of names or a regex") + f", got {v!r}")
+        v = self.layers_to_transform
+        ints = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        if v is not None and not ints and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {v!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):

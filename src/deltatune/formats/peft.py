@@ -272,7 +272,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if not fresh:
         _check_same_config(st.records[adapter_name].config, cfg, adapter_name, directory)
     if fresh:
-        inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
+        try:
+            inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
+        except (TypeError, AttributeError) as e:  # a field of the file's config holds a value of the wrong kind
+            raise ValueError(f"cannot load adapter {directory!r}: its {CONFIG_NAME} does not fit ({e})") from None
     remerge = [] if fresh else [n for n in merged_adapters(model) if n == adapter_name]
     if remerge:
         unmerge(model, adapter_names=remerge)
