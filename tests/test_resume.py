@@ -187,11 +187,20 @@ def tiny(tmp_path_factory):
 
 
 def train_argv(tiny, out, *extra, steps=40):
+    """The runs of these tests; ``extra`` flags replace the same flags here, or come after them."""
     model_dir, data = tiny
-    return ["train", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", str(steps),
+    argv = ["train", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", str(steps),
             "--batch-size", "4", "--eval-size", "4", "--eval-every", "7", "--ppl-size", "0", "--threads", "1",
             "--precision", "fp32", "--no-progress", "--no-plot", "--val-fraction", "0.1", "--save-every", "1",
-            "--lora-dropout", "0.1", *extra]
+            "--lora-dropout", "0.1"]
+    extra, more = list(extra), []
+    while extra:
+        flag = extra.pop(0)
+        if flag in argv and extra and not extra[0].startswith("--"):
+            argv[argv.index(flag) + 1] = extra.pop(0)
+        else:
+            more.append(flag)
+    return argv + more
 
 
 def run_cli(capfd, *argv):
@@ -598,3 +607,19 @@ def test_a_non_finite_gradient_with_a_finite_loss_takes_no_step():
         tr.fit()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert not tr.optimizer.state and tr.step == 0
+
+
+def test_resume_after_the_fast_path_bf16_packed_rows_shared_prefix(tiny, tmp_path):
+    """The CLI run on the fast path (bf16 autocast, packed rows, a shared prefix), killed at its 4th step
+    and resumed, ends with the uninterrupted run's adapter (within 1e-6; bit for bit here)."""
+    fast = ["--precision", "bf16", "--packing", "on", "--shared-prefix", "on", "--lora-dropout", "0.1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _wait(_spawn(train_argv(tiny, ref, *fast, steps=8), str(tmp_path / "ref.log"))) == 0
+    assert _wait(_spawn(train_argv(tiny, out, *fast, steps=8), str(tmp_path / "a.log"), ("step", 4))) == -signal.SIGKILL
+    assert [s for s, _ in complete_checkpoints(str(out))] == [3]
+    assert _wait(_spawn(["train", "--resume", str(out)], str(tmp_path / "b.log"))) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["precision"] == "bf16" and rep["packing"] and rep["shared_prefix"]
+    ta, tb = adapter_of(out), adapter_of(ref)
+    assert ta.keys() == tb.keys() and all(float((ta[k] - tb[k]).abs().max()) <= 1e-6 for k in ta)
+    assert_same_run(out, ref)

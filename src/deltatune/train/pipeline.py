@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -45,7 +44,7 @@ from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_
 from .config import TrainConfig, UsageError, absolute_paths
 from .data import ChatEncoder, load_examples, pad_id_of, split_examples
 from .evaluate import Evaluator, PerplexityProbe
-from .loop import StepLog, Trainer
+from .loop import StepLog, Trainer, TrainingInterrupted
 from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
 from .outputs import TRAIN_FILES, check_out, prepare_out, record_files, write_marker
@@ -207,7 +206,11 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
     if run.resume is not None and run.resume.state is not None:
         run.scores_before = (run.resume.run.get("before") or {}, run.resume.run.get("ppl_before"))
     else:
-        run.scores_before = score_base(run)
+        try:
+            run.scores_before = score_base(run)
+        except KeyboardInterrupt:  # --out exists: the run can be started again from it
+            raise TrainingInterrupted(0, "deltatune: interrupted before the first step; start it again with: "
+                                      f"deltatune train --resume {run.out}") from None
     before, ppl_before = run.scores_before
     trainer = fit(run, progress)
     report = finish(run, trainer, before, ppl_before)
