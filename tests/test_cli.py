@@ -38,10 +38,19 @@ def run(capsys, *argv):
 
 
 def train_args(tiny, out, *extra):
+    """The tiny run's flags; a flag of ``extra`` replaces the same flag here (a flag given twice is an error)."""
     model_dir, data = tiny
-    return ["train", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", "3",
+    argv = ["train", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", "3",
             "--batch-size", "4", "--eval-size", "4", "--eval-every", "2", "--ppl-size", "0", "--threads", "1",
-            "--no-progress", "--val-fraction", "0.2", *extra]
+            "--no-progress", "--val-fraction", "0.2"]
+    extra, more = list(extra), []
+    while extra:
+        flag = extra.pop(0)
+        if flag in argv and extra and not extra[0].startswith("--"):
+            argv[argv.index(flag) + 1] = extra.pop(0)
+        else:
+            more.append(flag)
+    return argv + more
 
 
 @pytest.fixture(scope="module")
