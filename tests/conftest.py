@@ -360,3 +360,16 @@ def model_folder(path, model, tokenizer=None) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+def with_flags(argv: list, *extra) -> list:
+    """``argv`` with ``extra`` flags: a flag of ``extra`` already in ``argv`` replaces its value there
+    (the command line refuses a flag given twice); the others are appended."""
+    argv, extra, more = list(argv), list(extra), []
+    while extra:
+        flag = extra.pop(0)
+        if flag in argv and extra and not str(extra[0]).startswith("--"):
+            argv[argv.index(flag) + 1] = extra.pop(0)
+        else:
+            more.append(flag)
+    return argv + more

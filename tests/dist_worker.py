@@ -86,17 +86,49 @@ def job_trainers(out: str, rank: int) -> dict:
 
 def job_cli(out: str, rank: int, model_dir: str, data: str, strategy: str) -> dict:
     """``deltatune train`` in this process (``train_session``), counting the files each rank writes."""
-    from deltatune.train import pipeline
+    from deltatune.train import checkpoint, pipeline
     from deltatune.train.config import build_config
 
     writes = []
-    real_save, real_report = pipeline.save_adapter, pipeline.write_report
-    pipeline.save_adapter = lambda model, d, *a, **k: (writes.append(d), real_save(model, d, *a, **k))[1]
+    real_save, real_report, real_new = pipeline.save_adapter, pipeline.write_report, checkpoint.write_new_file
+    saving = lambda model, d, *a, **k: (writes.append(d), real_save(model, d, *a, **k))[1]  # noqa: E731
+    pipeline.save_adapter = checkpoint.save_adapter = saving
     pipeline.write_report = lambda p, r: (writes.append(p), real_report(p, r))[1]
+    checkpoint.write_new_file = lambda p, data: (writes.append(p), real_new(p, data))[1]
     cfg = build_config({}, cli_options(model_dir, data, os.path.join(out, f"cli-{strategy}"), 2,
                                        strategy=strategy))
     rep = pipeline.run_train(cfg, log=None, progress=False)
     return {"writes": writes, "report": rep}
+
+
+def job_cli_stop(out: str, rank: int, model_dir: str, data: str, strategy: str) -> dict:
+    """``deltatune train`` on these processes, every process leaving at once after the checkpoint of step 2
+    (as a killed run does): the run folder is left to resume."""
+    from deltatune.train import distributed, pipeline
+    from deltatune.train.config import build_config
+
+    real = distributed.SharedSaver.save
+
+    def save_then_die(self, trainer):
+        path = real(self, trainer)
+        if trainer.step == 2:
+            os._exit(0)
+        return path
+
+    distributed.SharedSaver.save = save_then_die
+    cfg = build_config({}, cli_options(model_dir, data, os.path.join(out, f"stop-{strategy}"), 2, strategy=strategy))
+    pipeline.run_train(cfg, log=None, progress=False)
+    return {}
+
+
+def job_resume(out: str, rank: int, run_dir: str, batch_size: str, strategy: str) -> dict:
+    """``deltatune train --resume RUN_DIR --batch-size B --strategy S`` on these processes."""
+    from deltatune.train import pipeline
+    from deltatune.train.checkpoint import find_resume, resume_config
+
+    resume = find_resume(run_dir)
+    cfg = resume_config(resume, {}, {"batch_size": int(batch_size), "strategy": strategy, "progress": False})
+    return {"report": pipeline.run_train(cfg, log=None, progress=False, resume=resume)}
 
 
 def cli_options(model_dir: str, data: str, out: str, batch_size: int, **extra) -> dict:
@@ -125,7 +157,7 @@ def job_die(out: str, rank: int) -> dict:
     return {"error": None}
 
 
-JOBS = {"trainers": job_trainers, "cli": job_cli, "die": job_die}
+JOBS = {"trainers": job_trainers, "cli": job_cli, "die": job_die, "cli_stop": job_cli_stop, "resume": job_resume}
 
 
 if __name__ == "__main__":

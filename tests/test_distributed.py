@@ -195,7 +195,8 @@ def test_train_command_on_two_processes_saves_the_one_process_adapter_from_rank_
     assert codes == [0, 0], logs[0][-3000:]
     out = os.path.join(root, f"cli-{strategy}")
     assert r1["writes"] == []  # rank 1 writes nothing
-    assert r0["writes"] == [os.path.join(out, "checkpoint-2"), out, os.path.join(out, "report.json")]
+    names = [os.path.basename(w) for w in r0["writes"]]  # rank 0: checkpoints at steps 2 and 4, the adapter, the report
+    assert names.count("state.json") == 2 and names[-2:] == [os.path.basename(out), "report.json"], names
     two, ref = load_file(os.path.join(out, "adapter_model.safetensors")), load_file(os.path.join(one, "adapter_model.safetensors"))
     assert maxdiff_state(two, ref) <= TOL  # whole tensors (same names and shapes), the one-process values
     rep = json.load(open(os.path.join(out, "report.json")))
@@ -224,3 +225,46 @@ def test_a_process_that_dies_stops_the_others_with_one_clear_line(tmp_path):
     msg = r0["error"]
     assert msg.startswith("process 0 of 2 lost contact with the others while") and "\n" not in msg
     assert time.time() - t0 < 60  # the closed connection is noticed, not the timeout waited out
+
+
+def test_resume_on_another_number_of_processes_ends_with_the_one_process_adapter(tiny_run, monkeypatch, capsys):
+    """A 2-process FSDP run (2 per process) stopped after the checkpoint of step 2 resumes in one process
+    (--batch-size 4); a 1-process run stopped there resumes on 2 DDP processes (--batch-size 2). Both end
+    with the adapter of the uninterrupted 1-process run; the wrong batch split is one line naming the fix."""
+    from safetensors.torch import load_file
+
+    from deltatune.train import checkpoint
+    from deltatune.train.pipeline import run_train
+
+    root, model_dir, data, one, _ = tiny_run
+    ref = load_file(os.path.join(one, "adapter_model.safetensors"))
+    # 2 processes -> 1
+    _, codes, logs = launch("cli_stop", root, model_dir, data, "fsdp")
+    assert codes == [0, 0], logs[0][-3000:]
+    two = os.path.join(root, "stop-fsdp")
+    assert "checkpoint-2" in os.listdir(two) and "report.json" not in os.listdir(two)
+    capsys.readouterr()
+    assert main(["train", "--resume", two, "--no-progress"]) == 2  # batch 2 on 1 process: another plan
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size is 4 in the checkpoint but 2 here (counted over all processes" in err
+    assert main(["train", "--resume", two, "--batch-size", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert maxdiff_state(load_file(os.path.join(two, "adapter_model.safetensors")), ref) <= TOL
+    # 1 process -> 2
+    alone = os.path.join(root, "stop-one")
+    real = checkpoint.Checkpointer.save
+
+    def save_then_stop(self, trainer):
+        path = real(self, trainer)
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
+    with pytest.raises(checkpoint.TrainingInterrupted):
+        run_train(build_config({}, W.cli_options(model_dir, data, alone, 4)), log=None, progress=False)
+    monkeypatch.undo()
+    (r0, r1), codes, logs = launch("resume", root, alone, "2", "ddp")
+    assert codes == [0, 0], logs[0][-3000:]
+    assert r0["report"]["processes"] == 2
+    assert maxdiff_state(load_file(os.path.join(alone, "adapter_model.safetensors")), ref) <= TOL

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_dv, make_tl, make_tt, model_folder
+from conftest import make_dv, make_tl, make_tt, model_folder, with_flags
 from deltatune.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,9 +30,9 @@ def tiny(tmp_path_factory):
 
 def full_args(tiny, out, *extra):
     model_dir, data = tiny
-    return ["train", "--method", "full", "--model", model_dir, "--data", data, "--out", str(out), "--max-steps", "3",
-            "--batch-size", "4", "--eval-size", "4", "--eval-every", "0", "--ppl-size", "2", "--threads", "1",
-            "--no-progress", "--no-plot", "--val-fraction", "0.2", *extra]
+    return with_flags(["train", "--method", "full", "--model", model_dir, "--data", data, "--out", str(out),
+                       "--max-steps", "3", "--batch-size", "4", "--eval-size", "4", "--eval-every", "0", "--ppl-size",
+                       "2", "--threads", "1", "--no-progress", "--no-plot", "--val-fraction", "0.2"], *extra)
 
 
 def run(capsys, *argv):

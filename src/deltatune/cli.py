@@ -11,16 +11,21 @@
 
 Bad input (unknown option, missing file, existing ``--out`` ...) prints ONE line
 ``deltatune: error: ...`` on stderr and exits with code 2. Set ``DELTATUNE_DEBUG=1`` to see the
-traceback instead.
+traceback instead. A single-valued flag given twice is an error (never "the last one wins"). A
+training run stopped by SIGINT/SIGTERM saves a checkpoint and exits with code 130/143 and one line
+saying how to resume (``deltatune train --resume DIR``). A closed stdout (``| head``) ends the
+output quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -28,11 +33,14 @@ import torch
 from .formats.describe import describe_adapter
 from .integrations.transformers import ModelNotFoundError
 from .train.chat import run_chat
+from .train.checkpoint import NothingToResume, find_resume, resume_config
 from .train.commands import run_eval, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, parse_method_opts, read_yaml
 from .train.data import DataError, load_examples
 from .train.api import train
 from .train.export import run_export, run_merge_gguf
+from .train.loop import TrainingInterrupted
+from .train.pipeline import run_train
 from .train.presets import METHOD_FIELDS, PRESETS
 
 
@@ -41,8 +49,25 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):  # every single-valued flag (argparse's default action): twice is an error
+            self.register("action", name, _StoreOnce)
+
     def error(self, message):  # one line instead of usage + message
-        raise CLIError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise CLIError(f"deltatune: error: {message} (see {self.prog} --help)")
+
+
+class _StoreOnce(argparse._StoreAction):
+    """``store``, refusing a second value for the same flag (``--adapter A --adapter B`` would otherwise
+    silently use B)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_flags_seen", set())
+        if option_string is not None and self.dest in seen:
+            raise CLIError(f"deltatune: error: {'/'.join(self.option_strings)} given twice: give it once")
+        seen.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 # (flag, dest, type, help) for every training option; defaults live in TrainConfig
@@ -98,7 +123,9 @@ _TRAIN_FLAGS = [
     ("--max-new-tokens", "max_new_tokens", int, "answer length in evaluation (default 8; raised to fit "
                                                 "the longest reference)"),
     ("--ppl-size", "ppl_size", int, "chitchat conversations for perplexity before/after, 0 = skip (default 48)"),
-    ("--save-every", "save_every", int, "checkpoint every N optimizer steps (default: --eval-every)"),
+    ("--save-every", "save_every", int, "checkpoint every N optimizer steps, 0 = only on SIGINT/SIGTERM "
+                                        "(default: --eval-every); checkpoints stay until the run finishes"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "how many of the latest checkpoints stay (default 1)"),
     ("--report-to", "report_to", str, "also write the metrics as TensorBoard events into --out: tensorboard, or "
                                       "none (default); needs pip install 'deltatune[tensorboard]'"),
 ]
@@ -106,6 +133,9 @@ _TRAIN_FLAGS = [
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of options (keys as the flags, e.g. max_steps: 100); flags win")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its --out) from its last "
+                                                  "complete checkpoint; other flags may change only what does not "
+                                                  "change the result (--threads, --eval-every, ...)")
     for flag, dest, typ, hlp in _TRAIN_FLAGS:
         names = [flag, "-r"] if dest == "r" else [flag]
         p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
@@ -209,17 +239,27 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default: different each run)")
 
 
-def _train_config(args):
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt")}
+def _train_values(args) -> tuple[dict, dict]:
+    """(options of --config, options of the flags) of ``deltatune train``."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt", "resume")
+             and not k.startswith("_")}
     if args.method_opt:
         flags["method_options"] = parse_method_opts(args.method_opt)
     yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
-    return build_config(yaml_values, flags)
+    return yaml_values, flags
 
 
 def cmd_train(args) -> int:
-    cfg = _train_config(args)
-    train(config=cfg)  # the Python API's entry: deltatune.train(config=cfg)
+    yaml_values, flags = _train_values(args)
+    if args.resume is not None:
+        try:
+            resume = find_resume(args.resume)
+        except NothingToResume as e:
+            print(str(e), file=sys.stderr)
+            return 0
+        run_train(resume_config(resume, yaml_values, flags), resume=resume)
+        return 0
+    train(config=build_config(yaml_values, flags))  # the Python API's entry: deltatune.train(config=cfg)
     return 0
 
 
@@ -337,12 +377,84 @@ def _user_errors() -> tuple:
     return (CLIError, UsageError, OptionError, DataError, ModelNotFoundError, FileNotFoundError)
 
 
+class _QuietPipe:
+    """stdout that ends quietly when the reader goes away (``deltatune inspect DIR --json | head``): the
+    rest of the output is dropped (the command itself runs to its end: a training run goes on)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text):
+        if self.closed_by_reader:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self):
+        self.closed_by_reader = True
+        try:  # what is still buffered goes nowhere, also at interpreter exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _os_error_line(e: OSError) -> Optional[str]:
+    """One line for a file the command could not write or read (a full disk, a read-only folder ...);
+    None for other OS errors."""
+    where = f" {e.filename}" if e.filename else ""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"deltatune: error: cannot write{where}: {reason}: free some space or choose another --out"
+    if e.errno == errno.EROFS:
+        return f"deltatune: error: cannot write{where}: {reason}: choose a writable folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"deltatune: error: cannot use{where}: {reason}: check its permissions or choose another folder"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR):
+        return f"deltatune: error: cannot use{where}: {reason}: give a file where a file is asked, a folder where a folder is"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``deltatune`` command; returns the exit code (0 ok, 2 bad input)."""
+    """Entry point of the ``deltatune`` command; returns the exit code (0 ok, 2 bad input, 130/143 stopped
+    by SIGINT/SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("DELTATUNE_DEBUG"))
     if not debug:
         _quiet_libraries()
+    stdout, show = sys.stdout, warnings.showwarning
+    sys.stdout = _QuietPipe(stdout)
+    if not debug:
+        warnings.showwarning = _one_line_warning
+    try:
+        return _main(argv, debug)
+    finally:
+        sys.stdout, warnings.showwarning = stdout, show
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line on stderr (no source line under it)."""
+    text = " ".join(str(message).split())
+    mine = os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(filename or "")
+    print(f"deltatune: warning: {text}" if mine else f"warning ({category.__name__}): {text}", file=file or sys.stderr)
+
+
+def _main(argv: list, debug: bool) -> int:
     errors = _user_errors()
     try:
         parser = build_parser()
@@ -363,9 +475,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"deltatune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 128 + int(e.signum)
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the command could not write or read: the user's to fix
+        line = None if debug else _os_error_line(e)
+        if line is None:
+            if debug:
+                raise
+            msg = " ".join(str(e).split()) or "(no message)"
+            print(f"deltatune: error: {type(e).__name__}: {msg} (run with DELTATUNE_DEBUG=1 for the traceback)",
+                  file=sys.stderr)
+            return 1
+        print(line, file=sys.stderr)
+        return 2
     except Exception as e:  # anything else: still one line (a damaged file, a library's own error)
         if debug:
             raise

@@ -77,10 +77,24 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
+        """The config of a mapping (``adapter_config.json``'s content).
+
+        Raises:
+            ValueError: a field of a plain type (int, float, bool, str, dict, list) holds a value of
+                another type, or the class refuses a value (names the field).
+        """
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k != "peft_type"}
-        cfg = cls(**known)
+        for f in dataclasses.fields(cls):
+            want = _PLAIN_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+            v = known.get(f.name)
+            if want and v is not None and (not isinstance(v, want) or (isinstance(v, bool) and bool not in want)):
+                raise ValueError(f"field {f.name!r} must be {f.type}, got {v!r}")
+        try:
+            cfg = cls(**known)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
         cfg.extra = extra
         return cfg
 
@@ -97,14 +111,19 @@ class AdapterConfig:
         return c
 
 
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,)}
+
+
 def config_from_dict(d: dict) -> AdapterConfig:
     """Build the registered config class named by ``d["peft_type"]``.
 
     Raises:
         ValueError: the ``peft_type`` is missing or not one deltatune implements.
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"an adapter config is a JSON object of fields, got {type(d).__name__}")
     pt = d.get("peft_type")
-    if pt not in _CONFIG_REGISTRY:
+    if not isinstance(pt, str) or pt not in _CONFIG_REGISTRY:
         raise ValueError(
             f"adapter config has peft_type {pt!r}; deltatune reads {', '.join(registered_peft_types())}"
         )
@@ -124,9 +143,12 @@ def load_config(directory: str) -> AdapterConfig:
     try:
         with open(path, encoding="utf-8") as fh:
             d = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return config_from_dict(d)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): save the adapter again") from None
+    try:
+        return config_from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 TargetSpec = Optional[Union[list, str]]
@@ -143,6 +165,16 @@ class LayerAdapterConfig(AdapterConfig):
     layers_pattern: Optional[Union[list, str]] = None
 
     def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            v = getattr(self, name)
+            strings = isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v)
+            if v is not None and not strings and not (isinstance(v, str) and name != "modules_to_save"):
+                raise ValueError(f"{name} must be " + ("a list of module names" if name == "modules_to_save" else
+                                                       "a module name, a list of names or a regex") + f", got {v!r}")
+        v = self.layers_to_transform
+        ints = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        if v is not None and not ints and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {v!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -176,17 +177,56 @@ def _vocab_resized(model: nn.Module) -> bool:
     return any(v != w.shape[0] for v in base_vocab_sizes(model).values())
 
 
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read (damaged, empty, not tensors); the message names the file and
+    the fix, in one line."""
+
+
 def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder (safetensors, or a legacy ``adapter_model.bin``)."""
+    """The tensors of an adapter folder: ``adapter_model.safetensors``, else a legacy ``adapter_model.bin``.
+
+    Nothing in a file is ever run: safetensors holds only tensors, and a ``.bin`` (a pickle) is read
+    only by ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    containers, with a warning to convert it.
+
+    Raises:
+        FileNotFoundError: neither file is there. AdapterFileError: the file is damaged, empty, or
+            not a mapping of names to tensors.
+    """
     from safetensors.torch import load_file
 
     p = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(p):
-        return load_file(p)
+        try:
+            tensors = load_file(p)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors have no common base: one message
+            what = "empty" if os.path.getsize(p) == 0 else f"damaged ({_first_line(e)})"
+            raise AdapterFileError(f"{p} is {what}: save or copy the adapter again") from None
+        return tensors
     p = os.path.join(directory, WEIGHTS_NAME_BIN)
     if os.path.isfile(p):
-        return torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+                warnings.simplefilter("ignore")
+                tensors = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unpickling error, a truncated zip, ...
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to", "Unsupported global"))),
+                       _first_line(e))
+            raise AdapterFileError(f"{p} was refused: it is not a plain file of tensors (torch.load(weights_only=True): "
+                                   f"{why[:200]}); nothing in it was run: use adapter_model.safetensors") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise AdapterFileError(f"{p} holds a {type(tensors).__name__}, not a mapping of names to tensors")
+        warnings.warn(f"{p} is a legacy pickle file, read with torch.load(weights_only=True), which runs no code; "
+                      "save the adapter again to get adapter_model.safetensors", stacklevel=2)
+        return tensors
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def read_adapter_metadata(directory: str) -> dict:
@@ -199,8 +239,12 @@ def read_adapter_metadata(directory: str) -> dict:
         if os.path.isfile(os.path.join(directory, WEIGHTS_NAME_BIN)):
             return {}
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    with safe_open(p, framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    try:
+        with safe_open(p, framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as e:  # noqa: BLE001
+        what = "empty" if os.path.getsize(p) == 0 else f"damaged ({_first_line(e)})"
+        raise AdapterFileError(f"{p} is {what}: save or copy the adapter again") from None
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *,
@@ -228,7 +272,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if not fresh:
         _check_same_config(st.records[adapter_name].config, cfg, adapter_name, directory)
     if fresh:
-        inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
+        try:
+            inject(model, cfg, adapter_name, adapter_dtype=adapter_dtype)
+        except (TypeError, AttributeError) as e:  # a field of the file's config holds a value of the wrong kind
+            raise ValueError(f"cannot load adapter {directory!r}: its {CONFIG_NAME} does not fit ({e})") from None
     remerge = [] if fresh else [n for n in merged_adapters(model) if n == adapter_name]
     if remerge:
         unmerge(model, adapter_names=remerge)
@@ -371,7 +418,15 @@ def _load_tensors(model, adapter_name, tensors, directory) -> list[str]:
         f"{k}: file {tuple(rest[k].shape)} vs model {tuple(sd[want_all[k]].shape)}"
         for k in sorted(rest) if k in want_all and tuple(rest[k].shape) != tuple(sd[want_all[k]].shape)
     ]
+    dtype_bad = [f"{k} is {str(v.dtype).replace('torch.', '')}" for k, v in sorted(rest.items())
+                 if k in want_all and not (v.is_floating_point() or v.is_complex())]
+    nonfinite = [k for k, v in sorted(rest.items())
+                 if k in want_all and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     problems = []
+    if dtype_bad:
+        problems.append(f"adapter tensors are floating point, but {_few(dtype_bad)}")
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or infinite values: {_few(nonfinite)}")
     if unmatched:
         problems.append(f"{len(unmatched)} key(s) in the file match nothing in the model: {_few(unmatched)}")
     if missing:
@@ -397,5 +452,18 @@ def _few(items, n=6):
 
 
 def read_config_json(directory: str) -> dict:
-    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
-        return json.load(fh)
+    """The ``adapter_config.json`` of an adapter folder as a dict.
+
+    Raises:
+        ValueError: the file is not JSON, or not a JSON object.
+    """
+    p = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}): save the adapter again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p} holds a JSON {type(d).__name__}, not the object of an adapter config: save the "
+                         "adapter again")
+    return d

@@ -38,6 +38,18 @@ class ModelNotFoundError(FileNotFoundError):
     """The model could not be found; the message says where deltatune looked."""
 
 
+class ModelLoadError(ValueError):
+    """The model's files are there but cannot be loaded (a missing weights file, a damaged or truncated
+    one, a config that is not JSON); the message names the folder and the library's reason, in one line."""
+
+
+def _load_error(what: str, source: "ModelSource", e: Exception) -> ModelLoadError:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    return ModelLoadError(f"cannot load the {what} of {source.display}: {reason} ({type(e).__name__}): check its "
+                          "files (config.json, the weights, the tokenizer) or pass another --model")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model lives: a folder, and inside it optionally a GGUF file name."""
@@ -147,7 +159,10 @@ def load_tokenizer(source: Optional[ModelSource] = None):
     with quiet_loading():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
+        try:
+            tok = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
+        except Exception as e:  # noqa: BLE001 - the files' fault, whatever the library raises
+            raise _load_error("tokenizer", source, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -163,7 +178,11 @@ def load_model(source: Optional[ModelSource] = None, dtype: torch.dtype = torch.
     with quiet_loading():
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(source.folder, local_files_only=True, dtype=dtype, **kw, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, local_files_only=True, dtype=dtype, **kw,
+                                                         **kwargs)
+        except Exception as e:  # noqa: BLE001 - the files' fault, whatever the library raises
+            raise _load_error("model", source, e) from None
     model.eval()
     # the vocabulary as loaded: save_adapter's "auto" rule saves resized embedding rows against it (C07)
     emb = model.get_input_embeddings()

@@ -91,8 +91,6 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError("ADALORA does not support DoRA (use_dora=True)")
         if self.extra.get("loftq_config"):
             raise ValueError("ADALORA does not support LoftQ (loftq_config)")
-        if self.r != 8:
-            warnings.warn("r is not used by AdaLoRA: init_r is its starting rank", stacklevel=3)
         if self.total_step is None or self.total_step <= 0:
             raise ValueError("AdaLoRA needs total_step > 0: the number of optimizer steps of the training run")
         if self.orth_reg_weight < 0:
@@ -102,6 +100,8 @@ class AdaLoraConfig(LoraConfig):
                              "budgeting phase: decrease tfinal/tinit or increase total_step")
         if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
             raise ValueError(f"beta1 and beta2 must be in (0, 1), got {self.beta1!r}, {self.beta2!r}")
+        if self.r != 8:  # after the errors: a config that fails says one thing
+            warnings.warn("r is not used by AdaLoRA: init_r is its starting rank", stacklevel=3)
 
 
 class AdaLoraAdapter(nn.Module):

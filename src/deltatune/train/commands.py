@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Callable, Optional
 
-from ..formats.peft import BASE_QUANTIZATION_KEY, load_adapter, read_adapter_metadata
+from .._io import remove_temporaries
+from ..formats.peft import BASE_QUANTIZATION_KEY, load_adapter, read_adapter_metadata, read_config_json
 from ..integrations.transformers import DEFAULT_MODEL_NAME
 from ..layers import dense_weight, set_dense_weight
 from ..lifecycle import merge_and_unload
@@ -23,7 +24,7 @@ from .config import TrainConfig, UsageError
 from .data import ChatEncoder, end_of_turn_ids, has_chat_template, load_examples, pad_id_of
 from .evaluate import Evaluator, evaluation_mode
 from .full import drop_gguf_marks as _drop_gguf_marks
-from .outputs import check_out, prepare_out, write_marker
+from .outputs import adopt_files, check_out, prepare_out, staging_dir, write_marker
 from .pipeline import load_base, read_data, run_precision
 from .sampling import check_sampling, generate_ids
 
@@ -39,16 +40,18 @@ def base_for_adapter(adapter_dir: str, model_flag: Optional[str]) -> Optional[st
 
     Raises:
         UsageError: the adapter folder is missing, or its base cannot be found here.
+        ValueError: its ``adapter_config.json`` is not a JSON object.
     """
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         if os.path.isfile(os.path.join(adapter_dir, "config.json")):
             raise UsageError(f"--adapter {adapter_dir} is a model folder, not an adapter (no adapter_config.json; "
                              f"e.g. a --method full run): pass it as --model {adapter_dir}")
         raise UsageError(f"--adapter {adapter_dir} is not an adapter folder (no adapter_config.json)")
+    base = read_config_json(adapter_dir).get("base_model_name_or_path")
     if model_flag:
         return model_flag
-    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
-        base = json.load(fh).get("base_model_name_or_path")
+    if not isinstance(base, (str, type(None))):
+        raise UsageError(f"--adapter {adapter_dir}: its base_model_name_or_path is {base!r}, not a path: pass --model PATH")
     if not base:
         return None
     if os.path.exists(base):
@@ -179,6 +182,10 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
 
     On a 4-bit base (a QLoRA adapter) the merged weights are ``dequant(W4) + delta``: the model the
     adapter was trained and evaluated as; 4-bit layers the adapter does not touch are written dequantized.
+
+    The files are written into a temporary folder inside ``out`` and moved in when complete (each
+    listed in the folder's marker first, with the usual permissions); a file of the user's there is
+    never written over.
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -186,7 +193,7 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
     a, o = os.path.realpath(adapter), os.path.realpath(os.path.expanduser(out))
     if a == o or a.startswith(o + os.sep):
         raise UsageError(f"--out {out} would replace the adapter folder {adapter}: choose another folder")
-    check_out(out, overwrite)  # nothing is deleted before the adapter has been loaded and merged
+    check_out(out, overwrite, MERGE_FILES)  # nothing is deleted before the adapter has been loaded and merged
     model, tok, _ = load_base(base, dtype)
     quantized = quantize_as_trained(model, adapter, log)
     load_adapter(model, adapter)
@@ -196,11 +203,23 @@ def run_merge(adapter: str, out: str, model_path: Optional[str] = None, *, overw
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model, as transformers would load it
     _drop_gguf_marks(model)
-    out = prepare_out(out, overwrite, "merge")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    write_marker(out, "merge")
+    out = prepare_out(out, overwrite, "merge", MERGE_FILES)
+    staging = staging_dir(out, "merge")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        adopt_files(out, staging)
+    finally:
+        remove_temporaries(out)
+    write_marker(out, "merge", status="finished")
     return out
+
+
+# the files of a merged model folder (the user's files of these names are never written over; a
+# model or tokenizer with other files is checked again when they are moved in)
+MERGE_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def _dequantize_rest(model) -> None:

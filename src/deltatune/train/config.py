@@ -92,7 +92,8 @@ class TrainConfig:
     eval_loss_size: int = 64  # held-out examples for the eval loss
     max_new_tokens: int = 8
     ppl_size: int = 48  # chitchat conversations for perplexity_before/after; 0 = skip
-    save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every
+    save_every: Optional[int] = None  # checkpoint every N optimizer steps; None = eval_every; 0 = none
+    keep_checkpoints: int = 1  # the last K checkpoints stay (until the run finishes)
     report_to: str = "none"  # also write the metrics to: none, tensorboard (train.tensorboard)
     plot: bool = True
     progress: bool = True
@@ -105,6 +106,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_NUMBERS = ("max_steps", "threads", "save_every", "max_grad_norm", "lr")
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off"}
 
@@ -128,6 +130,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if s in _BOOL_FALSE:
             return False
         raise OptionError(f"option {name!r} must be true or false, got {value!r}")
+    if isinstance(value, bool) and (isinstance(default, (int, float)) or name in _NUMBERS):
+        raise OptionError(f"option {name!r} must be a number, got {value!r}")
     try:
         if isinstance(default, int) or name in ("max_steps", "threads", "save_every"):
             if isinstance(value, float) and not value.is_integer():
@@ -142,21 +146,26 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 
 def read_yaml(path: str) -> dict:
-    """The mapping in a YAML options file.
+    """The mapping in a YAML (or JSON) options file, read with ``yaml.safe_load`` (no code runs).
 
     Raises:
-        OptionError: the file is missing, is not YAML, or is not a mapping.
+        OptionError: the file is missing, a folder, not UTF-8, not YAML, or not a mapping.
     """
     import yaml
 
+    if os.path.isdir(path):
+        raise OptionError(f"config file {path} is a folder: give a YAML or JSON file")
     if not os.path.isfile(path):
         raise OptionError(f"config file not found: {path}")
+    kind = "JSON" if path.lower().endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.safe_load(fh)  # safe: no tag constructs an object or runs code
+    except UnicodeDecodeError as e:
+        raise OptionError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptionError(f"config file {path} is not valid YAML: {first}") from None
+        raise OptionError(f"config file {path} is not valid {kind}: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -305,6 +314,14 @@ def refuse_unread_fields(method: str, spelled: dict) -> None:
             raise OptionError(f"{how} is not an option of --method {method} (its options: {preset.describe_options()})")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its paths (model, data, eval_data, out) absolute and resolved, as a run records them
+    (so that they still hold from another working directory)."""
+    paths = {n: os.path.realpath(os.path.expanduser(getattr(cfg, n)))
+             for n in ("model", "data", "eval_data", "out") if isinstance(getattr(cfg, n), str)}
+    return dataclasses.replace(cfg, **paths)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`OptionError` for values no run can use."""
     def positive(name):
@@ -313,7 +330,7 @@ def validate(cfg: TrainConfig) -> None:
             raise OptionError(f"option {name!r} must be > 0, got {v!r}")
 
     for n in ("batch_size", "grad_accum", "epochs", "max_seq_len", "eval_batch_size", "max_new_tokens",
-              "task_train_size", "r"):
+              "task_train_size", "r", "keep_checkpoints"):
         positive(n)
     if cfg.lr is None or not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise OptionError(f"option 'lr' must be a finite number > 0, got {cfg.lr!r}")

@@ -47,7 +47,9 @@ dropped and counted, never kept silently. The training report prints both.
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -102,26 +104,118 @@ class Example:
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL/JSON/CSV/Parquet file, read with ``datasets`` (no network).
+    """Rows of a JSONL/JSON/CSV/Parquet file (no network). JSON Lines and JSON are read here (a JSON
+    file holds a list of rows, or JSON Lines); CSV and Parquet with ``datasets``, whose own log lines
+    are kept off the terminal (the error says what they said).
 
     Raises:
-        DataError: missing file, unknown extension, or a file ``datasets`` cannot parse.
+        DataError: a missing file, a folder, an unknown extension, an empty or binary file, text that is
+            not UTF-8, a line that is not JSON, a row that is not an object, or a file ``datasets``
+            cannot parse; one line naming the file (and the line) and the fix.
     """
+    if os.path.isdir(path):
+        raise DataError(f"data file {path} is a folder: give a file (.jsonl, .json, .csv or .parquet)")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in DATA_EXTENSIONS:
         raise DataError(f"data file {path}: unknown extension {ext!r}; use one of {', '.join(DATA_EXTENSIONS)}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path} is empty")
+    if DATA_EXTENSIONS[ext] == "json":
+        return _read_json_rows(path, ext)
+    if ext == ".csv":
+        _check_text(path)
+    return _read_with_datasets(path, DATA_EXTENSIONS[ext])
+
+
+def _check_text(path: str) -> None:
+    """Refuse a text data file that holds NUL bytes (a binary file) or is not UTF-8 (naming where)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {path} is not UTF-8 text (byte {offset + e.start}: {e.reason}): save it "
+                                "as UTF-8") from None
+            if b"\0" in chunk:
+                raise DataError(f"data file {path} is not text (it holds NUL bytes at byte {offset + chunk.index(0)}): "
+                                "give a JSON Lines, JSON, CSV or Parquet file")
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _read_json_rows(path: str, ext: str) -> list[dict]:
+    _check_text(path)
+    with open(path, encoding="utf-8-sig") as fh:
+        text = fh.read()
+    if ext == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # else: JSON Lines in a .json file
+                raise DataError(f"data file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): "
+                                "give a list of row objects, or one object per line") from None
+        else:
+            if isinstance(data, dict):
+                data = [data]
+            if not isinstance(data, list):
+                raise DataError(f"data file {path} holds a JSON {type(data).__name__}: give a list of row objects")
+            for i, r in enumerate(data):
+                if not isinstance(r, dict):
+                    raise DataError(f"{path}: row {i + 1} is a JSON {type(r).__name__}, not an object with fields")
+            return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON (column {e.colno}: {e.msg}): give one JSON "
+                            "object per line") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: line {lineno} is a JSON {type(r).__name__}, not an object with fields")
+        rows.append(r)
+    return rows
+
+
+def _read_with_datasets(path: str, builder: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    said: list = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    logger = logging.getLogger("datasets")
+    handler, old_level, old_propagate = _Keep(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    saved = [(h, h.level) for h in logger.handlers if h is not handler]
+    for h, _ in saved:
+        h.setLevel(logging.CRITICAL + 1)
     try:
-        ds = datasets.load_dataset(DATA_EXTENSIONS[ext], data_files=os.path.abspath(path), split="train")
+        ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train")
+        return [dict(r) for r in ds]
     except Exception as e:  # datasets raises many types; report one line
-        msg = str(e).strip().splitlines()
-        raise DataError(f"data file {path} could not be read: {msg[0] if msg else type(e).__name__}") from None
-    return [dict(r) for r in ds]
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        msg = (str(cause).strip().splitlines() or said[-1:] or [type(cause).__name__])[0]
+        raise DataError(f"data file {path} could not be read as {builder.upper()}: {msg}") from None
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old_propagate
+        logger.setLevel(old_level)
+        for h, level in saved:
+            h.setLevel(level)
 
 
 def _message_list(value, path: str, row: int, field_name: str) -> list:

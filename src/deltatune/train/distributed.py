@@ -70,8 +70,9 @@ from .report import peak_rss_bytes
 try:  # FSDP2 (torch >= 2.6; absent where torch.distributed is not built)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import distribute_tensor
 except ImportError:  # pragma: no cover
-    init_device_mesh = FSDPModule = fully_shard = None
+    init_device_mesh = FSDPModule = fully_shard = distribute_tensor = None
 
 TIMEOUT_ENV = "DELTATUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -170,6 +171,45 @@ class Dist:
             torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (a stop asked of one process stops them all at the
+        same step)."""
+        return bool(flag) if not self.active else self.all_sum([1.0 if flag else 0.0])[0] > 0
+
+    # ------------------------------------------------------------------ state of a checkpoint
+
+    def full_state(self, obj):
+        """``obj`` (nested dicts, lists, tuples, tensors) with every sharded tensor (DTensor) gathered whole:
+        every process must call it, in the same order. No-op without sharded tensors."""
+        if hasattr(obj, "full_tensor"):
+            with lost_contact(self, "gathering a checkpoint"):
+                return obj.full_tensor()
+        if isinstance(obj, dict):
+            return {k: self.full_state(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.full_state(v) for v in obj)
+        return obj
+
+    def shard_like(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``full`` (a whole tensor, e.g. read from a checkpoint) sharded as ``like`` is (FSDP: this process's
+        shard of it as a DTensor, no communication); ``full`` as it is when ``like`` is not sharded."""
+        if not hasattr(like, "device_mesh"):
+            return full
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+    def optimizer_state_like(self, state: dict, optimizer) -> dict:
+        """An optimizer ``state_dict`` of whole tensors (a checkpoint's) with each per-parameter tensor of its
+        parameter's shape sharded as the parameter is (:meth:`shard_like`); as it is without sharding."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not any(hasattr(p, "device_mesh") for p in params):
+            return state
+        per = {}
+        for idx, st in state["state"].items():
+            p = params[int(idx)]
+            per[idx] = {k: (self.shard_like(v, p) if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)
+                            else v) for k, v in st.items()}
+        return {**state, "state": per}
+
     def barrier(self) -> None:
         if self.active:
             with lost_contact(self, "waiting at a barrier"):
@@ -238,6 +278,15 @@ class Dist:
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         return float(gn)
+
+    def grads_finite(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether every gradient of ``params`` is finite, the same verdict on every process (sharded
+        gradients: each process checks its shards, then the verdicts are combined)."""
+        bad = sum(0 if bool(torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()) else 1
+                  for g in (p.grad for p in params) if g is not None)
+        if self.lockstep:
+            bad = self.all_sum([bad])[0]
+        return bad == 0
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """FSDP: whether the next backward reduce-scatters (off for all but a window's last micro-batch:
@@ -451,10 +500,15 @@ def lost_contact(d: Dist, what: str):
 class NoMetrics:
     """The metrics log of a process other than rank 0: keeps nothing, writes nothing."""
 
-    rows: list = []
+    def __init__(self):
+        self.rows: list = []
+        self.sinks: list = []
 
     def write(self, row: dict) -> None:
         pass
+
+    def sync(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
@@ -479,3 +533,32 @@ def process_figures(d: Dist) -> dict:
     if "cuda" in mine:
         out["peak_cuda_bytes_per_process"] = [p["cuda"] for p in allp]
     return out
+
+
+class SharedSaver:
+    """A run's checkpoints on several processes: every process takes part (the adapter and the optimizer's
+    state are gathered whole under FSDP, every process's RNG state is collected), rank 0 alone writes,
+    through ``inner`` (its :class:`deltatune.train.checkpoint.Checkpointer`; None on the other processes,
+    whose ``out`` is then None). A checkpoint holds whole tensors, so any number of processes resumes it."""
+
+    def __init__(self, d: Dist, model: nn.Module, inner=None):
+        self.d, self.model, self.inner = d, model, inner
+        self.out = inner.out if inner is not None else None
+        self.saved_step: Optional[int] = None
+
+    def save(self, trainer) -> Optional[str]:
+        with self.d.full_parameters(self.model):
+            if self.inner is not None:
+                path = self.inner.save(trainer)  # calls trainer.state_dict(): the collectives, as below
+            else:
+                trainer.state_dict()
+                path = None
+        self.saved_step = trainer.step
+        return path
+
+    @property
+    def latest(self) -> Optional[str]:
+        return self.inner.latest if self.inner is not None else None
+
+    def kept(self) -> str:
+        return self.inner.kept() if self.inner is not None else ""

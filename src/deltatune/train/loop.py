@@ -32,7 +32,8 @@ prompt weights), never to DoRA magnitudes, (IA)3 vectors, learned scalings, ``mo
 copies or biases (:func:`deltatune.inject.parameter_groups`).
 
 Gradient clipping (``max_grad_norm``) takes the norm once per optimizer step over the whole
-accumulated gradient. Randomness: the data order comes from its own generator seeded with
+accumulated gradient. A step whose loss or gradient is NaN or infinite is not taken
+(:class:`NonFiniteLoss`; under fp16 an overflow is the grad scaler's to skip). Randomness: the data order comes from its own generator seeded with
 ``seed``; dropout draws from torch's global generator, seeded with ``seed`` at the start;
 evaluation (see :mod:`deltatune.train.evaluate`) never touches either.
 
@@ -41,11 +42,19 @@ process with the combined batch ``batch_size x world``; each process runs its ro
 ``N_window`` is summed over the processes before the first forward, the gradients are summed after the
 last backward, and the logged loss and token counts are global; so the run equals one process with the
 combined batch. Dropout draws from ``seed + rank``.
+
+Resuming. :meth:`Trainer.state_dict` holds everything the rest of the run depends on (the
+trainable tensors, the optimizer, the scheduler, the fp16 grad scaler, the RNG states, the number
+of windows of the plan done, the counters and evaluations so far); a fresh ``Trainer`` of the same
+plan given it by :meth:`Trainer.load_state_dict` continues where the first stopped, and ends with
+the same adapter, bit for bit on the same machine and threads (:mod:`deltatune.train.checkpoint`
+stores it as safetensors + JSON).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -111,11 +120,44 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", floo
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+# ----------------------------------------------------------------------------- RNG states (as tensors)
+
+
+def rng_state() -> dict:
+    """torch's CPU (and, where initialised, every CUDA device's) and Python's ``random`` RNG states."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.random.get_rng_state(),
+             "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states for the devices present)."""
+    torch.random.set_rng_state(state["torch"].to(torch.uint8))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        torch.cuda.set_rng_state_all([t.to(torch.uint8) for t in cuda[:n]])
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
 class NonFiniteLoss(ValueError):
     """The loss or the gradient norm of a step is NaN or infinite (the step is not taken)."""
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped after a whole step because ``stop_requested`` said so (a signal); ``step`` steps
+    are done. ``signum``: the signal (exit code 128 + signum)."""
+
+    def __init__(self, step: int, message: str = "", signum: int = 2):
+        super().__init__(message or f"training interrupted after step {step}")
+        self.step, self.signum = step, signum
 
 
 @dataclass
@@ -142,6 +184,8 @@ class Trainer:
             every ``eval_every`` optimizer steps and after the last one; and before the first when
             ``eval_at_start``.
         on_step / on_eval / checkpoint: callbacks ``(StepLog)``, ``(step, dict)``, ``(step)``.
+        stop_requested: asked after every step; when it returns True, :meth:`fit` raises
+            :class:`TrainingInterrupted` (the step is done, its evaluation and checkpoint too).
         precision: the run's device and compute dtype (:mod:`deltatune.train.precision`; default:
             float32 on the model's device): batches go to the device, forward passes run under its
             autocast, fp16 steps through a gradient scaler.
@@ -182,6 +226,7 @@ class Trainer:
     packing: bool = False
     shared_prefix: bool = False
     dist: Optional[Dist] = None
+    stop_requested: Optional[Callable[[], bool]] = None
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -209,6 +254,59 @@ class Trainer:
         self.train_tokens = 0
         self.train_seconds = 0.0
         self.evals: list = []
+        self._resumed = False
+
+    def _plan_key(self) -> dict:
+        return {"n_items": len(self.items), "batch_size": self.batch_size * self.dist.world,  # the combined batch
+                "grad_accum": self.grad_accum,
+                "epochs": self.epochs, "seed": self.seed, "max_steps": self.max_steps, "total_steps": self.total_steps}
+
+    def _trainable(self) -> dict:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        """The state the rest of the run depends on (tensors and plain values, nothing else): the trainable
+        tensors by name, the optimizer's and scheduler's (and fp16 grad scaler's) states, the torch and
+        Python RNG states, ``step`` (the number of windows of the plan done), the counters and the
+        evaluations so far, and the plan's arguments (checked on load). Several processes: every process
+        must call it (sharded tensors are gathered whole; every process's RNG states are in ``rng_ranks``)."""
+        state = {"step": self.step, "plan": self._plan_key(), "train_tokens": self.train_tokens,
+                 "train_seconds": self.train_seconds, "evals": [[s, r] for s, r in self.evals],
+                 "params": {n: p.detach() for n, p in self._trainable().items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state()}
+        if self.dist.active:
+            state["rng_ranks"] = self.dist.gather_object(state["rng"])
+        return self.dist.full_state(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of a run of the same plan and model: :meth:`fit` then runs the
+        windows not done yet, drawing the random numbers the first run would have drawn.
+
+        Raises:
+            ValueError: another plan (names the argument), or other trainable tensors (names them).
+        """
+        plan = self._plan_key()
+        for k, v in plan.items():
+            if state["plan"].get(k) != v:
+                raise ValueError(f"the state is of another plan: {k} {state['plan'].get(k)!r} there, {v!r} here")
+        params, saved = self._trainable(), state["params"]
+        bad = sorted(set(params) ^ set(saved)) or sorted(n for n in params if saved[n].shape != params[n].shape)
+        if bad:
+            raise ValueError(f"the state holds other trainable tensors than the model: {', '.join(bad[:4])}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.dist.shard_like(saved[n], p))  # FSDP: this process's shard of the whole tensor
+        self.optimizer.load_state_dict(self.dist.optimizer_state_like(state["optimizer"], self.optimizer))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ranks = state.get("rng_ranks")  # the same number of processes: each its own stream; else rank 0's
+        set_rng_state(ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world else state["rng"])
+        self.step = int(state["step"])
+        self.train_tokens, self.train_seconds = int(state["train_tokens"]), float(state["train_seconds"])
+        self.evals = [(int(s), r) for s, r in state["evals"]]
+        self._resumed = True
 
     def _run_eval(self):
         if self.evaluate is None:
@@ -260,10 +358,13 @@ class Trainer:
             gn = d.clip_grad_norm(self.params, self.max_grad_norm)
         lr = float(self.optimizer.param_groups[0]["lr"])
         skipped_by_scaler = self.scaler is not None and gn is not None and not math.isfinite(gn)
-        if not math.isfinite(total) or (gn is not None and not math.isfinite(gn) and not skipped_by_scaler):
+        grads_ok = (gn is None or math.isfinite(gn)) and (self.scaler is not None or gn is not None or
+                                                          d.grads_finite(self.params))
+        if not math.isfinite(total) or (not grads_ok and not skipped_by_scaler):
             self.optimizer.zero_grad(set_to_none=True)
+            norm = f"gradient norm {gn:.4g}" if gn is not None else f"gradient {'finite' if grads_ok else 'not finite'}"
             raise NonFiniteLoss(f"training diverged at step {self.step + 1}: loss {total / max(1, n_window):.4g}, "
-                                f"gradient norm {gn} (lr {lr:g}); nothing was updated: lower --lr or keep "
+                                f"{norm} (lr {lr:g}); the step was not taken: lower --lr or keep "
                                 "gradient clipping on (--max-grad-norm 1)")
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
@@ -278,18 +379,20 @@ class Trainer:
                        targets=n_window, tokens=tokens, seconds=time.perf_counter() - t0)
 
     def fit(self) -> list:
-        """Run every window of the plan; return the list of :class:`StepLog`."""
-        torch.manual_seed(self.seed + self.dist.rank)
+        """Run every window of the plan not done yet; return the list of :class:`StepLog` (of this call)."""
+        if not self._resumed:  # a resumed run has its RNG states back (load_state_dict)
+            torch.manual_seed(self.seed + self.dist.rank)  # dropout: a stream per process
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, unit="step", desc="train", dynamic_ncols=True, leave=True)
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
+                       leave=True)
         try:
-            if self.eval_at_start:
+            if self.eval_at_start and not self._resumed:
                 self._run_eval()
             self.model.train()
-            for window in self.plan:
+            for window in self.plan[self.step:]:
                 log = self.train_window(window)
                 self.step += 1
                 self.train_tokens += log.tokens
@@ -307,6 +410,8 @@ class Trainer:
                     self._run_eval()
                 if self.checkpoint is not None and self.save_every and self.step % self.save_every == 0 and not last:
                     self.checkpoint(self.step)
+                if self.stop_requested is not None and not last and self.dist.any(self.stop_requested()):
+                    raise TrainingInterrupted(self.step)
         finally:
             if bar is not None:
                 bar.close()

@@ -10,9 +10,16 @@ A run is four named steps:
 2. :func:`score_base`: the metric and the chitchat perplexity of the base model (the "before"
    column), inside :func:`deltatune.disable_adapter`, which computes exactly the base model
    (``full``: the frozen base as loaded; every weight becomes trainable after it is scored).
-3. :func:`fit`: the one training loop, with evaluations and checkpoints.
+3. :func:`fit`: the one training loop, with evaluations and checkpoints
+   (:mod:`deltatune.train.checkpoint`: every ``--save-every`` steps, after the last step, and on
+   SIGINT/SIGTERM, which stop the run after the current step).
 4. :func:`finish`: save the adapter (PEFT format; ``full``: the model folder) into ``--out``;
-   perplexity with the adapter; write ``report.json``, ``metrics.jsonl`` and ``curves.png``.
+   perplexity with the adapter; write ``report.json``, ``metrics.jsonl`` and ``curves.png``; then the
+   checkpoints go.
+
+A resumed run (``--resume``: :func:`train_session` with a :class:`deltatune.train.checkpoint.Resume`)
+checks in step 1 that the checkpoint is of the same configuration and data, skips step 2 (the base
+scores are in the checkpoint) and continues step 3 from the checkpoint.
 
 The other subcommands are in :mod:`deltatune.train.commands`; the rules of output folders in
 :mod:`deltatune.train.outputs`. Under ``torchrun`` every process runs these steps; rank 0 alone
@@ -38,15 +45,17 @@ from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
 from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
-from .config import TrainConfig, UsageError
+from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
+from .config import TrainConfig, UsageError, absolute_paths
 from . import distributed
 from .data import ChatEncoder, examples_from_rows, load_examples, pad_id_of, split_examples, write_rows_jsonl
 from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
-from .loop import Trainer
+from .loop import StepLog, Trainer, TrainingInterrupted
 from .packing import batching_agrees, pack, share_prefix
 from .precision import Precision, resolve_device, resolve_precision
-from .outputs import check_out, prepare_out, refuse_foreign_files, write_marker
+from .outputs import (TRAIN_FILES, adopt_files, check_out, prepare_out, record_files, refuse_foreign_files,
+                      staging_dir, write_marker)
 from .presets import PRESETS, Preset
 from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
@@ -224,23 +233,36 @@ class Run:
     precision: Precision
     data_stats: Optional[dict] = None  # the training set's EncodeStats.to_dict()
     trains_base: bool = False  # --method full: no adapter, every weight trains, a model folder is saved
+    fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run must match to resume it
+    resume: Optional[Resume] = None  # the checkpoint the run continues from
+    scores_before: tuple = ({}, None)  # (evaluation, perplexity) of the base model
     dist: distributed.Dist = field(default_factory=lambda: distributed.SINGLE)  # this process's place (torchrun)
 
 
-def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
+def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
+              resume: Optional[Resume] = None) -> dict:
     """Train as ``deltatune train`` does; return the report dict (also written to ``out/report.json``)."""
-    return train_session(cfg, log, progress)["report"]
+    return train_session(cfg, log, progress, resume)["report"]
 
 
-def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None, *,
-                  rows: Optional[MemoryData] = None) -> dict:
+def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
+                  resume: Optional[Resume] = None, *, rows: Optional[MemoryData] = None) -> dict:
     """:func:`run_train`, returning ``{"report", "model", "tokenizer", "evaluator", "trainer"}`` (for tests
-    and notebooks: the trained model stays in memory). ``rows``: training data held in memory instead of
+    and notebooks: the trained model stays in memory). ``resume``: continue that run (see
+    :func:`deltatune.train.checkpoint.find_resume`). ``rows``: training data held in memory instead of
     ``cfg.data`` (see :func:`prepare`)."""
     d = start_processes(cfg)
     with distributed.lost_contact(d, "training"):
-        run = prepare(cfg, log, rows=rows, dist=d)
-        before, ppl_before = score_base(run)
+        run = prepare(cfg, log, resume, rows=rows, dist=d)
+        if run.resume is not None and run.resume.state is not None:
+            run.scores_before = (run.resume.run.get("before") or {}, run.resume.run.get("ppl_before"))
+        else:
+            try:
+                run.scores_before = score_base(run)
+            except KeyboardInterrupt:  # --out exists: the run can be started again from it
+                raise TrainingInterrupted(0, "deltatune: interrupted before the first step; start it again with: "
+                                          f"deltatune train --resume {run.out}") from None
+        before, ppl_before = run.scores_before
         trainer = fit(run, progress)
         report = finish(run, trainer, before, ppl_before)
     d.close()
@@ -262,9 +284,10 @@ def start_processes(cfg: TrainConfig) -> distributed.Dist:
     return distributed.setup(cfg.strategy, device)
 
 
-def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional[MemoryData] = None,
-            dist: Optional[distributed.Dist] = None) -> Run:
-    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``.
+def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[Resume] = None, *,
+            rows: Optional[MemoryData] = None, dist: Optional[distributed.Dist] = None) -> Run:
+    """Check every input, load and prepare the model, inject the adapter once, then create ``--out``
+    (a resumed run: check the checkpoint fits, then clear what the interrupted process left after it).
 
     ``rows`` (data held in memory) are written into ``--out`` as ``data.jsonl`` (and ``eval_data.jsonl``)
     and ``cfg.data`` (``cfg.eval_data``) name those files, so that the report records them and
@@ -272,9 +295,12 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     t_start = time.time()
     d = dist or start_processes(cfg)
     log = log if d.is_main else None  # rank 0 speaks for the run
-    d.first_on_main(lambda: check_out(cfg.out, cfg.overwrite))  # nothing is deleted before every input is checked
-    if rows is not None:  # the rows are written there: never over a file of the user's
-        d.first_on_main(lambda: refuse_foreign_files(cfg.out, MEMORY_DATA))
+    cfg = absolute_paths(cfg)  # recorded so, they hold from any working directory
+    will_write = TRAIN_FILES + (MEMORY_DATA if rows is not None else ())
+    if resume is None:  # nothing is deleted before every input has been checked (rank 0 checks, for all)
+        d.first_on_main(lambda: check_out(cfg.out, cfg.overwrite, TRAIN_FILES))
+        if rows is not None:  # the rows are written there: never over a file of the user's
+            d.first_on_main(lambda: refuse_foreign_files(cfg.out, MEMORY_DATA))
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     if preset.trains_base:
@@ -309,18 +335,40 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, *, rows: Optional
     if d.active:
         _say(log, f"processes: {d.world} ({d.strategy}, {d.backend}); batch {cfg.batch_size} per process, "
                   f"{cfg.batch_size * d.world} combined")
-    out = d.first_on_main(lambda: prepare_out(cfg.out, cfg.overwrite, "train"))
-    if rows is not None and d.is_main:
-        cfg.data = os.path.join(out, MEMORY_DATA[0])
-        write_rows_jsonl(cfg.data, rows.train)
-        if rows.eval is not None:
-            cfg.eval_data = os.path.join(out, MEMORY_DATA[1])
-            write_rows_jsonl(cfg.eval_data, rows.eval)
+    fp = fingerprint(cfg, precision=precision.name, dtype=dtype, items=items, eval_examples=eval_ex, model=model)
+    fp["batch_size"] = cfg.batch_size * d.world  # the combined batch decides the arithmetic, not the split
+    metrics = distributed.NoMetrics()  # (rank 0 alone writes)
+    if resume is not None and resume.state is not None:
+        check_resumable(resume, fp, (cfg.packing, cfg.shared_prefix))  # before anything in --out changes
+        out = resume.out
+        if d.is_main:
+            metrics = MetricsLog(os.path.join(resume.out, "metrics.jsonl"),
+                                 keep_lines=int(resume.run.get("metrics_lines", 0)))
+        t_start -= float(resume.run.get("elapsed", 0.0))
+        _say(log, f"resuming from {resume.checkpoint}")
+    else:
+        if resume is not None:
+            _say(log, f"no complete checkpoint in {resume.out}: the run starts again from step 0")
+        out = d.first_on_main(lambda: prepare_out(cfg.out, cfg.overwrite or resume is not None, "train", will_write,
+                                                  config=cfg.to_dict()))
+        if d.is_main:
+            metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
+        if rows is not None:
+            cfg.data = os.path.join(out, MEMORY_DATA[0])
+            if d.is_main:
+                write_rows_jsonl(cfg.data, rows.train)
+            if rows.eval is not None:
+                cfg.eval_data = os.path.join(out, MEMORY_DATA[1])
+                if d.is_main:
+                    write_rows_jsonl(cfg.eval_data, rows.eval)
+    if d.is_main:
+        sinks = metric_sinks(cfg.report_to, out)
+        record_files(out, add=[os.path.basename(s.path) for s in sinks if getattr(s, "path", None)])
+        metrics.sinks = sinks
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
-               metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), sinks=metric_sinks(cfg.report_to, out))
-               if d.is_main else distributed.NoMetrics(),
-               precision=precision, data_stats=data_stats, trains_base=preset.trains_base, dist=d,
+               metrics=metrics, precision=precision, data_stats=data_stats, trains_base=preset.trains_base,
+               fingerprint=fp, resume=resume, dist=d,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -344,8 +392,8 @@ def score_base(run: Run) -> tuple[dict, Optional[float]]:
 
 
 def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
-    """Train with evaluations; checkpoints go into ``out/checkpoint-N`` (only the last is kept, and
-    removed at the end)."""
+    """Train with evaluations; checkpoints go into ``out/checkpoint-N`` (the last ``--keep-checkpoints``
+    are kept until :func:`finish`); a resumed run continues from its checkpoint."""
     cfg, model, log = run.cfg, run.model, run.log
     t_train = time.time()
 
@@ -360,43 +408,44 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
              if res.get("eval_loss") is not None else f"step {step}: {res['metric_name']} = {res['metric']:.3f}")
 
     save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
-    last_ckpt: list = []
-
-    def checkpoint(step):
-        d = os.path.join(run.out, f"checkpoint-{step}")
-        with run.dist.full_parameters(model):  # fsdp: whole tensors (every process takes part)
-            if not run.dist.is_main:
-                return
-            if run.trains_base:
-                save_model_folder(model, run.tok, d)
-            else:
-                save_adapter(model, d)
-        for old in last_ckpt:
-            shutil.rmtree(old, ignore_errors=True)
-        last_ckpt[:] = [d]
-
     if run.trains_base:
         make_trainable(model)  # the base has been scored: now every weight trains
-    packing, shared = batching(run)
+    resumed = run.resume if run.resume is not None and run.resume.state is not None else None
+    packing, shared = tuple(resumed.run["batching"]) if resumed else batching(run)
+    saver = Checkpointer(run.out, model, keep=cfg.keep_checkpoints, meta=lambda: {
+        "config": cfg.to_dict(), "fingerprint": run.fingerprint, "batching": [packing, shared],
+        "before": {k: v for k, v in run.scores_before[0].items()}, "ppl_before": run.scores_before[1],
+        "metrics_lines": run.metrics.sync(), "elapsed": time.time() - run.t_start},
+        save_weights=(lambda m, folder: save_model_folder(m, run.tok, folder)) if run.trains_base else None)
+    if run.dist.active:  # every process gathers, rank 0 writes
+        saver = distributed.SharedSaver(run.dist, model, saver if run.dist.is_main else None)
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
         lr_floor=cfg.lr_floor, warmup_from_zero=cfg.warmup_from_zero,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
-        evaluate=run.dist.main_call(run.evaluator), on_step=on_step, on_eval=on_eval, checkpoint=checkpoint,
+        evaluate=run.dist.main_call(run.evaluator), on_step=on_step, on_eval=on_eval,
+        checkpoint=lambda step: saver.save(trainer),
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
         shared_prefix=shared, dist=run.dist,
     )
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
+    if resumed:
+        trainer.load_state_dict(resumed.state)
+        trainer.history = history_of(run.metrics.rows)
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
               + (f" x {run.dist.world} processes" if run.dist.active else "")
-              + f" ({how}, {run.precision.name})")
+              + f" ({how}, {run.precision.name})" + (f", from step {trainer.step}" if resumed else ""))
     _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
-    trainer.fit()
-    for old in last_ckpt:  # (rank 0's list; empty elsewhere)
-        shutil.rmtree(old, ignore_errors=True)
+    run_fit(trainer, saver, final=bool(save_every))
     return trainer
+
+
+def history_of(rows: list) -> list:
+    """The :class:`StepLog` of the ``train`` rows of ``metrics.jsonl`` (a resumed run's earlier steps)."""
+    keys = ("step", "loss", "lr", "grad_norm", "targets", "tokens", "seconds")
+    return [StepLog(**{k: r.get(k) for k in keys}) for r in rows if r.get("kind") == "train"]
 
 
 def epochs_note(plan: list, n_items: int, max_steps: Optional[int], epochs_opt: int = 1) -> str:
@@ -453,11 +502,16 @@ def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]
         if getattr(saved_cfg, "task_type", "") is None:
             saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
     with d.full_parameters(model):  # fsdp: the whole adapter tensors, gathered by every process
-        if d.is_main:  # rank 0 alone writes
-            if run.trains_base:
-                save_model_folder(model, run.tok, out)
-            else:
-                save_adapter(model, out)
+        if d.is_main and run.trains_base:  # rank 0 alone writes
+            stage = staging_dir(out, "model")
+            try:
+                save_model_folder(model, run.tok, stage)
+                adopt_files(out, stage)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        elif d.is_main:
+            written = save_adapter(model, out)
+            record_files(out, add=[os.path.relpath(x, out) for x in written if os.path.abspath(x) != out])
     ppl_after = d.main_call(run.ppl_probe)(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
     if d.active:
@@ -473,7 +527,8 @@ def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]
             plot_curves(run.metrics.rows, os.path.join(out, "curves.png"), title=f"{cfg.method} on {run.task_name}")
         except Exception as e:  # a plotting failure must not lose the run
             _say(run.log, f"warning: curves.png not written: {e}")
-    write_marker(out, "train")
+    write_marker(out, "train", status="finished")
+    Checkpointer(out, model, meta=dict).remove_all()  # the run is whole: its checkpoints go
     _say(run.log, "\n" + format_table(report))
     return report
 

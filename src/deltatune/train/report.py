@@ -5,17 +5,24 @@ table printed at the end.
 ``targets``, ``tokens``, ``seconds``, ``tokens_per_s``, ``elapsed_s``) or ``"kind": "eval"`` (``step``,
 ``metric_name``, ``metric``, ``eval_loss``, ``n``). Steps are optimizer steps; step 0 is the base model
 before training.
+
+``metrics.jsonl`` survives a crash: each line is written whole by one ``write`` call, so a killed run
+leaves only whole lines, and a resumed run first cuts the file back to the lines its checkpoint
+had counted (:class:`MetricsLog` ``keep_lines``), so no step or evaluation is there twice.
+``curves.png`` and ``report.json`` are written atomically.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import resource
 import sys
 from typing import Optional
 
-from ..formats.peft import atomic_write_bytes
+from .._io import atomic_write_bytes, write_all
 
 REPORT_FIELDS = (
     "method", "metric_name", "metric_before", "metric_after", "trainable_params", "total_params",
@@ -30,28 +37,57 @@ def peak_rss_bytes() -> int:
 
 
 class MetricsLog:
-    """Appends JSON lines to ``path`` (flushed per line, so a crashed run keeps its history), and hands
-    every row to ``sinks`` too (objects with ``write(row)`` and ``close()``, e.g. the TensorBoard writer
-    of ``--report-to tensorboard``)."""
+    """Appends JSON lines to ``path``, each by one ``write`` call (a crashed run keeps whole lines), and
+    hands every row to ``sinks`` too (objects with ``write(row)`` and ``close()``, e.g. the TensorBoard
+    writer of ``--report-to tensorboard``).
 
-    def __init__(self, path: str, sinks=()):
+    ``keep_lines``: continue an existing file (a resumed run): its first ``keep_lines`` whole lines stay,
+    read back into :attr:`rows`, and the rest (what the interrupted process wrote after its last
+    checkpoint) goes, atomically; None starts an empty file.
+    """
+
+    def __init__(self, path: str, keep_lines: Optional[int] = None, sinks=()):
         self.path = path
         self.rows: list = []
         self.sinks = list(sinks)
-        self._fh = open(path, "w", encoding="utf-8")
+        if keep_lines is None:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+            return
+        kept = []
+        try:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if len(kept) >= keep_lines or not line.endswith(b"\n"):
+                        break
+                    try:
+                        self.rows.append(json.loads(line))
+                    except ValueError:
+                        break
+                    kept.append(line)
+        except FileNotFoundError:
+            pass
+        atomic_write_bytes(path, b"".join(kept))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
     def write(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        write_all(self._fd, (json.dumps(row) + "\n").encode())  # one write: a crash leaves whole lines
         for s in self.sinks:
             s.write(row)
 
+    def sync(self) -> int:
+        """Make the lines written so far durable; return how many there are (a checkpoint records it)."""
+        os.fsync(self._fd)
+        return len(self.rows)
+
     def close(self) -> None:
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         for s in self.sinks:
             s.close()
+        self.sinks = []
 
 
 def _clean(v):
@@ -95,8 +131,10 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> Optional[str]:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
