@@ -50,8 +50,10 @@ at the latest the timeout) and :func:`lost_contact` turns that into one line nam
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
+import gc
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -321,6 +323,9 @@ class Dist:
             for block in transformer_blocks(model):
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
+        gc.collect()  # the whole tensors each process loaded are gone: give their pages back to the OS (glibc)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # sum over processes, as one process with the combined batch
@@ -522,14 +527,51 @@ def localize(d: Dist, precision):
     return precision
 
 
-def process_figures(d: Dist) -> dict:
-    """Per-process memory, gathered on every process: ``peak_rss_bytes_per_process`` (list, rank order) and,
-    on CUDA, ``peak_cuda_bytes_per_process`` (``torch.cuda.max_memory_allocated``)."""
-    mine = {"rss": peak_rss_bytes()}
+def current_rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``; 0 where ``/proc`` is absent)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if type(t).__name__ == "NF4Tensor":  # 4-bit codes and scales, not the dtype it reads as
+        return sum(_local_bytes(getattr(t, k)) for k in ("quantized_data", "quantized_scalers", "quantization_factor",
+                                                          "scaler_mean", "nf4") if isinstance(getattr(t, k, None), torch.Tensor))
+    return t.numel() * t.element_size()
+
+
+def held_bytes(model: nn.Module, optimizer=None) -> dict:
+    """Bytes this process holds of the model's parameters (its shards under FSDP, NF4 weights counted as
+    stored) and of the optimizer's state, measured from the tensors."""
+    out = {"params": sum(_local_bytes(p) for p in model.parameters())}
+    if optimizer is not None:
+        out["optimizer"] = sum(_local_bytes(v) for st in optimizer.state.values() for v in st.values()
+                               if isinstance(v, torch.Tensor))
+    return out
+
+
+def process_figures(d: Dist, model: Optional[nn.Module] = None, optimizer=None) -> dict:
+    """Per-process memory, gathered on every process: ``peak_rss_bytes_per_process`` (list, rank order; the
+    peak includes loading the whole base, which every process does before FSDP shards it),
+    ``rss_bytes_at_end_per_process`` (what each holds after training), with ``model``
+    ``param_bytes_per_process`` and ``optimizer_state_bytes_per_process`` (:func:`held_bytes`) and, on CUDA, ``peak_cuda_bytes_per_process`` (``torch.cuda.max_memory_allocated``)."""
+    mine = {"rss": peak_rss_bytes(), "now": current_rss_bytes(),
+            **(held_bytes(model, optimizer) if model is not None else {})}
     if d.device.type == "cuda":
         mine["cuda"] = int(torch.cuda.max_memory_allocated(d.device))
     allp = d.gather_object(mine)
-    out = {"peak_rss_bytes_per_process": [p["rss"] for p in allp]}
+    out = {"peak_rss_bytes_per_process": [p["rss"] for p in allp],
+           "rss_bytes_at_end_per_process": [p["now"] for p in allp]}
+    if "params" in mine:
+        out["param_bytes_per_process"] = [p["params"] for p in allp]
+        out["optimizer_state_bytes_per_process"] = [p.get("optimizer", 0) for p in allp]
     if "cuda" in mine:
         out["peak_cuda_bytes_per_process"] = [p["cuda"] for p in allp]
     return out

@@ -514,10 +514,8 @@ def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]
             record_files(out, add=[os.path.relpath(x, out) for x in written if os.path.abspath(x) != out])
     ppl_after = d.main_call(run.ppl_probe)(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
-    if d.active:
-        figures = distributed.process_figures(d)
-        report.update(processes=d.world, strategy=d.strategy, **figures,
-                      train_tokens_per_s_per_process=report["train_tokens_per_s"] / d.world)
+    report.update(processes=d.world, strategy=d.strategy, **distributed.process_figures(d, model, trainer.optimizer),
+                  train_tokens_per_s_per_process=report["train_tokens_per_s"] / d.world)  # memory held: per process
     if not d.is_main:
         return report
     write_report(os.path.join(out, "report.json"), report)
