@@ -10,8 +10,8 @@ two adapters tensor by tensor and prints a Markdown table of the figures from ea
     python bench/distributed.py --strategy fsdp --out runs/dist-fsdp
     python bench/distributed.py --precision bf16                  # the fast path (bf16 rounding differs)
 
-Threads: the single process gets ``--threads N`` and each of the N processes one thread, so both runs
-use the same cores. Evaluation is trimmed (``--eval-size 64 --ppl-size 0 --eval-every 0``): it does not
+Threads: the single process gets ``--threads N`` (``--one-threads`` to change it) and each of the N
+processes one thread, so both runs use the same cores. Evaluation is trimmed (``--eval-size 64 --ppl-size 0 --eval-every 0``): it does not
 change the adapter. The raw result is ``RESULT {json}`` (also in OUT/result.json).
 """
 
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--out", default="runs/dist-bench")
     ap.add_argument("--extra", default="", help="more train flags, one string")
+    ap.add_argument("--one-threads", type=int, default=None,
+                    help="threads of the single process (default: nproc; 1 on a machine where other jobs hold cores)")
     a = ap.parse_args(argv)
     import torch
     from safetensors.torch import load_file
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     walls = {
         "one": run([sys.executable, "-m", "deltatune", *common, "--out", one, "--batch-size",
-                    str(a.nproc * a.batch_size), "--threads", str(a.nproc)], env),
+                    str(a.nproc * a.batch_size), "--threads", str(a.one_threads or a.nproc)], env),
         "many": run([torchrun, "--standalone", "--nproc-per-node", str(a.nproc), "-m", "deltatune", *common, "--out",
                      many, "--batch-size", str(a.batch_size), "--threads", "1", "--strategy", a.strategy], env),
     }

@@ -4,7 +4,7 @@ Launch the ``deltatune`` command under ``torchrun`` (or ``accelerate launch``, w
 way); nothing else changes::
 
     torchrun --nproc-per-node 2 -m deltatune train --max-steps 20 ...
-    accelerate launch --num-processes 2 -m deltatune train ...
+    accelerate launch --multi-gpu --num-processes 2 -m deltatune train ...   # (CPU too: gloo)
 
 The launcher's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)
 makes :func:`setup` join a process group: gloo on the CPU, NCCL on CUDA (each process takes the GPU of
@@ -37,6 +37,9 @@ Strategies (``--strategy``, default ``ddp`` when there is more than one process)
   refused (:func:`check_fsdp`). Every process must run every forward (the all-gathers pair up), so a
   process whose share of a micro-batch is empty runs a row of it with weight 0, the shared prefix (a
   second model call on some processes only) is off, and evaluation runs on every process in lockstep.
+
+Checkpoints (:class:`SharedSaver`) hold whole tensors (FSDP: the adapter and AdamW's state gathered) and
+every process's RNG state, so a run resumes on any number of processes with the same combined batch.
 
 Outputs. Rank 0 alone writes (the output folder, metrics, checkpoints, the adapter, the report, the
 plot); logged figures are global (loss and tokens summed over processes). The adapter file holds the
