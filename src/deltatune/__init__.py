@@ -4,6 +4,7 @@ Public API (all functions take the model and change it in place; none wraps it):
 
     inject(model, config, adapter_name="default")       -> model
     set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names / get_record
+    adapter_rows(model, names)                           mixed batches (also model(..., adapter_names=[...]))
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
@@ -32,6 +33,7 @@ from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .quant import quant_stats, quantize_base
+from .routing import BASE_ROW, adapter_rows
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,8 @@ __all__ = [
     "inject",
     "set_adapter",
     "disable_adapter",
+    "adapter_rows",
+    "BASE_ROW",
     "delete_adapter",
     "active_adapters",
     "adapter_names",

@@ -39,7 +39,7 @@ from .adapters import (
 )
 from .config import AdapterConfig
 from .geometry import GEOMETRY
-from .routing import detach
+from .routing import AdapterNamesKeyword, detach
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -166,6 +166,7 @@ def inject(
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
+        st.model_hooks["adapter_names"] = AdapterNamesKeyword(model)  # model(..., adapter_names=[...])
         for setup in GEOMETRY.on_first_adapter:
             setup(model, st)
     rec = st.records[adapter_name] = AdapterRecord(adapter_name, config)
