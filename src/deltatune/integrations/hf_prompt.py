@@ -42,6 +42,7 @@ attention.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -141,8 +142,9 @@ class PromptWiring:
             keys = list(output.keys())  # plain keys: no deprecation warning for the old cache name
             cache_field = next((f for f in ("cache", "past_key_values") if f in keys and output[f] is not None), None)
         if cache_field is not None:
-            if frame.drop_cache:
-                output[cache_field] = None
+            if frame.drop_cache:  # out of the output altogether: generate would take a None cache for one (beams)
+                OrderedDict.__delitem__(output, cache_field)
+                object.__setattr__(output, cache_field, None)
             elif hasattr(output[cache_field], "get_seq_length"):
                 setattr(output[cache_field], _CACHE_MARK, frame.mark)
         P = frame.strip
