@@ -5,6 +5,7 @@ Public API (all functions take the model and change it in place; none wraps it):
     inject(model, config, adapter_name="default")       -> model
     set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names / get_record
     adapter_rows(model, names)                           mixed batches (also model(..., adapter_names=[...]))
+    add_weighted_adapter(model, adapters, weights, name) combine LoRA adapters (PEFT's combination types)
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
@@ -13,6 +14,7 @@ Public API (all functions take the model and change it in place; none wraps it):
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .integrations import transformers as _transformers  # noqa: F401  (registers transformers' model knowledge)
 from .adapters import AdapterRecord, LayerAdapter, get_record
+from .combine import COMBINATION_TYPES, add_weighted_adapter
 from .config import AdapterConfig, config_from_dict, load_config
 from .formats.peft import adapter_state_dict, load_adapter, save_adapter
 from .inject import (
@@ -70,6 +72,8 @@ __all__ = [
     "load_adapter",
     "adapter_state_dict",
     "print_trainable_parameters",
+    "add_weighted_adapter",
+    "COMBINATION_TYPES",
     "count_parameters",
     "config_from_dict",
     "load_config",
