@@ -6,6 +6,7 @@ Public API (all functions take the model and change it in place; none wraps it):
     set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names / get_record
     adapter_rows(model, names)                           mixed batches (also model(..., adapter_names=[...]))
     add_weighted_adapter(model, adapters, weights, name) combine LoRA adapters (PEFT's combination types)
+    extract_lora(base, tuned, r)                         a LoRA adapter from a fully fine-tuned model
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
@@ -16,6 +17,7 @@ from .integrations import transformers as _transformers  # noqa: F401  (register
 from .adapters import AdapterRecord, LayerAdapter, get_record
 from .combine import COMBINATION_TYPES, add_weighted_adapter
 from .config import AdapterConfig, config_from_dict, load_config
+from .extract import ExtractionReport, extract_lora
 from .formats.peft import adapter_state_dict, load_adapter, save_adapter
 from .inject import (
     active_adapters,
@@ -73,6 +75,8 @@ __all__ = [
     "adapter_state_dict",
     "print_trainable_parameters",
     "add_weighted_adapter",
+    "extract_lora",
+    "ExtractionReport",
     "COMBINATION_TYPES",
     "count_parameters",
     "config_from_dict",
