@@ -243,7 +243,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     ranks = {p: a.shape[0] for p, (a, _, _) in new.items()}
     R = max(ranks.values())
     first = recs[0].config
-    pattern = {re.escape(p): r for p, r in ranks.items() if r != R}
+    pattern = {re.escape(p): r for p, r in ranks.items() if r != R}  # exactly these layers
     config = LoraConfig(r=R, lora_alpha=R, target_modules=order, rank_pattern=pattern, alpha_pattern=dict(pattern),
                         lora_dropout=first.lora_dropout, lora_bias=any(r.config.lora_bias for r in recs),
                         init_lora_weights=False, task_type=first.task_type,
