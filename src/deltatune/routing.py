@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
-import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -174,7 +173,7 @@ class AdapterNamesKeyword:
 
     def __init__(self, model: nn.Module):
         self.frames: list = []
-        self.model_ref = weakref.ref(model)
+        self.model = model  # (a copy.deepcopy of the model copies this object with it, pointing at the copy)
         self.handles = (model.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True),
                         model.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
         self.generate = None
@@ -185,9 +184,8 @@ class AdapterNamesKeyword:
         for h in self.handles:
             h.remove()
         self.frames.clear()
-        model = self.model_ref()
-        if model is not None and self.generate is not None and model.__dict__.get("generate") is self.generate:
-            del model.__dict__["generate"]
+        if self.generate is not None and self.model.__dict__.get("generate") is self.generate:
+            del self.model.__dict__["generate"]
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict):
         if "adapter_names" not in kwargs:
