@@ -106,23 +106,33 @@ class HostCall:
             self._args = take_rows(self._args, rows, batch, x)
             self._kwargs = take_rows(self._kwargs, rows, batch, x)
 
-    def on_rows(self, rows: torch.Tensor) -> "HostCall":
-        """The same call restricted to the batch rows ``rows`` (int64 indices into dim 0)."""
+    def on_rows(self, rows: "Rows") -> "HostCall":
+        """The same call restricted to the batch rows ``rows`` (:data:`Rows`)."""
         x = self.x
         bo = self.base_output
-        sub = HostCall(self.host, self._args, self._kwargs, x.index_select(0, rows),
+        sub = HostCall(self.host, self._args, self._kwargs, x[rows],
                        None if bo is None else take_rows(bo, rows, x.shape[0], bo if isinstance(bo, torch.Tensor) else None))
         sub._cut = (rows, x.shape[0], x)
         return sub
 
 
-def take_rows(obj, rows: torch.Tensor, batch: int, x: Optional[torch.Tensor]):
+# The rows of a batch one adapter acts on: a ``slice`` of consecutive rows (cutting gives a view),
+# or int64 indices (cutting gives a copy). ``tensor[rows]`` cuts dim 0 either way.
+Rows = Union[slice, torch.Tensor]
+
+
+def row_index(rows: Rows, device) -> torch.Tensor:
+    """``rows`` as int64 indices on ``device``."""
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+
+
+def take_rows(obj, rows: Rows, batch: int, x: Optional[torch.Tensor]):
     """``obj`` with every batch-first tensor in it cut to the rows ``rows``: tensors of at least 2
     dimensions whose first is ``batch``, and ``x`` itself (the host's first input), inside tuples,
     lists and dicts too; anything else is kept as it is (a cache object, 1-D positions, flags)."""
     if isinstance(obj, torch.Tensor):
         if obj is x or (obj.dim() >= 2 and obj.shape[0] == batch):
-            return obj.index_select(0, rows)
+            return obj[rows]
         return obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(take_rows(o, rows, batch, x) for o in obj)
@@ -213,9 +223,10 @@ class RowPlan:
         """The distinct adapter names of the rows (the base row excluded), in first-row order."""
         return [n for n in dict.fromkeys(self.names) if n != BASE_ROW]
 
-    def rows(self, name: str, batch: int, device) -> Optional[torch.Tensor]:
-        """Indices (int64, on ``device``) of the rows of a ``batch``-row call that ``name`` acts
-        on; None when it acts on all of them (an empty tensor when on none).
+    def rows(self, name: str, batch: int, device) -> Optional[Rows]:
+        """The rows of a ``batch``-row call that ``name`` acts on: None for all of them, a ``slice``
+        when they are consecutive (the usual case: rows grouped by adapter, a view cuts them), else
+        int64 indices on ``device`` (an empty tensor when it acts on none).
 
         Raises:
             ValueError: ``batch`` does not fit the number of names.
@@ -232,7 +243,12 @@ class RowPlan:
             raise ValueError(f"adapter_names gives {n} names but a layer got a batch of {batch} rows: give one name "
                              "per row of the batch" + (" (per input row for generate)" if self.expand else ""))
         idx = [r for r in range(batch) if self.names[r // k] == name]
-        out = None if len(idx) == batch else torch.tensor(idx, dtype=torch.long, device=device)
+        if len(idx) == batch:
+            out = None
+        elif idx and idx[-1] - idx[0] == len(idx) - 1:
+            out = slice(idx[0], idx[-1] + 1)
+        else:
+            out = torch.tensor(idx, dtype=torch.long, device=device)
         self._index[key] = out
         return out
 
@@ -244,10 +260,11 @@ class RowPlan:
             self._index[key] = RowPlan((name,), expand=True)
         return self._index[key]
 
-    def restrict(self, rows: torch.Tensor, batch: int) -> "RowPlan":
-        """The plan of the sub-batch ``rows`` (int64 indices) of a ``batch``-row call: their names."""
+    def restrict(self, rows: Rows, batch: int) -> "RowPlan":
+        """The plan of the sub-batch ``rows`` of a ``batch``-row call: their names."""
         k = batch // len(self.names)
-        names = tuple(self.names[r // k] for r in rows.tolist())
+        idx = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+        names = tuple(self.names[r // k] for r in idx)
         return self.alone(names[0]) if len(set(names)) == 1 else RowPlan(names)
 
 

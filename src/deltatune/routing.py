@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .adapters import BASE_ROW, STATE_ATTR, AdapterState, HostCall, RowPlan, get_state, require_state, take_rows
+from .adapters import (BASE_ROW, STATE_ATTR, AdapterState, HostCall, RowPlan, Rows, get_state, require_state,
+                       row_index, take_rows)
 from .geometry import GEOMETRY
 from .targets import ADAPTERS, is_adapter_path, nearest_names
 
@@ -55,9 +56,10 @@ def acting_names(st: Optional[AdapterState]) -> list:
     return st.active
 
 
-def acting_rows(st: Optional[AdapterState], name: str, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def acting_rows(st: Optional[AdapterState], name: str, x: Optional[torch.Tensor]) -> Optional[Rows]:
     """The rows of a call with batch-first input ``x`` that the acting adapter ``name`` acts on:
-    None for all of them (always outside a mixed batch), else int64 indices (maybe empty).
+    None for all of them (always outside a mixed batch), else a slice of consecutive rows or int64
+    indices (maybe empty; see :meth:`RowPlan.rows`).
 
     Raises:
         ValueError: in a mixed batch, a call without a tensor input or whose batch does not fit.
@@ -86,7 +88,7 @@ def acting(host: nn.Module, side: str, x: Optional[torch.Tensor] = None) -> list
         a = ads._modules.get(name)
         if a is not None and a.side == side and not a.merged:
             rows = acting_rows(st, name, x)
-            if rows is None or rows.numel():
+            if rows is None or isinstance(rows, slice) or rows.numel():
                 out.append((name, a, rows))
     return out
 
@@ -247,11 +249,11 @@ def _input_hook(host: nn.Module, args: tuple, kwargs: dict):
         if rows is None:
             x = a(x, None, call)
         else:
-            xs = x.index_select(0, rows)
+            xs = x[rows]
             with _routed(host, name):
                 new = a(xs, None, call.on_rows(rows))
             if new is not xs:  # a tap returns its input unchanged: nothing to scatter
-                x = x.index_copy(0, rows, new.to(x.dtype))
+                x = x.index_copy(0, row_index(rows, x.device), new.to(x.dtype))
     if where == 0:
         return (x,) + tuple(args[1:]), kwargs
     return args, {**kwargs, where: x}
@@ -296,19 +298,25 @@ def _with_head(out, head):
     return type(out)((head, *out[1:]))
 
 
-def _on_rows(name: str, adapter: nn.Module, call: HostCall, out, rows: torch.Tensor, write_in_place: bool):
+def _on_rows(name: str, adapter: nn.Module, call: HostCall, out, rows: Rows, write_in_place: bool):
     """``out`` with ``adapter`` applied to the batch rows ``rows`` only: the adapter gets those rows
-    of the input and of the output (a copy, which it may change in place in inference) and its
-    result is scattered back (into ``out`` itself when no one else holds it)."""
+    of the input and of the output and its result is scattered back (into ``out`` itself when no one
+    else holds it). Consecutive rows are a view of ``out``, which an in-place adapter (LoRA, in
+    inference) then adds into directly; other rows are a copy it may add into."""
     sub = call.on_rows(rows)
     head = _head(out)
-    sub.inplace = adapter.supports_inplace and not torch.is_grad_enabled()
+    view = isinstance(rows, slice)
+    sub.inplace = adapter.supports_inplace and not torch.is_grad_enabled() and (write_in_place or not view)
+    part = head[rows]
     with _routed(call.host, name):
-        new = _head(adapter(sub.x, _with_head(out, head.index_select(0, rows)), sub)).to(head.dtype)
+        new = _head(adapter(sub.x, _with_head(out, part), sub))
     if write_in_place:
-        head.index_copy_(0, rows, new)
+        if not view:  # a copy of the rows: scatter it back
+            head.index_copy_(0, rows, new.to(head.dtype))
+        elif new is not part:  # a view the adapter did not write into
+            part.copy_(new)
         return out
-    return _with_head(out, head.index_copy(0, rows, new))
+    return _with_head(out, head.index_copy(0, row_index(rows, head.device), new.to(head.dtype)))
 
 
 def _replacing_forward(host: nn.Module, *args, **kwargs):
@@ -324,7 +332,7 @@ def _replacing_forward(host: nn.Module, *args, **kwargs):
     parts, covered = [], torch.zeros(B, dtype=torch.bool, device=x.device)
     for name, module, rows in run:
         with _routed(host, name):
-            parts.append((rows, module(*take_rows(args, rows, B, x), **take_rows(kwargs, rows, B, x))))
+            parts.append((row_index(rows, x.device), module(*take_rows(args, rows, B, x), **take_rows(kwargs, rows, B, x))))
         covered[rows] = True
     rest = (~covered).nonzero().squeeze(1)
     if rest.numel():

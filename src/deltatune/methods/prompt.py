@@ -39,7 +39,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..adapters import AdapterRecord, get_state, module_device, resolve_dtype
+from ..adapters import AdapterRecord, get_state, module_device, resolve_dtype, row_index
 
 from ..routing import acting_names, acting_rows
 from ..config import AdapterConfig, register_config
@@ -426,6 +426,8 @@ def acting_prompts(model: nn.Module, x: torch.Tensor) -> list:
     out = []
     for n in names:
         rows = acting_rows(st, n, x)
+        if rows is not None:
+            rows = row_index(rows, x.device)
         if rows is None or rows.numel():
             out.append((n, cont[n], st.records[n].config, rows))
     return out
