@@ -153,7 +153,8 @@ def main(argv=None) -> dict:
         "wall_ratio_median": statistics.median(r["wall_ratio"] for r in rounds),
         "wall_ratio_range": [min(r["wall_ratio"] for r in rounds), max(r["wall_ratio"] for r in rounds)],
         "throughput_ratio_median": statistics.median(r["throughput_ratio"] for r in rounds),
-        "throughput_ratio_range": [min(r["throughput_ratio"] for r in rounds), max(r["throughput_ratio"] for r in rounds)],
+        "throughput_ratio_range": [min(r["throughput_ratio"] for r in rounds),
+                                   max(r["throughput_ratio"] for r in rounds)],
         "adapters_max_abs_diff": rounds[0]["adapters_max_abs_diff"], "rounds": rounds,
     }
     print("RESULT " + json.dumps(summary))

@@ -137,8 +137,10 @@ def test_dare_draws_masks_like_peft_under_one_seed():
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(6, 5, generator=g) for _ in range(3)]
     w = torch.tensor([0.7, -1.1, 0.4])
-    for rule, fn, extra in (("dare_linear", merge_utils.dare_linear, ()), ("dare_ties", merge_utils.dare_ties, ("total",)),
-                            ("ties", merge_utils.ties, ("frequency",)), ("magnitude_prune", merge_utils.magnitude_prune, ())):
+    for rule, fn, extra in (("dare_linear", merge_utils.dare_linear, ()),
+                            ("dare_ties", merge_utils.dare_ties, ("total",)),
+                            ("ties", merge_utils.ties, ("frequency",)),
+                            ("magnitude_prune", merge_utils.magnitude_prune, ())):
         torch.manual_seed(11)
         theirs = fn(ts, w, 0.4, *extra)
         torch.manual_seed(11)

@@ -110,8 +110,8 @@ class HostCall:
         """The same call restricted to the batch rows ``rows`` (:data:`Rows`)."""
         x = self.x
         bo = self.base_output
-        sub = HostCall(self.host, self._args, self._kwargs, x[rows],
-                       None if bo is None else take_rows(bo, rows, x.shape[0], bo if isinstance(bo, torch.Tensor) else None))
+        bo = None if bo is None else take_rows(bo, rows, x.shape[0], bo if isinstance(bo, torch.Tensor) else None)
+        sub = HostCall(self.host, self._args, self._kwargs, x[rows], bo)
         sub._cut = (rows, x.shape[0], x)
         return sub
 

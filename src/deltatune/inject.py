@@ -115,7 +115,8 @@ def validate_adapter_name(name: str) -> None:
             f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' (no dots or spaces)"
         )
     if name == BASE_ROW:
-        raise ValueError(f"adapter name {name!r} is reserved: it names the base model in mixed batches; pick another name")
+        raise ValueError(f"adapter name {name!r} is reserved: it names the base model in mixed batches; "
+                         "pick another name")
     if hasattr(_MODULEDICT_PROBE, name):
         raise ValueError(
             f"adapter name {name!r} is reserved (an attribute of torch.nn.ModuleDict): pick another name"

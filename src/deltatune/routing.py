@@ -332,12 +332,14 @@ def _replacing_forward(host: nn.Module, *args, **kwargs):
     parts, covered = [], torch.zeros(B, dtype=torch.bool, device=x.device)
     for name, module, rows in run:
         with _routed(host, name):
-            parts.append((row_index(rows, x.device), module(*take_rows(args, rows, B, x), **take_rows(kwargs, rows, B, x))))
+            out = module(*take_rows(args, rows, B, x), **take_rows(kwargs, rows, B, x))
+        parts.append((row_index(rows, x.device), out))
         covered[rows] = True
     rest = (~covered).nonzero().squeeze(1)
     if rest.numel():
         with _routed(host, rows=rest, batch=B):
-            parts.append((rest, type(host).forward(host, *take_rows(args, rest, B, x), **take_rows(kwargs, rest, B, x))))
+            out = type(host).forward(host, *take_rows(args, rest, B, x), **take_rows(kwargs, rest, B, x))
+        parts.append((rest, out))
     return _gather_rows(parts)
 
 

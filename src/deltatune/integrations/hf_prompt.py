@@ -53,6 +53,7 @@ from ..methods.prefix import PrefixEncoder, PrefixTuningConfig
 from ..methods.prompt import acting_prompts
 
 _CACHE_MARK = "_deltatune_virtual_tokens"  # set on a Cache object that holds the virtual tokens
+_MASK_2D = "prompt methods take a 2D attention_mask (batch, tokens); a prepared 4D mask cannot be extended"
 
 
 @dataclass
@@ -259,7 +260,7 @@ def _start_mixed(model, kw: dict, acts: list, ck: str, frame: _Frame, B: int, T:
     if mask is None:
         mask = torch.ones(B, T, dtype=torch.long, device=dev)
     elif mask.dim() != 2:
-        raise ValueError("prompt methods take a 2D attention_mask (batch, tokens); a prepared 4D mask cannot be extended")
+        raise ValueError(_MASK_2D)
     kw["attention_mask"] = torch.cat([vmask.to(mask.dtype), mask], dim=1)
     pos = kw.get("position_ids")
     pos = torch.arange(T, device=dev).expand(B, T) if pos is None else pos.expand(B, -1)
@@ -279,7 +280,7 @@ def _continue_mixed(kw: dict, vmask: torch.Tensor, past: int, B: int, T: int) ->
     if mask is None:
         mask = torch.ones(B, past_real + T, dtype=torch.long, device=vmask.device)
     if mask.dim() != 2:
-        raise ValueError("prompt methods take a 2D attention_mask (batch, tokens); a prepared 4D mask cannot be extended")
+        raise ValueError(_MASK_2D)
     if mask.shape[1] != past + T:  # the caller's mask covers only the real tokens
         mask = torch.cat([vmask.to(mask.dtype), mask], dim=1)
     kw["attention_mask"] = mask
@@ -310,7 +311,7 @@ def _extend_mask(mask: Optional[torch.Tensor], P: int, T: int, past_real: int) -
     if mask is None:
         return None
     if mask.dim() != 2:
-        raise ValueError("prompt methods take a 2D attention_mask (batch, tokens); a prepared 4D mask cannot be extended")
+        raise ValueError(_MASK_2D)
     if mask.shape[1] == past_real + P + T:  # the caller already included the virtual tokens
         return mask
     ones = torch.ones(mask.shape[0], P, dtype=mask.dtype, device=mask.device)

@@ -6,10 +6,10 @@ Each loads a base model and adapter folders into it. ``eval`` and ``generate`` t
 data or prompts file) is answered by it, a row that names none by every loaded adapter, and rows of
 different adapters share batches (mixed batches, :func:`deltatune.adapter_rows`).
 
-An adapter trained on a 4-bit base (``deltatune train --method qlora``) records that base's quantization in its weights file
-(:data:`deltatune.formats.peft.BASE_QUANTIZATION_KEY`); the base is then quantized the same way
-before the adapter is loaded, so that the adapter meets the base it was trained on, and one line
-says so.
+An adapter trained on a 4-bit base (``deltatune train --method qlora``) records that base's
+quantization in its weights file (:data:`deltatune.formats.peft.BASE_QUANTIZATION_KEY`); the base
+is then quantized the same way before the adapter is loaded, so that the adapter meets the base it
+was trained on, and one line says so.
 """
 
 from __future__ import annotations

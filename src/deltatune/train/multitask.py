@@ -136,7 +136,8 @@ class JointTrainer:
                  evaluate: Optional[Callable] = None, on_step: Optional[Callable] = None,
                  precision: Optional[Precision] = None, progress: bool = False):
         self.model, self.pad_id, self.max_grad_norm = model, pad_id, max_grad_norm
-        self.seed, self.eval_every, self.evaluate, self.on_step, self.progress = seed, eval_every, evaluate, on_step, progress
+        self.seed, self.eval_every, self.evaluate, self.on_step = seed, eval_every, evaluate, on_step
+        self.progress = progress
         decay, keep = parameter_groups(model)
         self.tasks = []
         for name, items in tasks.items():
