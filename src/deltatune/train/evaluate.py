@@ -144,7 +144,8 @@ class Evaluator:
         max_new_tokens: generation length; raised to fit the longest reference answer + 1.
         precision: the run's device and autocast (:mod:`deltatune.train.precision`); default float32.
         adapter_names: one adapter name (or "__base__") per example, scored in mixed batches; the
-            result then also has ``by_adapter``: ``{name: {"metric", "n"}}``. None: the active adapters.
+            result then also has ``by_adapter``: ``{name: {"metric", "n", "eval_loss"}}``. None: the
+            active adapters.
     """
 
     def __init__(self, tokenizer, examples: Sequence[Example], encoder: ChatEncoder, *, metric: str = "auto",
@@ -194,7 +195,7 @@ class Evaluator:
         ``adapter_names`` also ``by_adapter``: ``{name: {"metric", "n", "eval_loss"}}``."""
         with evaluation_mode(model, self.precision):
             per = self._loss_by_adapter(model)
-            st = _pooled(list(per.values())) if per else {}
+            st = per[None] if None in per else _pooled(list(per.values())) if per else {}
             res = {"step": step, "metric_name": self.metric_name, "eval_loss": st.get("loss")}
             if self.metric_name == "exact_match":
                 preds = self.answers(model)
