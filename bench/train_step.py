@@ -27,6 +27,7 @@ Modes::
     python bench/train_step.py ablation              # each lever of the fast path alone (synthetic and data)
     python bench/train_step.py loss-check --steps 50 # dt vs dt-fp32 on the default task: mean |loss difference|
     python bench/train_step.py matmul                # the machine's matmul peak, fp32 and bf16
+    python bench/train_step.py all --out runs/bench/train_step.json   # every figure of bench/README.md, one run
 
 ``--out FILE`` writes every result as JSON. Run on an otherwise idle machine.
 """
@@ -312,10 +313,56 @@ def loss_check(a) -> dict:
             "fast_losses": out["auto"], "fp32_losses": out["fp32"]}
 
 
+def run_all(a, result: dict) -> None:
+    """Every figure of the README's fast-path section in one run (one matmul peak for all of them):
+    synthetic 4 x 256 (dt, peft, peft-ac), 4 x 1,024 (dt: the matmul-efficiency point), the main job's
+    data (dt vs peft padded), the 50-step loss check, the scaling table and the ablation. Written to
+    ``--out`` after each part, so a stopped run keeps what it measured."""
+    def save():
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+
+    peak = matmul_peak(a.threads, device=a.device)
+    result["matmul_gflop_s"] = peak
+    print(f"matmul peak here: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16", flush=True)
+    parts = [("synthetic_256", ["dt", "peft", "peft-ac"], {"rows": "synthetic", "seq": 256}, "peft"),
+             ("synthetic_1024", ["dt"], {"rows": "synthetic", "seq": 1024}, "peft"),
+             ("data", ["dt", "peft"], {"rows": "data"}, "peft")]
+    for name, configs, over, ref in parts:
+        print(f"{name}:", flush=True)
+        res = rounds(a, configs, **over)
+        result[name] = summarize(res, ref, peak)
+        print_table(result[name], ref)
+        save()
+    steps = a.steps
+    a.steps = 50
+    result["loss_check"] = loss_check(a)
+    a.steps = steps
+    print("loss check:", json.dumps({k: v for k, v in result["loss_check"].items() if "losses" not in k}), flush=True)
+    save()
+    pairs = a.pairs
+    a.pairs = 1
+    result["scaling"] = {}
+    for s in map(int, a.seqs.split(",")):
+        print(f"scaling, seq {s}:", flush=True)
+        res = rounds(a, ["dt"], rows="synthetic", seq=s, steps=max(1, min(a.steps, 4096 // s + 1)))
+        result["scaling"][s] = summarize(res, "peft", peak)
+        print_table(result["scaling"][s], "peft")
+        save()
+    for mode in ("synthetic", "data"):
+        configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack"] if mode == "data" else []) + ["dt"]
+        res = rounds(a, configs, rows=mode)
+        result[f"ablation_{mode}"] = summarize(res, "dt-base", peak)
+        print_table(result[f"ablation_{mode}"], "dt-base")
+        save()
+    a.pairs = pairs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="synthetic",
-                    choices=["synthetic", "data", "scaling", "ablation", "loss-check", "matmul", "child"])
+                    choices=["synthetic", "data", "scaling", "ablation", "loss-check", "matmul", "all", "child"])
     ap.add_argument("--config", default="dt")
     ap.add_argument("--rows", default="synthetic", choices=["synthetic", "data"], help="(child) the batches' kind")
     ap.add_argument("--configs", default=None, help="comma list (default: dt,peft,peft-ac)")
@@ -343,6 +390,8 @@ def main():
     except ImportError:
         pass
     result = {"info": info, "mode": a.mode}
+    if a.mode == "all":
+        return run_all(a, result)
     if a.mode == "matmul":
         result["matmul_gflop_s"] = matmul_peak(a.threads, device=a.device)
     elif a.mode == "loss-check":

@@ -329,7 +329,9 @@ CASES = [
     ("flag-not-an-int", ["train", "--max-steps", "zero"], "argument --max-steps: invalid int value: 'zero' (see "
                                                           "deltatune train --help)", None),
     ("flag-missing-value", ["train", "--lr"], "argument --lr: expected one argument", None),
-    ("flag-repeated", GEN + ["--adapter", "{adapter}", "--adapter", "{adapter}"], "--adapter given twice: give it once", None),
+    ("flag-repeated", GEN + ["--system", "a", "--system", "b"], "--system given twice: give it once", None),
+    ("adapter-unnamed-twice", GEN + ["--adapter", "{adapter}", "--adapter", "{adapter}"],
+     "several --adapter folders without names: give NAME=DIR each", None),
     ("flag-repeated-train", train_with("--lr", "1e-3", "--lr", "1e-2"), "--lr given twice", None),
     ("flag-threads-zero", ["generate", "--prompt", "w7", "--threads", "0"], "--threads must be >= 1, got 0", None),
     ("flag-max-new-tokens-zero", ["generate", "--prompt", "w7", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1", None),
@@ -692,5 +694,5 @@ def test_every_single_valued_flag_given_twice_is_refused(capfd, cmd, flag, value
 def test_the_class_of_repeated_flags_is_every_command():
     flags = [(c, f) for c, f, _ in _single_valued_flags()]
     assert {c for c, _ in flags} >= {"train", "eval", "generate", "merge", "export", "chat"}
-    assert ("generate", "--adapter") in flags and ("eval", "--adapter") in flags and ("train", "--lr") in flags
+    assert ("chat", "--adapter") in flags and ("eval", "--model") in flags and ("train", "--lr") in flags
     assert len(flags) > 50

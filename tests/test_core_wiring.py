@@ -381,7 +381,7 @@ def test_state_holds_only_declared_fields():
     assert set(vars(st)) == declared
     for rec in st.records.values():
         assert isinstance(rec, AdapterRecord) and set(vars(rec)) == {f.name for f in dataclasses.fields(AdapterRecord)}
-    assert set(st.model_hooks) == {"checkpointing", "prompt", "save_pretrained", "contiguous_head"}
+    assert set(st.model_hooks) == {"adapter_names", "checkpointing", "prompt", "save_pretrained", "contiguous_head"}
     for name, mod in model.named_modules():  # hosts carry the state mark and nothing else of ours
         ours = [k for k in vars(mod) if k.startswith("_deltatune")]
         assert ours in ([], ["_deltatune_state"]), (name, ours)

@@ -115,6 +115,17 @@ def test_strategy_needs_several_processes(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_of_several_tasks_refuses_several_processes(monkeypatch, tmp_path, capsys):
+    data = tmp_path / "dv.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in make_dv(8)))
+    argv = ["train", "--data", f"a={data}", "--data", f"b={data}", "--out", str(tmp_path / "o"), "--no-progress"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs in one process: start it without torchrun" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_timeout_setting_is_checked(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(UsageError, match="DELTATUNE_DIST_TIMEOUT='soon' must be a number of seconds"):

@@ -2,7 +2,7 @@
 included), as ../shared/DESIGN.md lays it out:
 
     _io, config, geometry, layers, targets  <-  adapters, routing  <-  inject  <-  merge, quant
-        <-  methods, lifecycle  <-  formats  <-  integrations  <-  train  <-  cli
+        <-  methods, lifecycle  <-  combine, extract  <-  formats  <-  integrations  <-  train  <-  cli
 
 The package root (the public API of ``deltatune/__init__.py``) sits with train: it gathers the core,
 the integrations and the training job (``deltatune.train(...)``); cli is its client. A module imports only modules of its own rank or below, there is no import
@@ -25,12 +25,13 @@ RANKS = [
     {"inject"},
     {"merge", "quant"},
     {"methods", "lifecycle"},
+    {"combine", "extract"},  # new LoRA adapters made from others (combine) or from a weight difference (extract)
     {"formats"},
     {"integrations"},
     {"train"},
     {"cli", "__main__"},
 ]
-CORE_MAX = 5  # ranks 0..5: everything below integrations
+CORE_MAX = 6  # ranks 0..6: everything below integrations
 HEAVY = {"transformers", "datasets", "yaml", "matplotlib", "tqdm", "bitsandbytes", "torchao", "peft", "psutil",
          "gguf", "accelerate", "tokenizers", "trl", "tensorboard", "safetensors", "lemminflect", "chitchat_dataset"}
 

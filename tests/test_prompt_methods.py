@@ -393,3 +393,18 @@ def test_cli_builders_make_working_configs(tmp_path, X):
         dt.inject(m, cfg)
         out = m(X, labels=X)
         assert out.logits.shape == (1, 6, 128) and torch.isfinite(out.loss)
+
+
+def test_prefix_beam_search_without_cache_equals_with_cache(X2):
+    """A cache made only to carry the prefix (use_cache=False) is taken out of the output, so
+    generate does not try to reorder a None cache between beams."""
+    ids, mask = X2
+    m = make_tl()
+    dt.inject(m, dt.PrefixTuningConfig(num_virtual_tokens=3))
+    gen = dict(attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = m.generate(ids, use_cache=True, **gen)
+        uncached = m.generate(ids, use_cache=False, **gen)
+        out = m(ids, attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert "cache" not in out.keys() and "past_key_values" not in out.keys()

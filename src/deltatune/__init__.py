@@ -4,6 +4,9 @@ Public API (all functions take the model and change it in place; none wraps it):
 
     inject(model, config, adapter_name="default")       -> model
     set_adapter / disable_adapter / delete_adapter / active_adapters / adapter_names / get_record
+    adapter_rows(model, names)                           mixed batches (also model(..., adapter_names=[...]))
+    add_weighted_adapter(model, adapters, weights, name) combine LoRA adapters (PEFT's combination types)
+    extract_lora(base, tuned, r)                         a LoRA adapter from a fully fine-tuned model
     merge / unmerge / merge_and_unload / unload
     save_adapter(model, dir) / load_adapter(model, dir)
     print_trainable_parameters(model)
@@ -13,7 +16,9 @@ Public API (all functions take the model and change it in place; none wraps it):
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .integrations import transformers as _transformers  # noqa: F401  (registers transformers' model knowledge)
 from .adapters import AdapterRecord, LayerAdapter, get_record
+from .combine import COMBINATION_TYPES, add_weighted_adapter
 from .config import AdapterConfig, config_from_dict, load_config
+from .extract import ExtractionReport, extract_lora
 from .formats.peft import adapter_state_dict, load_adapter, save_adapter
 from .inject import (
     active_adapters,
@@ -39,6 +44,7 @@ from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 from .quant import quant_stats, quantize_base
 from . import train  # noqa: F401  (the callable package: deltatune.train(...) runs a training job)
+from .routing import BASE_ROW, adapter_rows
 
 __version__ = "0.1.0"
 
@@ -62,6 +68,8 @@ __all__ = [
     "inject",
     "set_adapter",
     "disable_adapter",
+    "adapter_rows",
+    "BASE_ROW",
     "delete_adapter",
     "active_adapters",
     "adapter_names",
@@ -79,6 +87,10 @@ __all__ = [
     "load_adapter",
     "adapter_state_dict",
     "print_trainable_parameters",
+    "add_weighted_adapter",
+    "extract_lora",
+    "ExtractionReport",
+    "COMBINATION_TYPES",
     "count_parameters",
     "config_from_dict",
     "load_config",

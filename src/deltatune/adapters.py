@@ -79,13 +79,69 @@ class HostCall:
     ``host``; ``args`` / ``kwargs`` of the call (as the host sees them); ``x``: its first tensor
     input; ``base_output``: the host's output before any adapter (output side only); ``inplace``:
     the adapter may write into ``out`` (no one else holds it: inference only).
+
+    In a mixed batch (:class:`RowPlan`) an adapter that acts on some rows only gets the view
+    :meth:`on_rows`: ``x`` and ``base_output`` are those rows, and ``args`` / ``kwargs`` are cut to
+    them when first read (:func:`take_rows`).
     """
 
-    __slots__ = ("host", "args", "kwargs", "x", "base_output", "inplace")
+    __slots__ = ("host", "_args", "_kwargs", "x", "base_output", "inplace", "_cut")
 
     def __init__(self, host, args, kwargs, x, base_output=None, inplace=False):
-        self.host, self.args, self.kwargs, self.x = host, args, kwargs, x
+        self.host, self._args, self._kwargs, self.x = host, args, kwargs, x
         self.base_output, self.inplace = base_output, inplace
+        self._cut = None  # (row indices, batch, the full call's x) while args/kwargs are not cut yet
+
+    @property
+    def args(self) -> tuple:
+        self._cut_now()
+        return self._args
+
+    @property
+    def kwargs(self) -> dict:
+        self._cut_now()
+        return self._kwargs
+
+    def _cut_now(self) -> None:
+        if self._cut is not None:
+            rows, batch, x = self._cut
+            self._cut = None
+            self._args = take_rows(self._args, rows, batch, x)
+            self._kwargs = take_rows(self._kwargs, rows, batch, x)
+
+    def on_rows(self, rows: "Rows") -> "HostCall":
+        """The same call restricted to the batch rows ``rows`` (:data:`Rows`)."""
+        x = self.x
+        bo = self.base_output
+        bo = None if bo is None else take_rows(bo, rows, x.shape[0], bo if isinstance(bo, torch.Tensor) else None)
+        sub = HostCall(self.host, self._args, self._kwargs, x[rows], bo)
+        sub._cut = (rows, x.shape[0], x)
+        return sub
+
+
+# The rows of a batch one adapter acts on: a ``slice`` of consecutive rows (cutting gives a view),
+# or int64 indices (cutting gives a copy). ``tensor[rows]`` cuts dim 0 either way.
+Rows = Union[slice, torch.Tensor]
+
+
+def row_index(rows: Rows, device) -> torch.Tensor:
+    """``rows`` as int64 indices on ``device``."""
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+
+
+def take_rows(obj, rows: Rows, batch: int, x: Optional[torch.Tensor]):
+    """``obj`` with every batch-first tensor in it cut to the rows ``rows``: tensors of at least 2
+    dimensions whose first is ``batch``, and ``x`` itself (the host's first input), inside tuples,
+    lists and dicts too; anything else is kept as it is (a cache object, 1-D positions, flags)."""
+    if isinstance(obj, torch.Tensor):
+        if obj is x or (obj.dim() >= 2 and obj.shape[0] == batch):
+            return obj[rows]
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take_rows(o, rows, batch, x) for o in obj)
+    if isinstance(obj, dict):
+        return {k: take_rows(v, rows, batch, x) for k, v in obj.items()}
+    return obj
 
 
 # ----------------------------------------------------------------------------- declared state
@@ -148,6 +204,73 @@ class AdapterRecord:
                     yield p
 
 
+BASE_ROW = "__base__"  # in a mixed batch, the row that runs the base model (Hugging Face PEFT's name)
+
+
+@dataclass
+class RowPlan:
+    """The adapter of each row of a mixed batch (set by :func:`deltatune.adapter_rows`).
+
+    Fields:
+        names: one adapter name per input row, or :data:`BASE_ROW` for the base model.
+        expand: a call of ``k * n`` rows (``n = len(names)``) gives each name to ``k`` consecutive
+            rows, as ``generate`` repeats each input row for its beams / returned sequences;
+            without it every call must have exactly ``n`` rows.
+    """
+
+    names: tuple
+    expand: bool = False
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def adapters(self) -> list:
+        """The distinct adapter names of the rows (the base row excluded), in first-row order."""
+        return [n for n in dict.fromkeys(self.names) if n != BASE_ROW]
+
+    def rows(self, name: str, batch: int, device) -> Optional[Rows]:
+        """The rows of a ``batch``-row call that ``name`` acts on: None for all of them, a ``slice``
+        when they are consecutive (the usual case: rows grouped by adapter, a view cuts them), else
+        int64 indices on ``device`` (an empty tensor when it acts on none).
+
+        Raises:
+            ValueError: ``batch`` does not fit the number of names.
+        """
+        key = (name, batch, str(device))
+        if key in self._index:
+            return self._index[key]
+        n = len(self.names)
+        if batch == n:
+            k = 1
+        elif self.expand and batch > 0 and batch % n == 0:
+            k = batch // n
+        else:
+            raise ValueError(f"adapter_names gives {n} names but a layer got a batch of {batch} rows: give one name "
+                             "per row of the batch" + (" (per input row for generate)" if self.expand else ""))
+        idx = [r for r in range(batch) if self.names[r // k] == name]
+        if len(idx) == batch:
+            out = None
+        elif idx and idx[-1] - idx[0] == len(idx) - 1:
+            out = slice(idx[0], idx[-1] + 1)
+        else:
+            out = torch.tensor(idx, dtype=torch.long, device=device)
+        self._index[key] = out
+        return out
+
+    def alone(self, name: str) -> "RowPlan":
+        """The plan of the rows of ``name`` while they run alone (its adapter's own calls of other
+        adapted layers, e.g. LLaMA-Adapter projecting its prompt): ``name`` for any batch."""
+        key = ("alone", name)
+        if key not in self._index:
+            self._index[key] = RowPlan((name,), expand=True)
+        return self._index[key]
+
+    def restrict(self, rows: Rows, batch: int) -> "RowPlan":
+        """The plan of the sub-batch ``rows`` of a ``batch``-row call: their names."""
+        k = batch // len(self.names)
+        idx = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+        names = tuple(self.names[r // k] for r in idx)
+        return self.alone(names[0]) if len(set(names)) == 1 else RowPlan(names)
+
+
 @dataclass
 class AdapterState:
     """Model-wide adapter bookkeeping (one object per adapted model, ``model._deltatune_state``).
@@ -155,9 +278,10 @@ class AdapterState:
     Fields: ``records`` (name -> :class:`AdapterRecord`, in the order added), ``active`` (names, in
     application order), ``disabled``, ``base_tensors`` (parameter name -> :class:`BaseTensor`),
     ``model_hooks`` (name -> object with ``remove()``: hooks on the top model, e.g. the prompt
-    wiring and the gradient-checkpointing input hook), ``vocab_at_inject`` (input-embedding rows
-    when the first adapter was added), ``trained_biases`` (base biases made trainable by the last
-    trainability update).
+    wiring, the ``adapter_names=`` keyword and the gradient-checkpointing input hook),
+    ``vocab_at_inject`` (input-embedding rows when the first adapter was added), ``trained_biases``
+    (base biases made trainable by the last trainability update), ``rows`` (the :class:`RowPlan`
+    of the mixed batch being run, else None).
     """
 
     records: dict = field(default_factory=dict)
@@ -167,6 +291,7 @@ class AdapterState:
     model_hooks: dict = field(default_factory=dict)
     vocab_at_inject: Optional[int] = None
     trained_biases: set = field(default_factory=set)
+    rows: Optional[RowPlan] = None
 
     @property
     def configs(self) -> dict:

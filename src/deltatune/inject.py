@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .adapters import (
+    BASE_ROW,
     STATE_ATTR,
     AdapterRecord,
     AdapterState,
@@ -39,7 +40,7 @@ from .adapters import (
 )
 from .config import AdapterConfig
 from .geometry import GEOMETRY
-from .routing import detach
+from .routing import AdapterNamesKeyword, detach
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -137,6 +138,9 @@ def validate_adapter_name(name: str) -> None:
         raise ValueError(
             f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' (no dots or spaces)"
         )
+    if name == BASE_ROW:
+        raise ValueError(f"adapter name {name!r} is reserved: it names the base model in mixed batches; "
+                         "pick another name")
     if hasattr(_MODULEDICT_PROBE, name):
         raise ValueError(
             f"adapter name {name!r} is reserved (an attribute of torch.nn.ModuleDict): pick another name"
@@ -190,6 +194,7 @@ def inject(
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
+        st.model_hooks["adapter_names"] = AdapterNamesKeyword(model)  # model(..., adapter_names=[...])
         for setup in GEOMETRY.on_first_adapter:
             setup(model, st)
     rec = st.records[adapter_name] = AdapterRecord(adapter_name, config)

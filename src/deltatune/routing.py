@@ -1,9 +1,13 @@
-"""The one routing point: which adapters act on a call, and the host entry points that ask it.
+"""The one routing point: which adapters act on a call, on which rows, and the host entry points that ask it.
 
 :func:`acting` is the only place that decides which adapters act on a call: none while the
 model's adapters are disabled; otherwise the active adapters, in active order, that the host
-carries on the asked side and that are not merged into its weight. Three entry points per host
-consult it, all installed by :func:`attach` and removed by :func:`detach`:
+carries on the asked side and that are not merged into its weight. In a *mixed batch* (a
+:class:`~deltatune.adapters.RowPlan` set by :func:`adapter_rows`, or by the ``adapter_names=``
+keyword of ``model(...)`` / ``model.generate(...)``) each row names one adapter (or
+``"__base__"``): the adapters acting are those the rows name, each on its own rows only, and the
+active set does not matter. Three entry points per host consult it, all installed by
+:func:`attach` and removed by :func:`detach`:
 
 * the input-side forward pre-hook: each acting ``side == "input"`` adapter maps the host's first
   input, ``x = adapter(x, None, call)`` ((IA)3 feed-forward scaling, OFT's rotation; a bottleneck
@@ -14,47 +18,211 @@ consult it, all installed by :func:`attach` and removed by :func:`detach`:
 * the replacing forward (``modules_to_save`` copies, ``side == "replace"``): the last acting copy
   runs instead of the host.
 
-Model-level methods (prompt tuning) ask :func:`acting_names` through their own top-model wiring.
+An adapter acting on some rows of a mixed batch runs on those rows only (its inputs, the host's
+output and the call's batch-first arguments cut to them, :meth:`HostCall.on_rows`), and its
+result is scattered back; a copy runs on its rows and the host on the others. An adapter that acts
+on every row runs exactly as without rows.
+
+Model-level methods (prompt tuning) ask :func:`acting_names` and :func:`acting_rows` through their
+own top-model wiring.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .adapters import STATE_ATTR, AdapterState, HostCall, get_state
+from .adapters import (BASE_ROW, STATE_ATTR, AdapterState, HostCall, RowPlan, Rows, get_state, require_state,
+                       row_index, take_rows)
+from .geometry import GEOMETRY
 from .targets import ADAPTERS, is_adapter_path, nearest_names
 
 SIDES = ("input", "output", "replace")
 
 
 def acting_names(st: Optional[AdapterState]) -> list:
-    """The adapters that act on a call, in application order: none while disabled, else the active ones."""
+    """The adapters that act on a call, in application order: none while disabled; in a mixed batch
+    the adapters its rows name; else the active ones."""
     if st is None or st.disabled:
         return []
+    if st.rows is not None:
+        return st.rows.adapters()
     return st.active
 
 
-def acting(host: nn.Module, side: str) -> list:
-    """THE routing decision for one host and side: ``[(name, adapter)]`` in application order.
+def acting_rows(st: Optional[AdapterState], name: str, x: Optional[torch.Tensor]) -> Optional[Rows]:
+    """The rows of a call with batch-first input ``x`` that the acting adapter ``name`` acts on:
+    None for all of them (always outside a mixed batch), else a slice of consecutive rows or int64
+    indices (maybe empty; see :meth:`RowPlan.rows`).
 
-    An adapter acts when :func:`acting_names` lists it (not disabled, active, in active order), the
-    host carries it on ``side`` and it is not merged into the host's weight.
+    Raises:
+        ValueError: in a mixed batch, a call without a tensor input or whose batch does not fit.
+    """
+    if st is None or st.rows is None:
+        return None
+    if x is None or x.dim() == 0:
+        raise ValueError("a mixed batch (adapter_names) needs every adapted layer to get a batch-first tensor input")
+    return st.rows.rows(name, x.shape[0], x.device)
+
+
+def acting(host: nn.Module, side: str, x: Optional[torch.Tensor] = None) -> list:
+    """THE routing decision for one host and side: ``[(name, adapter, rows)]`` in application order.
+
+    An adapter acts when :func:`acting_names` lists it (not disabled; the rows' adapters in a
+    mixed batch, else the active ones in active order), the host carries it on ``side`` and it is
+    not merged into the host's weight. ``rows`` (:func:`acting_rows` of the call's first input
+    ``x``) is None when it acts on every row; an adapter acting on no row of the call is left out.
     """
     ads = host._modules.get(ADAPTERS)
     if ads is None:
         return []
+    st = host.__dict__.get(STATE_ATTR)
     out = []
-    for name in acting_names(host.__dict__.get(STATE_ATTR)):
+    for name in acting_names(st):
         a = ads._modules.get(name)
         if a is not None and a.side == side and not a.merged:
-            out.append((name, a))
+            rows = acting_rows(st, name, x)
+            if rows is None or isinstance(rows, slice) or rows.numel():
+                out.append((name, a, rows))
     return out
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+
+def row_plan(model: nn.Module, names: Sequence[str], *, expand: bool = False) -> RowPlan:
+    """A :class:`~deltatune.adapters.RowPlan` for ``names`` after checking that each row can get
+    exactly what it gets alone with its adapter.
+
+    Raises:
+        TypeError: ``names`` is not a list of strings.
+        ValueError: an unknown name (never a silent fall-back to the base model); an adapter merged
+            into the base weights (every row would get it); an adapter that changes base tensors
+            in place (trained biases, PiSSA/OLoRA residual weights), or base tensors that hold an
+            adapter's own values, which no row-wise routing can give to some rows only.
+    """
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {names!r}")
+    if not names:
+        raise ValueError("adapter_names is empty: give one adapter name (or '__base__') per row")
+    st = require_state(model)
+    for i, n in enumerate(names):
+        if n != BASE_ROW and n not in st.records:
+            raise ValueError(f"adapter_names[{i}] = {n!r} is not an adapter of this model; it has {list(st.records)} "
+                             f"(or {BASE_ROW!r} for the base model)")
+    for n, rec in st.records.items():
+        for path in rec.hosts:
+            a = (model.get_submodule(path) if path else model)._modules[ADAPTERS]._modules.get(n)
+            if a is not None and a.merged:
+                raise ValueError(f"adapter {n!r} is merged into the base weights, so every row of a mixed batch would "
+                                 "get it: unmerge() before passing adapter_names")
+    for n in dict.fromkeys(names):
+        rec = st.records.get(n)
+        if rec is not None and rec.base_tensors:
+            raise ValueError(f"adapter {n!r} cannot be used in a mixed batch: it changes the base tensor "
+                             f"{rec.base_tensors[0]!r} in place (trained biases or PiSSA/OLoRA residual weights), "
+                             "which every row would see; run its rows alone with set_adapter")
+    held = {t: s.owner for t, s in st.base_tensors.items() if s.owner is not None}
+    if held:
+        t, owner = next(iter(held.items()))
+        raise ValueError(f"the base tensor {t!r} holds adapter {owner!r}'s own values (it is active), so the rows of a "
+                         f"mixed batch would not see the base model: set_adapter to adapters without trained biases "
+                         f"or rewritten base weights first")
+    return RowPlan(tuple(names), expand=expand)
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str], *, expand: bool = False):
+    """Context manager: run mixed batches, row ``i`` with the adapter ``names[i]`` alone.
+
+    ``names`` has one entry per row of the batch (``"__base__"``: the base model). Inside the block
+    every forward (and backward) routes each row to its own adapter: each row gets what it gets
+    with ``set_adapter(names[i])`` (the active set does not matter), so a mixed batch of training
+    rows updates each adapter from its own rows only. Keep the backward inside the block when
+    gradient checkpointing recomputes the forward then. ``expand=True``: a call of ``k * len(names)``
+    rows gives each name to ``k`` consecutive rows (what ``generate`` does for beams).
+    ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` do the same
+    for one call. The previous routing comes back on exit, also when the block raises.
+
+    Raises:
+        TypeError / ValueError: as :func:`row_plan`.
+    """
+    st = require_state(model)
+    plan = row_plan(model, names, expand=expand)
+    prev, st.rows = st.rows, plan
+    try:
+        yield model
+    finally:
+        st.rows = prev
+
+
+_NO_KEYWORD = object()
+
+
+class AdapterNamesKeyword:
+    """The ``adapter_names=`` keyword of the top model: a forward pre-hook (with kwargs) that takes
+    it out of the call and routes the call's rows with it (:func:`adapter_rows`), the always-called
+    forward hook that restores the routing, and, on a model with ``generate``, an instance
+    ``generate`` that takes the keyword (one name per input row; each is repeated for the row's
+    beams and returned sequences). Installed with a model's first adapter (``state.model_hooks``);
+    ``remove()`` takes it all off."""
+
+    def __init__(self, model: nn.Module):
+        self.frames: list = []
+        self.model = model  # (a copy.deepcopy of the model copies this object with it, pointing at the copy)
+        self.handles = (model.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True),
+                        model.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        self.generate = None
+        if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+            self.generate = model.__dict__["generate"] = types.MethodType(_generate_with_rows, model)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.frames.clear()
+        if self.generate is not None and self.model.__dict__.get("generate") is self.generate:
+            del self.model.__dict__["generate"]
+
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict):
+        if "adapter_names" not in kwargs:
+            self.frames.append(_NO_KEYWORD)
+            return None
+        st = get_state(model)
+        self.frames.append(st.rows)  # restored by the post-hook (always called), even if this raises
+        kwargs = dict(kwargs)
+        names = kwargs.pop("adapter_names")
+        if names is not None:
+            if model.training and torch.is_grad_enabled() and GEOMETRY.checkpointing_on(model):
+                raise ValueError("adapter_names= does not reach the forward that gradient checkpointing recomputes "
+                                 "during backward: wrap forward and backward in `with deltatune.adapter_rows(model, "
+                                 "names):` instead")
+            st.rows = row_plan(model, names)
+        return args, kwargs
+
+    def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output):
+        if self.frames:
+            prev = self.frames.pop()
+            if prev is not _NO_KEYWORD:
+                get_state(model).rows = prev
+        return None
+
+
+def _generate_with_rows(model: nn.Module, *args, adapter_names=None, **kwargs):
+    """``model.generate`` taking ``adapter_names`` (one name per input row)."""
+    generate = type(model).generate
+    if adapter_names is None:
+        return generate(model, *args, **kwargs)
+    with adapter_rows(model, adapter_names, expand=True):
+        return generate(model, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- entry points
 
 
 def _first_input(args, kwargs) -> tuple[Optional[torch.Tensor], object]:
@@ -70,51 +238,138 @@ def _first_input(args, kwargs) -> tuple[Optional[torch.Tensor], object]:
 
 
 def _input_hook(host: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of a host: ``x = adapter(x, None, call)`` for each acting input-side adapter."""
-    run = acting(host, "input")
-    if not run:
-        return None
+    """Forward pre-hook of a host: ``x = adapter(x, None, call)`` for each acting input-side adapter
+    (on its rows only in a mixed batch)."""
     x, where = _first_input(args, kwargs)
-    if x is None:
+    run = acting(host, "input", x)
+    if not run or x is None:
         return None
     call = HostCall(host, args, kwargs, x)
-    for _, a in run:
-        x = a(x, None, call)
+    for name, a, rows in run:
+        if rows is None:
+            x = a(x, None, call)
+        else:
+            xs = x[rows]
+            with _routed(host, name):
+                new = a(xs, None, call.on_rows(rows))
+            if new is not xs:  # a tap returns its input unchanged: nothing to scatter
+                x = x.index_copy(0, row_index(rows, x.device), new.to(x.dtype))
     if where == 0:
         return (x,) + tuple(args[1:]), kwargs
     return args, {**kwargs, where: x}
 
 
 def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
-    """Forward hook of a host: ``out = adapter(x, out, call)`` for each acting output-side adapter.
+    """Forward hook of a host: ``out = adapter(x, out, call)`` for each acting output-side adapter
+    (on its rows only in a mixed batch: see :func:`_on_rows`).
 
     Without autograd (inference), when no other hook can have seen the host's output (ours is the
     host's first forward hook, there are no global ones, and no acting adapter reads the base
     output), adapters with ``supports_inplace`` are told they may add into ``out`` in place:
     this saves a full copy of the output per layer.
     """
-    run = acting(host, "output")
+    x, _ = _first_input(args, kwargs)
+    run = acting(host, "output", x)
     if not run:
         return output
-    x, _ = _first_input(args, kwargs)
     no_one_else_holds = (not torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                          and not _global_forward_hooks
-                         and not any(a.uses_base_output for _, a in run)
+                         and not any(a.uses_base_output for _, a, _ in run)
                          and next(iter(host._forward_hooks.values())) is _output_hook)
     call = HostCall(host, args, kwargs, x, base_output=output)
-    for _, a in run:
-        call.inplace = no_one_else_holds and a.supports_inplace
-        output = a(x, output, call)
-        no_one_else_holds = call.inplace  # a new tensor from a non-in-place adapter is not assumed ours
+    for name, a, rows in run:
+        if rows is None:
+            call.inplace = no_one_else_holds and a.supports_inplace
+            output = a(x, output, call)
+            no_one_else_holds = call.inplace  # a new tensor from a non-in-place adapter is not assumed ours
+        else:
+            output = _on_rows(name, a, call, output, rows, no_one_else_holds)
     return output
 
 
+def _head(out):
+    """The batch-first tensor of a host output: the output, or the first element of a tuple/list."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _with_head(out, head):
+    if isinstance(out, torch.Tensor):
+        return head
+    return type(out)((head, *out[1:]))
+
+
+def _on_rows(name: str, adapter: nn.Module, call: HostCall, out, rows: Rows, write_in_place: bool):
+    """``out`` with ``adapter`` applied to the batch rows ``rows`` only: the adapter gets those rows
+    of the input and of the output and its result is scattered back (into ``out`` itself when no one
+    else holds it). Consecutive rows are a view of ``out``, which an in-place adapter (LoRA, in
+    inference) then adds into directly; other rows are a copy it may add into."""
+    sub = call.on_rows(rows)
+    head = _head(out)
+    view = isinstance(rows, slice)
+    sub.inplace = adapter.supports_inplace and not torch.is_grad_enabled() and (write_in_place or not view)
+    part = head[rows]
+    with _routed(call.host, name):
+        new = _head(adapter(sub.x, _with_head(out, part), sub))
+    if write_in_place:
+        if not view:  # a copy of the rows: scatter it back
+            head.index_copy_(0, rows, new.to(head.dtype))
+        elif new is not part:  # a view the adapter did not write into
+            part.copy_(new)
+        return out
+    return _with_head(out, head.index_copy(0, row_index(rows, head.device), new.to(head.dtype)))
+
+
 def _replacing_forward(host: nn.Module, *args, **kwargs):
-    """Forward of a host with ``modules_to_save`` copies: the last acting copy runs instead of the host."""
-    run = acting(host, "replace")
-    if run:
+    """Forward of a host with ``modules_to_save`` copies: the last acting copy runs instead of the
+    host; in a mixed batch each copy runs on its rows and the host on the others."""
+    x, _ = _first_input(args, kwargs)
+    run = acting(host, "replace", x)
+    if not run:
+        return type(host).forward(host, *args, **kwargs)
+    if run[-1][2] is None:
         return run[-1][1](*args, **kwargs)
-    return type(host).forward(host, *args, **kwargs)
+    B = x.shape[0]
+    parts, covered = [], torch.zeros(B, dtype=torch.bool, device=x.device)
+    for name, module, rows in run:
+        with _routed(host, name):
+            out = module(*take_rows(args, rows, B, x), **take_rows(kwargs, rows, B, x))
+        parts.append((row_index(rows, x.device), out))
+        covered[rows] = True
+    rest = (~covered).nonzero().squeeze(1)
+    if rest.numel():
+        with _routed(host, rows=rest, batch=B):
+            out = type(host).forward(host, *take_rows(args, rest, B, x), **take_rows(kwargs, rest, B, x))
+        parts.append((rest, out))
+    return _gather_rows(parts)
+
+
+@contextlib.contextmanager
+def _routed(host: nn.Module, name: Optional[str] = None, rows: Optional[torch.Tensor] = None, batch: int = 0):
+    """While some rows of a mixed batch run by themselves, the layers they call route by those rows'
+    names: an adapter on its rows (which may call other adapted layers, e.g. LLaMA-Adapter projecting
+    its prompt) as ``name`` alone, the host on the ``rows`` no copy took by their own names."""
+    st = host.__dict__[STATE_ATTR]
+    prev = st.rows
+    st.rows = prev.alone(name) if name is not None else prev.restrict(rows, batch)
+    try:
+        yield
+    finally:
+        st.rows = prev
+
+
+def _gather_rows(parts: list):
+    """One output of the whole batch from ``[(rows, output of those rows)]`` (rows partition it):
+    tensors, or tuples/lists of tensors and None, put back in row order."""
+    order = torch.cat([r for r, _ in parts])
+    inverse = torch.argsort(order)
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        return torch.cat([o for _, o in parts])[inverse]
+    if isinstance(first, (tuple, list)):
+        return type(first)(None if first[i] is None else _gather_rows([(r, o[i]) for r, o in parts])
+                           for i in range(len(first)))
+    raise TypeError(f"a modules_to_save copy returned a {type(first).__name__}; a mixed batch needs a tensor "
+                    "(or a tuple of tensors) to put its rows back together")
 
 
 def _has_hook(hooks: dict, fn) -> bool:

@@ -16,8 +16,8 @@ hooks on the top model (a forward pre-hook with kwargs and a forward hook) do th
 all see the prompt. The hooks speak the model library's calling convention (keyword names, the
 key/value cache object), so they belong to the integration: :mod:`deltatune.integrations.hf_prompt`
 (installed through ``GEOMETRY.prompt_wiring``). This module holds the configs, the prompt
-modules, the injection, :func:`active_prompt` (which prompt acts on a call: the routing rule of
-:mod:`deltatune.adapters`) and the file format. Prefix tuning's config and encoder are in
+modules, the injection, :func:`acting_prompts` (which prompts act on a call, on which rows: the
+routing rule of :mod:`deltatune.routing`) and the file format. Prefix tuning's config and encoder are in
 :mod:`deltatune.methods.prefix`.
 
 What the hooks do to masks, positions, labels, the cache and the logits is described in
@@ -39,9 +39,9 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..adapters import AdapterRecord, get_state, module_device, resolve_dtype
+from ..adapters import AdapterRecord, get_state, module_device, resolve_dtype, row_index
 
-from ..routing import acting_names
+from ..routing import acting_names, acting_rows
 from ..config import AdapterConfig, register_config
 from ..geometry import GEOMETRY, config_value
 from ..inject import register_method
@@ -404,22 +404,33 @@ def _remover(adapter_name: str) -> Callable:
     return fn
 
 
-def active_prompt(model: nn.Module) -> Optional[tuple[str, nn.Module, PromptLearningConfig]]:
-    """(name, module, config) of the prompt adapter that acts on a call, or None (none active, or
-    adapters disabled): the routing rule of :func:`deltatune.adapters.acting_names`.
+def acting_prompts(model: nn.Module, x: torch.Tensor) -> list:
+    """``[(name, module, config, rows)]`` of the prompt adapters that act on a call whose input
+    (ids or embeddings) is ``x`` (B, T, ...): the routing rule of
+    :func:`deltatune.routing.acting_names` (none when adapters are disabled). ``rows`` is None
+    when the prompt goes in front of every row, else the int64 indices of its rows in a mixed batch
+    (:func:`deltatune.adapter_rows`); rows no entry names run without a prompt.
 
     Raises:
-        ValueError: more than one prompt adapter is active (they cannot be combined).
+        ValueError: outside a mixed batch, more than one prompt adapter is active (a model takes one
+            prompt method at a time).
     """
     st = get_state(model)
     cont = _container(model)
     if cont is None:
-        return None
+        return []
     names = [n for n in acting_names(st) if n in cont]
-    if len(names) > 1:
+    if st.rows is None and len(names) > 1:
         raise ValueError(f"prompt adapters {names} are active together; a model takes one prompt method at a time: "
-                         "set_adapter() one of them")
-    return (names[0], cont[names[0]], st.records[names[0]].config) if names else None
+                         "set_adapter() one of them, or give each row its own with adapter_names")
+    out = []
+    for n in names:
+        rows = acting_rows(st, n, x)
+        if rows is not None:
+            rows = row_index(rows, x.device)
+        if rows is None or rows.numel():
+            out.append((n, cont[n], st.records[n].config, rows))
+    return out
 
 
 # ----------------------------------------------------------------------------- file format

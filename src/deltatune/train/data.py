@@ -289,12 +289,25 @@ def row_to_example(row: dict, path: str = "<data>", i: int = 1) -> Example:
     )
 
 
+ADAPTER_FIELD = "adapter"  # a row's adapter choice (deltatune eval/generate with several --adapter)
+
+
 def load_examples(path: str) -> list[Example]:
-    """Every row of ``path`` as an :class:`Example` (rows numbered from 1 in errors)."""
+    """Every row of ``path`` as an :class:`Example` (rows numbered from 1 in errors); a row's
+    ``adapter`` field (the adapter that answers it) goes into ``meta["adapter"]``."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"data file {path} has no rows")
-    return [row_to_example(r, path, i + 1) for i, r in enumerate(rows)]
+    out = []
+    for i, r in enumerate(rows):
+        ex = row_to_example(r, path, i + 1)
+        choice = r.get(ADAPTER_FIELD)
+        if choice is not None:
+            if not isinstance(choice, str) or not choice.strip():
+                raise DataError(f"{path}: row {i + 1}: field {ADAPTER_FIELD!r} must be an adapter name, got {choice!r}")
+            ex.meta[ADAPTER_FIELD] = choice.strip()
+        out.append(ex)
+    return out
 
 
 def examples_from_rows(rows, name: str = "data") -> list[Example]:

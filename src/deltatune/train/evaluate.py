@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..routing import adapter_rows
 from .data import ChatEncoder, Example, collate, end_of_turn_ids, pad_id_of
 from .loss import token_loss_sum
 from .precision import Precision, to_device
@@ -64,12 +65,14 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     stop_ids: Sequence[int], pad_id: int, batch_size: int = 32,
-                    return_first_logits: bool = False):
+                    return_first_logits: bool = False, adapter_names: Optional[Sequence[str]] = None):
     """Greedy continuations of tokenised prompts, batched with left padding.
 
     Args:
         prompts: lists of token ids (any lengths).
         stop_ids: tokens that end a row's answer (not included in the result).
+        adapter_names: one adapter name (or "__base__") per prompt: rows of different adapters
+            share batches (a mixed batch, :func:`deltatune.adapter_rows`). None: the active adapters.
 
     Returns:
         A list (prompt order) of lists of new token ids, cut before the first stop token; with
@@ -94,7 +97,8 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
             p = list(prompts[i])
             ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, L - len(p):] = 1
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+        rows = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg, **rows)
         seqs = out.sequences[:, L:].tolist()
         for r, i in enumerate(idx):
             row = seqs[r]
@@ -106,15 +110,20 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
 
 
 @torch.no_grad()
-def loss_stats(model: nn.Module, items: Sequence[dict], pad_id: int, batch_size: int = 16) -> dict:
+def loss_stats(model: nn.Module, items: Sequence[dict], pad_id: int, batch_size: int = 16,
+               adapter_names: Optional[Sequence[str]] = None) -> dict:
     """Teacher-forced statistics over encoded items: ``loss`` (mean target CE, nats), ``perplexity``,
-    ``token_accuracy`` (fraction of targets whose argmax is right), ``targets`` (count)."""
+    ``token_accuracy`` (fraction of targets whose argmax is right), ``targets`` (count).
+    ``adapter_names``: one per item, as :func:`greedy_generate`'s."""
     tot, n, right = 0.0, 0, 0
     dev = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     for k in range(0, len(order), batch_size):
-        b = to_device(collate([items[i] for i in order[k: k + batch_size]], pad_id), dev)
-        s, c, a = token_loss_sum(model, b, with_accuracy=True)
+        idx = order[k: k + batch_size]
+        b = to_device(collate([items[i] for i in idx], pad_id), dev)
+        with (contextlib.nullcontext() if adapter_names is None
+              else adapter_rows(model, [adapter_names[i] for i in idx])):
+            s, c, a = token_loss_sum(model, b, with_accuracy=True)
         tot += float(s)
         n += c
         right += a
@@ -145,14 +154,19 @@ class Evaluator:
             conversation ending in an assistant answer).
         max_new_tokens: generation length; raised to fit the longest reference answer + 1.
         precision: the run's device and autocast (:mod:`deltatune.train.precision`); default float32.
+        adapter_names: one adapter name (or "__base__") per example, scored in mixed batches; the
+            result then also has ``by_adapter``: ``{name: {"metric", "n", "eval_loss"}}``. None: the
+            active adapters.
     """
 
     def __init__(self, tokenizer, examples: Sequence[Example], encoder: ChatEncoder, *, metric: str = "auto",
                  size: Optional[int] = None, loss_size: Optional[int] = 64, batch_size: int = 64,
-                 max_new_tokens: int = 8, precision: Optional[Precision] = None):
+                 max_new_tokens: int = 8, precision: Optional[Precision] = None,
+                 adapter_names: Optional[Sequence[str]] = None):
         self.tok = tokenizer
         self.precision = precision
         self.examples = list(examples)[: size] if size else list(examples)
+        self.names = None if adapter_names is None else list(adapter_names)[: len(self.examples)]
         if not self.examples:
             raise ValueError("no held-out examples to evaluate on")
         self.encoder = encoder
@@ -165,12 +179,15 @@ class Evaluator:
         if metric == "exact_match" and not chat:
             raise ValueError("exact_match needs conversations that end in an assistant answer")
         self.metric_name = metric
-        items = []
-        for e in self.examples[: loss_size] if loss_size else self.examples:
+        scored = self.examples[: loss_size] if loss_size and self.metric_name == "exact_match" else self.examples
+        items, names = [], []
+        for i, e in enumerate(scored):
             enc = encoder.encode(e)
             if enc is not None:
                 items.append(enc)
-        self.loss_items = items if self.metric_name == "exact_match" else encoder.encode_all(self.examples)
+                names.append(None if self.names is None else self.names[i])
+        self.loss_items = items
+        self.loss_names = None if self.names is None else names
         if self.metric_name == "exact_match":
             self.prompts = [encoder.prompt_ids(e.prompt_messages()) for e in self.examples]
             longest = max(len(self.tok(e.reference, add_special_tokens=False)["input_ids"]) for e in self.examples)
@@ -180,13 +197,16 @@ class Evaluator:
         """Greedy answer texts (stop token excluded), in example order."""
         with evaluation_mode(model, self.precision):
             outs = greedy_generate(model, self.prompts, max_new_tokens=self.max_new_tokens,
-                                   stop_ids=self.stop_ids, pad_id=self.pad_id, batch_size=self.batch_size)
+                                   stop_ids=self.stop_ids, pad_id=self.pad_id, batch_size=self.batch_size,
+                                   adapter_names=self.names)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
 
     def __call__(self, model: nn.Module, step: int = 0) -> dict:
-        """``{"metric", "metric_name", "eval_loss", "n", "samples"}`` (samples: first 5 answers)."""
+        """``{"metric", "metric_name", "eval_loss", "n", "samples"}`` (samples: first 5 answers); with
+        ``adapter_names`` also ``by_adapter``: ``{name: {"metric", "n", "eval_loss"}}``."""
         with evaluation_mode(model, self.precision):
-            st = loss_stats(model, self.loss_items, self.pad_id, batch_size=16) if self.loss_items else {}
+            per = self._loss_by_adapter(model)
+            st = per[None] if None in per else _pooled(list(per.values())) if per else {}
             res = {"step": step, "metric_name": self.metric_name, "eval_loss": st.get("loss")}
             if self.metric_name == "exact_match":
                 preds = self.answers(model)
@@ -200,7 +220,39 @@ class Evaluator:
             else:
                 res["metric"] = st.get("token_accuracy")
                 res["n"] = len(self.loss_items)
+            if self.names is not None:
+                res["by_adapter"] = {}
+                for n in dict.fromkeys(self.names):
+                    mine = per.get(n, {})
+                    if self.metric_name == "exact_match":
+                        got = [h for h, m in zip(hits, self.names) if m == n]
+                        metric, count = sum(got) / len(got), len(got)
+                    else:
+                        metric, count = mine.get("token_accuracy"), self.loss_names.count(n)
+                    res["by_adapter"][n] = {"metric": metric, "n": count, "eval_loss": mine.get("loss")}
         return res
+
+    def _loss_by_adapter(self, model: nn.Module) -> dict:
+        """{adapter name (None: the active ones): :func:`loss_stats` of its loss items}."""
+        if not self.loss_items:
+            return {}
+        if self.names is None:
+            return {None: loss_stats(model, self.loss_items, self.pad_id, batch_size=16)}
+        out = {}
+        for n in dict.fromkeys(self.loss_names):
+            items = [it for it, m in zip(self.loss_items, self.loss_names) if m == n]
+            out[n] = loss_stats(model, items, self.pad_id, batch_size=16, adapter_names=[n] * len(items))
+        return out
+
+
+def _pooled(stats: list) -> dict:
+    """One :func:`loss_stats` result from several (weighted by their target counts)."""
+    n = sum(s["targets"] for s in stats)
+    if not n:
+        return {"loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "targets": 0}
+    loss = sum(s["loss"] * s["targets"] for s in stats if s["targets"]) / n
+    acc = sum(s["token_accuracy"] * s["targets"] for s in stats if s["targets"]) / n
+    return {"loss": loss, "perplexity": math.exp(loss), "token_accuracy": acc, "targets": n}
 
 
 # ----------------------------------------------------------------------------- general-text perplexity

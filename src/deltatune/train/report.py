@@ -182,7 +182,7 @@ def format_table(report: dict) -> str:
         ("peak RSS", f"{report.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB"),
         ("model folder" if report.get("saved") == "model" else "adapter", report.get("out")),
     ]
-    data = report.get("data") or {}
+    data = report.get("data") if isinstance(report.get("data"), dict) else {}  # a joint run's task: its file
     if data.get("truncated") or data.get("dropped_no_target"):
         rows.insert(3, ("cut at max_seq_len", f"{data.get('cut_harmless', 0):,d} with every answer token kept, "
                                              f"{data.get('cut_answer', 0):,d} lost answer tokens, "

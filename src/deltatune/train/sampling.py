@@ -34,9 +34,12 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: Optional[int] = None, batch_size: int = 16) -> list[list[int]]:
+                 seed: Optional[int] = None, batch_size: int = 16,
+                 adapter_names: Optional[Sequence[str]] = None) -> list[list[int]]:
     """New token ids for each prompt (a list of ids), cut before the first stop token; greedy when
-    ``temperature`` is 0, else sampled (see the module docstring).
+    ``temperature`` is 0, else sampled (see the module docstring). ``adapter_names``: one adapter
+    name (or ``"__base__"``) per prompt, rows of different adapters batched together
+    (:func:`deltatune.adapter_rows`); None: the active adapters.
 
     Returns:
         One list of int token ids per prompt, in prompt order.
@@ -44,7 +47,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
     check_sampling(temperature, top_p, max_new_tokens)
     if temperature == 0:
         return greedy_generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                               batch_size=batch_size)
+                               batch_size=batch_size, adapter_names=adapter_names)
     from transformers import GenerationConfig
 
     stop = [int(s) for s in stop_ids]
@@ -64,7 +67,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
             for r, i in enumerate(idx):
                 ids[r, L - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
                 mask[r, L - len(prompts[i]):] = 1
-            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg)
+            rows = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg, **rows)
             for r, i in enumerate(idx):
                 row = out[r, L:].tolist()
                 results[i] = row[: next((t for t, x in enumerate(row) if x in stop), len(row))]
