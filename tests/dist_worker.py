@@ -54,11 +54,12 @@ NF4_LR = 5e-3  # the wider NF4 model: at 2e-2 Adam turns float noise of near-zer
 TRAIN = dict(lr=2e-2, warmup_steps=1, max_grad_norm=1.0, grad_accum=2, epochs=2, max_steps=5, seed=3)
 
 
-def train(dist, batch_size: int, n_items: int, nf4: bool = False, **kw):
-    """(losses, grad norms, targets, tokens, full trainable tensors) of a Trainer run of the tiny LoRA model."""
+def train(dist, batch_size: int, n_items: int, nf4: bool = False, dtype=torch.float32, **kw):
+    """(losses, grad norms, targets, tokens, full trainable tensors, parameter dtypes) of a Trainer run of the
+    tiny LoRA model (``dtype``: the base's; the adapters stay float32)."""
     from deltatune.train.loop import Trainer
 
-    model = lora_model(nf4=nf4)
+    model = lora_model(dtype=dtype, nf4=nf4)
     dist.wrap(model)
     dist.broadcast_params(p for p in model.parameters() if p.requires_grad)
     t = Trainer(model, make_items(n_items), batch_size=batch_size, dist=dist, **{**TRAIN, **kw})
@@ -67,7 +68,8 @@ def train(dist, batch_size: int, n_items: int, nf4: bool = False, **kw):
         state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {"loss": [h.loss for h in t.history], "grad_norm": [h.grad_norm for h in t.history],
             "targets": [h.targets for h in t.history], "tokens": [h.tokens for h in t.history], "state": state,
-            "types": sorted({type(p).__name__ for p in model.parameters()})}
+            "types": sorted({type(p).__name__ for p in model.parameters()}),
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
 
 
 def job_trainers(out: str, rank: int) -> dict:
@@ -81,6 +83,9 @@ def job_trainers(out: str, rank: int) -> dict:
         res[strategy] = train(d, 3, 19)
         res[strategy + "_fast"] = train(d, 3, 19, packing=True, shared_prefix=True)
     res["fsdp_nf4"] = train(d, 3, 19, nf4=True, lr=NF4_LR)
+    for strategy in ("ddp", "fsdp"):  # a bf16 base with fp32 adapters: FSDP shards the mixed dtypes
+        d = distributed.Dist(rank=base.rank, world=base.world, strategy=strategy, backend="gloo")
+        res[strategy + "_bf16"] = train(d, 3, 19, dtype=torch.bfloat16)
     return res
 
 

@@ -172,7 +172,9 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line():
 def test_ddp_and_fsdp_on_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
     """19 items, 3 per process (6 combined), 2 micro-batches per step, 5 steps over 2 epochs: the short last
     micro-batch of an epoch leaves rank 1 nothing (DDP: zero gradient; FSDP: a row with weight 0). Padded rows,
-    and the fast path's packed rows + shared prefix (FSDP: packed rows); FSDP also with a torchao NF4 base."""
+    and the fast path's packed rows + shared prefix (FSDP: packed rows); FSDP also with a torchao NF4 base, and
+    with a bf16 base under fp32 adapters (against DDP on the same rows: bf16 rounds another batch split
+    differently, so the one-process reference is for float32)."""
     (r0, r1), codes, logs = launch("trainers", tmp_path)
     assert codes == [0, 0], logs[0][-3000:]
     padded, fast = W.train(SINGLE, 6, 19), W.train(SINGLE, 6, 19, packing=True, shared_prefix=True)
@@ -181,6 +183,11 @@ def test_ddp_and_fsdp_on_two_processes_equal_one_process_with_the_combined_batch
         assert maxdiff_state(r0[key]["state"], r1[key]["state"]) == 0.0  # every process ends with the same adapter
     assert r0["fsdp"]["types"] == ["DTensor"] and r0["ddp"]["types"] == ["Parameter"]  # FSDP really sharded
     same_run(r0["fsdp_nf4"], W.train(SINGLE, 6, 19, nf4=True, lr=W.NF4_LR))  # QLoRA base sharded
+    # a bf16 base with fp32 adapters: FSDP (mixed dtypes in one unit) computes what DDP computes, rows for rows
+    assert r0["fsdp_bf16"]["dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert r0["fsdp_bf16"]["targets"] == padded["targets"]
+    assert maxdiff_state(r0["fsdp_bf16"]["state"], r0["ddp_bf16"]["state"]) <= TOL
+    assert max(abs(x - y) for x, y in zip(r0["fsdp_bf16"]["loss"], r0["ddp_bf16"]["loss"])) <= TOL
 
 
 @pytest.fixture(scope="module")
