@@ -111,6 +111,9 @@ _TRAIN_FLAGS = [
     ("--shared-prefix", "shared_prefix", str, "auto (default: tokens all examples of a batch begin with run once "
                                               "where the method allows), on or off"),
     ("--dtype", "dtype", str, "base model dtype (default: the precision's: bfloat16 or float32)"),
+    ("--strategy", "strategy", str, "with several processes (torchrun/accelerate launch -m deltatune train): ddp "
+                                    "(default: each process holds the model, adapter gradients summed) or fsdp "
+                                    "(base and adapters sharded with FSDP2)"),
     ("--threads", "threads", int, "torch threads (default: all cores, or 1 when the load average shows the cores busy)"),
     ("--max-seq-len", "max_seq_len", int, "cut examples to this many tokens (default 256)"),
     ("--train-on", "train_on", str, "all_assistant (default) or last_assistant turns"),

@@ -148,6 +148,9 @@ def fingerprint_difference(saved: dict, now: dict) -> Optional[str]:
             return (f"the held-out data differs from the checkpoint's ({saved.get('eval_examples')} examples, hash "
                     f"{saved.get('eval_data')}; here {now['eval_examples']}, hash {now['eval_data']}): resume with the "
                     "data (and --eval-data, --val-fraction) the run was started with")
+        if key == "batch_size":  # the combined batch: --batch-size x the number of processes (torchrun)
+            return (f"--batch-size is {a!r} in the checkpoint but {b!r} here (counted over all processes: --batch-size x "
+                    f"processes): pass a --batch-size that times this run's number of processes makes {a!r}")
         if key == "trainable":
             return "the adapter's tensors differ from the checkpoint's (another model or method): resume with the run's own"
         flag = _FLAG.get(key, "--" + key.replace("_", "-"))
@@ -333,7 +336,7 @@ def resume_config(resume: Resume, yaml_values: Optional[dict] = None, flag_value
         raise UsageError(f"--out {out} is not the folder being resumed ({resume.out}): leave --out out")
     defaults = TrainConfig().to_dict()
     recorded = {k: v for k, v in resume.config.items()
-                if k in defaults and k not in ("out", "overwrite") and v != defaults[k]}
+                if k in defaults and k not in ("out", "overwrite", "strategy") and v != defaults[k]}  # strategy: the launch's
     method_options = {**(recorded.pop("method_options", None) or {}), **((yaml_values or {}).get("method_options") or {})}
     layered = {**recorded, **{k: v for k, v in (yaml_values or {}).items() if k != "method_options"}}
     if method_options:
@@ -416,15 +419,16 @@ def run_fit(trainer, saver: Checkpointer, final: bool = True) -> None:
         try:
             try:
                 trainer.fit()
-            except TrainingInterrupted:
-                pass
+            except TrainingInterrupted as e:  # (another process's signal, under torchrun)
+                stop.requested = stop.requested or e.signum
             if (final or stop.requested) and saver.saved_step != trainer.step:
                 saver.save(trainer)
         except KeyboardInterrupt:  # a second SIGINT, in the middle of a step or a checkpoint
             raise TrainingInterrupted(trainer.step, f"deltatune: interrupted during step {trainer.step + 1} of "
                                       f"{trainer.total_steps}; {saver.kept()}", signal.SIGINT) from None
         except NonFiniteLoss as e:
-            write_marker(saver.out, "train", status="diverged")
+            if saver.out is not None:  # (None: a process other than rank 0, which writes nothing)
+                write_marker(saver.out, "train", status="diverged")
             latest = saver.latest
             raise NonFiniteLoss(f"{e}; " + (f"the last good checkpoint, {latest}, is kept" if latest else
                                             "no checkpoint had been saved")) from None

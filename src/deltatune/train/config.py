@@ -26,6 +26,9 @@ from .presets import METHOD_FIELDS, PRESETS, default_lr
 from .tensorboard import check_report_to
 
 
+STRATEGIES = ("auto", "ddp", "fsdp")  # --strategy (deltatune.train.distributed)
+
+
 class OptionError(ValueError):
     """Bad training option (the message names the option and the fix)."""
 
@@ -76,6 +79,7 @@ class TrainConfig:
     shared_prefix: str = "auto"  # auto (a prefix all rows of a batch share runs once, where allowed), on, off
     dtype: Optional[str] = None  # dtype the base model is loaded in; None = the precision's (bf16 or float32)
     threads: Optional[int] = None  # torch.set_num_threads; None = auto (pipeline.choose_threads)
+    strategy: str = "auto"  # several processes (torchrun): ddp (default there) or fsdp (train.distributed)
     # data
     max_seq_len: int = 256
     train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only
@@ -117,7 +121,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         return "on" if value else "off"
     if name == "report_to" and isinstance(value, (list, tuple)):  # YAML list, or report_to=["tensorboard"]
         return ",".join(str(v) for v in value) or "none"
-    if name in ("precision", "packing", "shared_prefix", "device") and isinstance(value, str):
+    if name in ("precision", "packing", "shared_prefix", "device", "strategy") and isinstance(value, str):
         return value.strip().lower()
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -427,6 +431,8 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'truncation' must be 'prompt' or 'end', got {cfg.truncation!r}")
     if cfg.dtype is not None and cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise OptionError(f"option 'dtype' must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.strategy not in STRATEGIES:
+        raise OptionError(f"option 'strategy' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     if cfg.precision not in PRECISIONS:
         raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.task_wording not in WORDINGS:

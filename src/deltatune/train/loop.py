@@ -37,6 +37,12 @@ accumulated gradient. A step whose loss or gradient is NaN or infinite is not ta
 ``seed``; dropout draws from torch's global generator, seeded with ``seed`` at the start;
 evaluation (see :mod:`deltatune.train.evaluate`) never touches either.
 
+Several processes (``torchrun``; :mod:`deltatune.train.distributed`): the plan is the one of a single
+process with the combined batch ``batch_size x world``; each process runs its rows of every micro-batch,
+``N_window`` is summed over the processes before the first forward, the gradients are summed after the
+last backward, and the logged loss and token counts are global; so the run equals one process with the
+combined batch. Dropout draws from ``seed + rank``.
+
 Resuming. :meth:`Trainer.state_dict` holds everything the rest of the run depends on (the
 trainable tensors, the optimizer, the scheduler, the fp16 grad scaler, the RNG states, the number
 of windows of the plan done, the counters and evaluations so far); a fresh ``Trainer`` of the same
@@ -58,6 +64,7 @@ from torch import nn
 
 from ..inject import parameter_groups, train_hooks
 from .data import collate, count_targets
+from .distributed import SINGLE, Dist
 from .loss import token_loss_sum
 from .packing import pack, share_prefix
 from .precision import Precision, to_device
@@ -186,6 +193,8 @@ class Trainer:
             right-padded ones; the loss is the same.
         shared_prefix: the leading tokens that a micro-batch's rows share (and that hold no target)
             run once (:func:`deltatune.train.packing.share_prefix`); the loss is the same.
+        dist: this process's place in a multi-process run (:func:`deltatune.train.distributed.setup`;
+            default: a single process); ``batch_size`` is then per process.
 
     Attributes ``optimizer`` and ``scheduler`` exist after construction (tests hook them).
     """
@@ -216,6 +225,7 @@ class Trainer:
     precision: Optional[Precision] = None
     packing: bool = False
     shared_prefix: bool = False
+    dist: Optional[Dist] = None
     stop_requested: Optional[Callable[[], bool]] = None
     history: list = field(default_factory=list)
 
@@ -226,8 +236,11 @@ class Trainer:
         if self.precision is None:
             self.precision = Precision(self.params[0].device)
         self.scaler = self.precision.grad_scaler()
-        self.plan = plan_windows(len(self.items), self.batch_size, self.grad_accum, self.epochs, self.seed,
-                                 self.max_steps)
+        self.dist = self.dist or SINGLE
+        if self.dist.lockstep:  # a sharded model: every process makes the same model calls
+            self.shared_prefix = False
+        self.plan = plan_windows(len(self.items), self.batch_size * self.dist.world, self.grad_accum, self.epochs,
+                                 self.seed, self.max_steps)  # the combined batch of every process
         self.total_steps = len(self.plan)
         decay, keep = parameter_groups(self.model)  # weight decay only where 0 is the neutral value
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
@@ -244,7 +257,8 @@ class Trainer:
         self._resumed = False
 
     def _plan_key(self) -> dict:
-        return {"n_items": len(self.items), "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+        return {"n_items": len(self.items), "batch_size": self.batch_size * self.dist.world,  # the combined batch
+                "grad_accum": self.grad_accum,
                 "epochs": self.epochs, "seed": self.seed, "max_steps": self.max_steps, "total_steps": self.total_steps}
 
     def _trainable(self) -> dict:
@@ -254,12 +268,16 @@ class Trainer:
         """The state the rest of the run depends on (tensors and plain values, nothing else): the trainable
         tensors by name, the optimizer's and scheduler's (and fp16 grad scaler's) states, the torch and
         Python RNG states, ``step`` (the number of windows of the plan done), the counters and the
-        evaluations so far, and the plan's arguments (checked on load)."""
-        return {"step": self.step, "plan": self._plan_key(), "train_tokens": self.train_tokens,
-                "train_seconds": self.train_seconds, "evals": [[s, r] for s, r in self.evals],
-                "params": {n: p.detach() for n, p in self._trainable().items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state()}
+        evaluations so far, and the plan's arguments (checked on load). Several processes: every process
+        must call it (sharded tensors are gathered whole; every process's RNG states are in ``rng_ranks``)."""
+        state = {"step": self.step, "plan": self._plan_key(), "train_tokens": self.train_tokens,
+                 "train_seconds": self.train_seconds, "evals": [[s, r] for s, r in self.evals],
+                 "params": {n: p.detach() for n, p in self._trainable().items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state()}
+        if self.dist.active:
+            state["rng_ranks"] = self.dist.gather_object(state["rng"])
+        return self.dist.full_state(state)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of a run of the same plan and model: :meth:`fit` then runs the
@@ -278,12 +296,13 @@ class Trainer:
             raise ValueError(f"the state holds other trainable tensors than the model: {', '.join(bad[:4])}")
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(saved[n])
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(self.dist.shard_like(saved[n], p))  # FSDP: this process's shard of the whole tensor
+        self.optimizer.load_state_dict(self.dist.optimizer_state_like(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")  # the same number of processes: each its own stream; else rank 0's
+        set_rng_state(ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world else state["rng"])
         self.step = int(state["step"])
         self.train_tokens, self.train_seconds = int(state["train_tokens"]), float(state["train_seconds"])
         self.evals = [(int(s), r) for s, r in state["evals"]]
@@ -308,13 +327,19 @@ class Trainer:
     def train_window(self, window: list[list[int]]) -> StepLog:
         """Forward/backward every micro-batch of one window, then clip and take one optimizer step."""
         t0 = time.perf_counter()
-        batches = [self.batch(mb) for mb in window]
-        n_window = sum(count_targets(b) for b in batches)
+        d = self.dist
+        shards = [d.shard(mb) for mb in window]  # this process's rows (all of them for a single process)
+        # a sharded model needs every process in every forward: an empty share runs a row with weight 0
+        batches = [(self.batch(s or mb[:1]), bool(s)) for s, mb in zip(shards, window) if s or d.lockstep]
+        n_window = int(d.all_sum([sum(count_targets(b) for b, real in batches if real)])[0])
         total = 0.0
-        for b in batches:
+        for i, (b, real) in enumerate(batches):
+            d.gradient_sync(self.model, i == len(batches) - 1)
             with self.precision.autocast():
                 s, n = token_loss_sum(self.model, b)
-            if n:
+            if n and not real:
+                (s * 0.0).backward()
+            elif n:
                 loss = s / n_window
                 for h in self.hooks:  # a per-step term (AdaLoRA's regulariser), spread by target share
                     term = h.loss_term(self.model)
@@ -322,15 +347,19 @@ class Trainer:
                         loss = loss + term * (n / n_window)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 total += float(s.detach())
+        d.sync_grads(self.params)  # DDP: the trainable tensors' gradients summed over the processes
+        tokens = int(sum(int(b["lengths"].sum()) for b, real in batches if real))
+        total, tokens = d.all_sum([total, tokens])  # global figures (and the same non-finite verdict everywhere)
+        tokens = int(tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         gn = None
         if self.max_grad_norm:
-            gn = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            gn = d.clip_grad_norm(self.params, self.max_grad_norm)
         lr = float(self.optimizer.param_groups[0]["lr"])
         skipped_by_scaler = self.scaler is not None and gn is not None and not math.isfinite(gn)
-        grads_ok = (gn is None or math.isfinite(gn)) and (self.scaler is not None or gn is not None or all(
-            bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None))
+        grads_ok = (gn is None or math.isfinite(gn)) and (self.scaler is not None or gn is not None or
+                                                          d.grads_finite(self.params))
         if not math.isfinite(total) or (not grads_ok and not skipped_by_scaler):
             self.optimizer.zero_grad(set_to_none=True)
             norm = f"gradient norm {gn:.4g}" if gn is not None else f"gradient {'finite' if grads_ok else 'not finite'}"
@@ -346,16 +375,15 @@ class Trainer:
         for h in self.hooks:  # after the update, gradients still there (AdaLoRA scores and prunes ranks)
             h.after_step(self.model, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(sum(int(b["lengths"].sum()) for b in batches))
         return StepLog(step=self.step + 1, loss=total / max(1, n_window), lr=lr, grad_norm=gn,
                        targets=n_window, tokens=tokens, seconds=time.perf_counter() - t0)
 
     def fit(self) -> list:
         """Run every window of the plan not done yet; return the list of :class:`StepLog` (of this call)."""
         if not self._resumed:  # a resumed run has its RNG states back (load_state_dict)
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed + self.dist.rank)  # dropout: a stream per process
         bar = None
-        if self.progress:
+        if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
@@ -382,7 +410,7 @@ class Trainer:
                     self._run_eval()
                 if self.checkpoint is not None and self.save_every and self.step % self.save_every == 0 and not last:
                     self.checkpoint(self.step)
-                if self.stop_requested is not None and not last and self.stop_requested():
+                if self.stop_requested is not None and not last and self.dist.any(self.stop_requested()):
                     raise TrainingInterrupted(self.step)
         finally:
             if bar is not None:

@@ -207,7 +207,8 @@ def token_loss_sum(model: nn.Module, batch: dict, *, with_accuracy: bool = False
         hidden = out.logits if hasattr(out, "logits") else out[0]
         if hidden.shape[-1] == head.in_features and hidden.shape[-1] != head.out_features:
             h = hidden[:, -keep:][:, :-1][sel]  # (N, D): the rows that predict targets
-            loss, correct = head_cross_entropy(h, head.weight, head.bias, y[sel], count_correct=with_accuracy)
+            w = head.weight.full_tensor() if hasattr(head.weight, "full_tensor") else head.weight  # FSDP: whole
+            loss, correct = head_cross_entropy(h, w, head.bias, y[sel], count_correct=with_accuracy)
             n = int(sel.sum())
             return (loss, n, correct) if with_accuracy else (loss, n)
         # the model did not route its hidden states through the head: take the logits path

@@ -41,6 +41,7 @@ from ..adapters import get_record
 from ..inject import count_parameters, inject, parameter_groups
 from ..lifecycle import disable_adapter, set_adapter
 from ..routing import adapter_rows
+from .distributed import launched_world
 from .config import TrainConfig, UsageError
 from .data import IGNORE_INDEX, collate, count_targets, pad_id_of
 from .evaluate import Evaluator, PerplexityProbe
@@ -262,6 +263,9 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
     tasks = dict(cfg.tasks or {})
     if not tasks:
         raise UsageError("no tasks: give --data NAME=FILE (one per adapter)")
+    if launched_world()[0] > 1 or cfg.strategy != "auto":  # its own loop has no distributed pieces (yet)
+        raise UsageError("a run of several tasks (--data NAME=FILE) runs in one process: start it without torchrun "
+                         "and --strategy, or train each task in a run of its own, which runs on several processes")
     if cfg.packing == "on":
         raise UsageError("--packing on does not work with several --data tasks: their rows share padded batches")
     check_out(cfg.out, cfg.overwrite, [*tasks, "report.json"])

@@ -22,7 +22,9 @@ checks in step 1 that the checkpoint is of the same configuration and data, skip
 scores are in the checkpoint) and continues step 3 from the checkpoint.
 
 The other subcommands are in :mod:`deltatune.train.commands`; the rules of output folders in
-:mod:`deltatune.train.outputs`.
+:mod:`deltatune.train.outputs`. Under ``torchrun`` every process runs these steps; rank 0 alone
+logs and writes, the model is wrapped for ``--strategy`` after injection, and the figures are
+global (:mod:`deltatune.train.distributed`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
 from .config import TrainConfig, UsageError, absolute_paths
+from . import distributed
 from .data import ChatEncoder, examples_from_rows, load_examples, pad_id_of, split_examples, write_rows_jsonl
 from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
@@ -233,6 +236,7 @@ class Run:
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run must match to resume it
     resume: Optional[Resume] = None  # the checkpoint the run continues from
     scores_before: tuple = ({}, None)  # (evaluation, perplexity) of the base model
+    dist: distributed.Dist = field(default_factory=lambda: distributed.SINGLE)  # this process's place (torchrun)
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
@@ -247,24 +251,41 @@ def train_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
     and notebooks: the trained model stays in memory). ``resume``: continue that run (see
     :func:`deltatune.train.checkpoint.find_resume`). ``rows``: training data held in memory instead of
     ``cfg.data`` (see :func:`prepare`)."""
-    run = prepare(cfg, log, resume, rows=rows)
-    if run.resume is not None and run.resume.state is not None:
-        run.scores_before = (run.resume.run.get("before") or {}, run.resume.run.get("ppl_before"))
-    else:
-        try:
-            run.scores_before = score_base(run)
-        except KeyboardInterrupt:  # --out exists: the run can be started again from it
-            raise TrainingInterrupted(0, "deltatune: interrupted before the first step; start it again with: "
-                                      f"deltatune train --resume {run.out}") from None
-    before, ppl_before = run.scores_before
-    trainer = fit(run, progress)
-    report = finish(run, trainer, before, ppl_before)
+    d = start_processes(cfg)
+    with distributed.lost_contact(d, "training"):
+        run = prepare(cfg, log, resume, rows=rows, dist=d)
+        if run.resume is not None and run.resume.state is not None:
+            run.scores_before = (run.resume.run.get("before") or {}, run.resume.run.get("ppl_before"))
+        else:
+            try:
+                run.scores_before = score_base(run)
+            except KeyboardInterrupt:  # --out exists: the run can be started again from it
+                raise TrainingInterrupted(0, "deltatune: interrupted before the first step; start it again with: "
+                                          f"deltatune train --resume {run.out}") from None
+        before, ppl_before = run.scores_before
+        trainer = fit(run, progress)
+        report = finish(run, trainer, before, ppl_before)
+    d.close()
     return {"report": report, "model": run.model, "tokenizer": run.tok, "evaluator": run.evaluator,
             "trainer": trainer}
 
 
+def start_processes(cfg: TrainConfig) -> distributed.Dist:
+    """This process's :class:`~deltatune.train.distributed.Dist` for ``cfg.strategy`` and ``cfg.device``
+    (joins the launcher's process group under torchrun; a single process otherwise).
+
+    Raises:
+        UsageError: an unknown device, or ``--strategy`` that this launch cannot run.
+    """
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return distributed.setup(cfg.strategy, device)
+
+
 def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[Resume] = None, *,
-            rows: Optional[MemoryData] = None) -> Run:
+            rows: Optional[MemoryData] = None, dist: Optional[distributed.Dist] = None) -> Run:
     """Check every input, load and prepare the model, inject the adapter once, then create ``--out``
     (a resumed run: check the checkpoint fits, then clear what the interrupted process left after it).
 
@@ -272,12 +293,14 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     and ``cfg.data`` (``cfg.eval_data``) name those files, so that the report records them and
     ``deltatune eval --adapter OUT`` scores the same held-out rows."""
     t_start = time.time()
+    d = dist or start_processes(cfg)
+    log = log if d.is_main else None  # rank 0 speaks for the run
     cfg = absolute_paths(cfg)  # recorded so, they hold from any working directory
     will_write = TRAIN_FILES + (MEMORY_DATA if rows is not None else ())
-    if resume is None:
-        check_out(cfg.out, cfg.overwrite, TRAIN_FILES)  # nothing is deleted before every input has been checked
-        if rows is not None:
-            refuse_foreign_files(cfg.out, MEMORY_DATA)  # the rows are written there: never over a file of the user's
+    if resume is None:  # nothing is deleted before every input has been checked (rank 0 checks, for all)
+        d.first_on_main(lambda: check_out(cfg.out, cfg.overwrite, TRAIN_FILES))
+        if rows is not None:  # the rows are written there: never over a file of the user's
+            d.first_on_main(lambda: refuse_foreign_files(cfg.out, MEMORY_DATA))
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     if preset.trains_base:
@@ -285,9 +308,11 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
         cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
     train_ex, eval_ex, task_name = read_data(cfg, log, rows)
     precision, dtype = run_precision(cfg)
+    precision = distributed.localize(d, precision)  # cuda: this process's GPU
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
-    model, tok, source = load_base(cfg.model, dtype, cfg.threads, precision.device)
+    # fsdp: loaded on the CPU, each process then keeps its shards on its device (Dist.wrap)
+    model, tok, source = load_base(cfg.model, dtype, cfg.threads, None if d.lockstep else precision.device)
     if precision.device.type == "cpu":
         use_length_aware_attention(model)  # explicit attention for short training sequences, SDPA else
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
@@ -303,31 +328,47 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     trainable, total = count_parameters(model)
     trainable = total if preset.trains_base else trainable  # full: every weight, once the base is scored
     _say(log, f"method: {cfg.method}, trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
+    if d.lockstep:
+        distributed.check_fsdp(model, cfg.method, precision.name, preset.trains_base, d.world)
+    d.wrap(model)  # fsdp: every transformer block and the root sharded
+    d.broadcast_params(p for p in model.parameters() if p.requires_grad)  # ddp: rank 0's adapter everywhere
+    if d.active:
+        _say(log, f"processes: {d.world} ({d.strategy}, {d.backend}); batch {cfg.batch_size} per process, "
+                  f"{cfg.batch_size * d.world} combined")
     fp = fingerprint(cfg, precision=precision.name, dtype=dtype, items=items, eval_examples=eval_ex, model=model)
+    fp["batch_size"] = cfg.batch_size * d.world  # the combined batch decides the arithmetic, not the split
+    metrics = distributed.NoMetrics()  # (rank 0 alone writes)
     if resume is not None and resume.state is not None:
         check_resumable(resume, fp, (cfg.packing, cfg.shared_prefix))  # before anything in --out changes
-        out, metrics = resume.out, MetricsLog(os.path.join(resume.out, "metrics.jsonl"),
-                                              keep_lines=int(resume.run.get("metrics_lines", 0)))
+        out = resume.out
+        if d.is_main:
+            metrics = MetricsLog(os.path.join(resume.out, "metrics.jsonl"),
+                                 keep_lines=int(resume.run.get("metrics_lines", 0)))
         t_start -= float(resume.run.get("elapsed", 0.0))
         _say(log, f"resuming from {resume.checkpoint}")
     else:
         if resume is not None:
             _say(log, f"no complete checkpoint in {resume.out}: the run starts again from step 0")
-        out = prepare_out(cfg.out, cfg.overwrite or resume is not None, "train", will_write, config=cfg.to_dict())
-        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
+        out = d.first_on_main(lambda: prepare_out(cfg.out, cfg.overwrite or resume is not None, "train", will_write,
+                                                  config=cfg.to_dict()))
+        if d.is_main:
+            metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
         if rows is not None:
             cfg.data = os.path.join(out, MEMORY_DATA[0])
-            write_rows_jsonl(cfg.data, rows.train)
+            if d.is_main:
+                write_rows_jsonl(cfg.data, rows.train)
             if rows.eval is not None:
                 cfg.eval_data = os.path.join(out, MEMORY_DATA[1])
-                write_rows_jsonl(cfg.eval_data, rows.eval)
-    sinks = metric_sinks(cfg.report_to, out)
-    record_files(out, add=[os.path.basename(s.path) for s in sinks if getattr(s, "path", None)])
-    metrics.sinks = sinks
+                if d.is_main:
+                    write_rows_jsonl(cfg.eval_data, rows.eval)
+    if d.is_main:
+        sinks = metric_sinks(cfg.report_to, out)
+        record_files(out, add=[os.path.basename(s.path) for s in sinks if getattr(s, "path", None)])
+        metrics.sinks = sinks
     return Run(cfg=cfg, log=log, t_start=t_start, model=model, tok=tok, source=source, items=items,
                task_name=task_name, evaluator=evaluator, extra=extra, trainable=trainable, total=total, out=out,
                metrics=metrics, precision=precision, data_stats=data_stats, trains_base=preset.trains_base,
-               fingerprint=fp, resume=resume,
+               fingerprint=fp, resume=resume, dist=d,
                ppl_probe=PerplexityProbe(tok, cfg.ppl_size, precision=precision) if cfg.ppl_size else None)
 
 
@@ -338,14 +379,15 @@ def score_base(run: Run) -> tuple[dict, Optional[float]]:
     nothing from the stream training uses.
     """
     _say(run.log, "scoring the base model ...")
+    main = run.dist.main_call  # rank 0 scores (every process when the model is sharded)
     with contextlib.nullcontext() if run.trains_base else disable_adapter(run.model):  # exactly the base model
-        before = run.evaluator(run.model, 0) if run.evaluator else {}
+        before = main(run.evaluator)(run.model, 0) if run.evaluator else {}
         if before:
             run.metrics.write({"kind": "eval", **{k: v for k, v in before.items() if k != "samples"}})
             _say(run.log, f"before: {before['metric_name']} = {before['metric']:.3f}" +
                  (f" (e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['prompt']!r})"
                   if before.get("samples") else ""))
-        ppl_before = run.ppl_probe(run.model) if run.ppl_probe else None
+        ppl_before = main(run.ppl_probe)(run.model) if run.ppl_probe else None
     return before, ppl_before
 
 
@@ -375,22 +417,26 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
         "before": {k: v for k, v in run.scores_before[0].items()}, "ppl_before": run.scores_before[1],
         "metrics_lines": run.metrics.sync(), "elapsed": time.time() - run.t_start},
         save_weights=(lambda m, folder: save_model_folder(m, run.tok, folder)) if run.trains_base else None)
+    if run.dist.active:  # every process gathers, rank 0 writes
+        saver = distributed.SharedSaver(run.dist, model, saver if run.dist.is_main else None)
     trainer = Trainer(
         model, run.items, pad_id=pad_id_of(run.tok), lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
         lr_floor=cfg.lr_floor, warmup_from_zero=cfg.warmup_from_zero,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=save_every or 0,
-        evaluate=run.evaluator, on_step=on_step, on_eval=on_eval, checkpoint=lambda step: saver.save(trainer),
+        evaluate=run.dist.main_call(run.evaluator), on_step=on_step, on_eval=on_eval,
+        checkpoint=lambda step: saver.save(trainer),
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
-        shared_prefix=shared,
+        shared_prefix=shared, dist=run.dist,
     )
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
     if resumed:
         trainer.load_state_dict(resumed.state)
         trainer.history = history_of(run.metrics.rows)
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
-              f" ({how}, {run.precision.name})" + (f", from step {trainer.step}" if resumed else ""))
+              + (f" x {run.dist.world} processes" if run.dist.active else "")
+              + f" ({how}, {run.precision.name})" + (f", from step {trainer.step}" if resumed else ""))
     _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
     run_fit(trainer, saver, final=bool(save_every))
     return trainer
@@ -428,6 +474,10 @@ def batching(run: Run) -> tuple[bool, bool]:
     for flag, name, make in (("packing", "packed rows", lambda its: pack(its, pad_id_of(run.tok))),
                              ("shared_prefix", "a shared prefix", lambda its: share_prefix(its, pad_id_of(run.tok)))):
         mode = getattr(run.cfg, flag)
+        if flag == "shared_prefix" and run.dist.lockstep and mode != "off":
+            _say(run.log, "note: --strategy fsdp runs without the shared prefix (a second model call on some processes "
+                          "only would unpair the sharded model's all-gathers)")
+            mode = "off"
         if mode == "off" or (prompt and mode == "auto"):
             chosen.append(False)
             continue
@@ -438,29 +488,36 @@ def batching(run: Run) -> tuple[bool, bool]:
         if not ok:
             _say(run.log, f"note: this model does not give {name} the loss of padded rows; not using them")
         chosen.append(ok)
+    chosen = run.dist.broadcast_object(chosen)  # every process batches as rank 0 decided
     return chosen[0], chosen[1]
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
     """Save the adapter (``full``: the model folder), score the chitchat perplexity with it, write the report
     files; return the report."""
-    cfg, model, out = run.cfg, run.model, run.out
-    if run.trains_base:
-        stage = staging_dir(out, "model")
-        try:
-            save_model_folder(model, run.tok, stage)
-            adopt_files(out, stage)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    else:
+    cfg, model, out, d = run.cfg, run.model, run.out, run.dist
+    if not run.trains_base:
         saved_cfg = get_config(model)
         saved_cfg.base_model_name_or_path = run.source.display
         if getattr(saved_cfg, "task_type", "") is None:
             saved_cfg.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM takes it
-        written = save_adapter(model, out)
-        record_files(out, add=[os.path.relpath(d, out) for d in written if os.path.abspath(d) != out])
-    ppl_after = run.ppl_probe(model) if run.ppl_probe else None
+    with d.full_parameters(model):  # fsdp: the whole adapter tensors, gathered by every process
+        if d.is_main and run.trains_base:  # rank 0 alone writes
+            stage = staging_dir(out, "model")
+            try:
+                save_model_folder(model, run.tok, stage)
+                adopt_files(out, stage)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        elif d.is_main:
+            written = save_adapter(model, out)
+            record_files(out, add=[os.path.relpath(x, out) for x in written if os.path.abspath(x) != out])
+    ppl_after = d.main_call(run.ppl_probe)(model) if run.ppl_probe else None
     report = build_report(run, trainer, before, ppl_before, ppl_after)
+    report.update(processes=d.world, strategy=d.strategy, **distributed.process_figures(d, model, trainer.optimizer),
+                  train_tokens_per_s_per_process=report["train_tokens_per_s"] / d.world)  # memory held: per process
+    if not d.is_main:
+        return report
     write_report(os.path.join(out, "report.json"), report)
     run.metrics.close()
     if cfg.plot:
