@@ -605,19 +605,21 @@ def _main(argv: list, debug: bool) -> int:
         if line is None:
             if debug:
                 raise
-            msg = " ".join(str(e).split()) or "(no message)"
-            print(f"deltatune: error: {type(e).__name__}: {msg} (run with DELTATUNE_DEBUG=1 for the traceback)",
-                  file=sys.stderr)
-            return 1
+            return _unexpected(e)
         print(line, file=sys.stderr)
         return 2
     except Exception as e:  # anything else: still one line (a damaged file, a library's own error)
         if debug:
             raise
-        msg = " ".join(str(e).split()) or "(no message)"
-        print(f"deltatune: error: {type(e).__name__}: {msg} (run with DELTATUNE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _unexpected(e)
+
+
+def _unexpected(e: BaseException) -> int:
+    """Print the one line of an unexpected failure (its type and message) and return exit code 1."""
+    msg = " ".join(str(e).split()) or "(no message)"
+    print(f"deltatune: error: {type(e).__name__}: {msg} (run with DELTATUNE_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 def _quiet_libraries() -> None:

@@ -116,8 +116,7 @@ def check_out(path: str, overwrite: bool, will_write: Iterable[str] = ()) -> str
         if body is None and not _legacy_run(path):
             raise UsageError(f"--out {path} is not empty and was not written by deltatune (no {OUTPUT_MARKER}): "
                              "refusing to delete anything in it; choose another folder")
-        own = _own_names(path, body)
-        theirs = sorted(n for n in os.listdir(path) if n in set(will_write) and n not in own)
+        theirs = _users_files(path, body, will_write)
         if theirs:
             raise UsageError(f"--out {path} holds your file {theirs[0]}, which this command would write over: "
                              "move it away or choose another folder")
@@ -216,6 +215,12 @@ def staging_dir(path: str, what: str) -> str:
     return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{what}-", dir=path)
 
 
+def _users_files(path: str, body: Optional[dict], names: Iterable[str]) -> list[str]:
+    """The entries of ``path`` named in ``names`` that deltatune did not write there (``body``: its
+    marker), sorted: a command writing those names would replace the user's files."""
+    own = _own_names(path, body)
+    return sorted(n for n in set(names) if os.path.lexists(os.path.join(path, n)) and n not in own)
+
 
 def refuse_foreign_files(path: str, names: Iterable[str]) -> None:
     """Raise :class:`UsageError` when ``path`` holds one of ``names`` that deltatune did not write there
@@ -223,8 +228,7 @@ def refuse_foreign_files(path: str, names: Iterable[str]) -> None:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         return
-    own = _own_names(path, read_marker(path)) if read_marker(path) is not None else {OUTPUT_MARKER}
-    for n in names:
-        if os.path.lexists(os.path.join(path, n)) and n not in own:
-            raise UsageError(f"--out {path} holds a {n} deltatune did not write, and this run writes its in-memory "
-                             f"rows there: choose another --out")
+    theirs = _users_files(path, read_marker(path), names)
+    if theirs:
+        raise UsageError(f"--out {path} holds a {theirs[0]} deltatune did not write, and this run writes its "
+                         "in-memory rows there: choose another --out")
