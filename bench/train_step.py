@@ -14,7 +14,8 @@ Configurations:
                 through the head in chunks, packed rows where the method allows;
 * ``dt-fp32``   the same path in fp32 (the reference for the loss check);
 * ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
-* ``dt-bf16`` / ``dt-head`` / ``dt-pack``: ``dt-base`` plus one lever (the ablation);
+* ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix``: ``dt-base`` plus one lever (the ablation;
+                packing and the shared prefix act on the main job's data only, as in ``deltatune train``);
 * ``peft``      ``peft.get_peft_model`` + the transformers loss (``labels=``), fp32;
 * ``peft-ac``   ``peft`` under ``torch.autocast("cpu", bfloat16)`` (PEFT's best bf16 setting).
 
@@ -48,8 +49,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # config -> (precision, head path, packing); peft configs are handled apart
-DT_CONFIGS = {"dt": ("auto", True, True), "dt-fp32": ("fp32", True, True), "dt-base": ("fp32", False, False),
-              "dt-bf16": ("bf16", False, False), "dt-head": ("fp32", True, False), "dt-pack": ("fp32", False, True)}
+# name: (precision, loss through the head in chunks, packed rows, shared prefix run once)
+DT_CONFIGS = {"dt": ("auto", True, True, True), "dt-fp32": ("fp32", True, True, True),
+              "dt-base": ("fp32", False, False, False), "dt-bf16": ("bf16", False, False, False),
+              "dt-head": ("fp32", True, False, False), "dt-pack": ("fp32", False, True, False),
+              "dt-prefix": ("fp32", False, False, True)}
 
 
 def _kb(field):
@@ -110,7 +114,7 @@ def child(a):
     from deltatune.train.precision import resolve_precision
 
     peft_side = a.config.startswith("peft")
-    prec_name, head, packing = DT_CONFIGS.get(a.config, ("fp32", False, False))
+    prec_name, head, packing, prefix = DT_CONFIGS.get(a.config, ("fp32", False, False, False))
     dev = torch.device(a.device)
     prec = resolve_precision("fp32" if peft_side else prec_name, dev)
     model, tok = _model(a, prec.base_dtype)
@@ -142,7 +146,7 @@ def child(a):
 
         dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=a.warmup + a.steps, precision=prec,
-                          packing=packing and a.mode == "data")
+                          packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
         if not head:
             L._head_of = lambda m: None  # the logits path (deltatune before the head path)
         model.train()
@@ -351,7 +355,7 @@ def run_all(a, result: dict) -> None:
         print_table(result["scaling"][s], "peft")
         save()
     for mode in ("synthetic", "data"):
-        configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack"] if mode == "data" else []) + ["dt"]
+        configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
         res = rounds(a, configs, rows=mode)
         result[f"ablation_{mode}"] = summarize(res, "dt-base", peak)
         print_table(result[f"ablation_{mode}"], "dt-base")
@@ -411,7 +415,7 @@ def main():
                 print_table(result["scaling"][s], "peft")
         elif a.mode == "ablation":
             for mode in ("synthetic", "data"):
-                configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack"] if mode == "data" else []) + ["dt"]
+                configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
                 res = rounds(a, configs, rows=mode)
                 result[mode] = summarize(res, "dt-base", peak)
                 print_table(result[mode], "dt-base")
