@@ -7,7 +7,7 @@ import collections
 import pytest
 
 from deltatune.train.data import DataError
-from deltatune.train.task import FORMS, build_task, lexicon_path, read_lexicon
+from deltatune.train.task import FORMS, build_task, lexicon_path, make_example, read_lexicon
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,25 @@ def test_questions_quote_the_word_and_never_train_the_bare_word_as_a_plural(tabl
         assert set(e.answers) == set(spellings)  # every spelling still counts in evaluation
         if e.meta["form"] == "plural":
             assert answer != lemma  # "acne" -> "acnes" is trained, never "acne" -> "acne"
-    advice = [e for e in build_task(29000, 10, seed=0).train if e.meta["lemma"] == "advice" and e.meta["form"] == "plural"]
-    assert advice and advice[0].messages[1]["content"] == "advices"
+    advice = make_example("plural", "advice", table["plural"]["advice"])  # the lexicon: ("advices", "advice")
+    assert advice.messages[1]["content"] == "advices" and advice.answers == ["advices", "advice"]
     with pytest.raises(DataError, match="wording"):
         build_task(10, 10, wording="fancy")
+
+
+def test_every_form_keeps_its_share_when_its_words_run_out(table):
+    """9,600 questions: the adjective forms (673 training words each) start a second and third pass
+    instead of dropping out, so each form still holds about a sixth; each pass is distinct; the first
+    2,400 are what a 2,400-question task draws (nothing changes before a form runs out)."""
+    small, task = build_task(2400, 320, seed=0), build_task(9600, 320, seed=0)
+    forms = collections.Counter(e.meta["form"] for e in task.train)
+    assert set(forms) == set(FORMS) and min(forms.values()) > 1400, forms
+    held = {e.meta["lemma"] for e in task.eval}
+    comp = [e.meta["lemma"] for e in task.train if e.meta["form"] == "comparative"]
+    pool = [lem for lem in table["comparative"] if lem not in held]
+    assert len(comp) > 2 * len(set(comp)) and not set(comp) & held
+    first_pass = comp[:len(set(comp))]
+    assert len(set(first_pass)) == len(first_pass)  # every word once before any repeats
+    assert [e.messages for e in task.train[:2400]] == [e.messages for e in small.train]
+    assert [e.messages for e in task.eval] == [e.messages for e in small.eval]
+    assert len(set(comp)) <= len(pool)
