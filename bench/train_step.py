@@ -277,7 +277,8 @@ def summarize(res: dict, ref: str, peak: dict) -> list:
         rss = statistics.median(r["peak_steps_mib"] for r in rs)
         row = {"config": c, "step_s": step, "tok_s": statistics.median(r["tok_s"] for r in rs), "peak_mib": rss,
                "gflop_s": statistics.median(r["gflop_s"] for r in rs), "first_losses": rs[0]["losses"][:3]}
-        peak_key = "bfloat16" if rs[0]["precision"] == "bf16" else "float32"
+        # peft-ac runs an fp32 model under bf16 autocast: its matmuls are bf16 ones
+        peak_key = "bfloat16" if rs[0]["precision"] == "bf16" or c == "peft-ac" else "float32"
         row["matmul_peak_share"] = row["gflop_s"] / peak[peak_key] if peak else None
         if ref in res and c != ref:
             ratios = [b["step_s"] / x["step_s"] for x, b in zip(rs, res[ref])]
