@@ -29,8 +29,10 @@ from deltatune.train.presets import PRESETS
 ALL = list(PRESETS)  # lora ... llama-adapter, loha, lokr, vera, adalora, oft, boft, full (train.presets)
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The table's own recipe, fixed whatever `deltatune train`'s defaults become (the demo's recipe may move on):
-# 2,400 training questions, 16 a step (150 steps, one epoch), the warm-up's first step at lr 0.
-TABLE_RECIPE = ["--task-train-size", "2400", "--batch-size", "16", "--warmup-from-zero", "true"]
+# 2,400 training questions, 16 a step (150 steps, one epoch), the warm-up's first step at lr 0, answers
+# trained in their canonical tokens.
+TABLE_RECIPE = ["--task-train-size", "2400", "--batch-size", "16", "--warmup-from-zero", "true",
+                "--task-wording", "quoted-canonical"]
 
 
 def deltatune_cmd() -> list[str]:

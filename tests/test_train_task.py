@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from deltatune.train.data import DataError
+from deltatune.train.data import DataError, Example
 from deltatune.train.task import FORMS, build_task, lexicon_path, make_example, read_lexicon
 
 
@@ -65,7 +65,14 @@ def test_questions_quote_the_word_and_never_train_the_bare_word_as_a_plural(tabl
     assert q.startswith("Give the ") and q.count('"') == 2 and q.endswith('".')
     plain = build_task(2400, 320, seed=0, wording="plain")
     assert plain.train[0].messages[0]["content"] == q.replace('"', "")
-    assert [e.meta for e in plain.eval] == [e.meta for e in task.eval]  # the wording changes only the text
+    def form_and_word(t):
+        return [(e.meta["form"], e.meta["lemma"]) for e in t.eval]
+
+    assert form_and_word(plain) == form_and_word(task)  # the wording changes only the text
+    canonical = build_task(2400, 320, seed=0, wording="quoted-canonical")
+    assert [e.messages for e in canonical.train] == [e.messages for e in task.train]
+    assert all(e.meta["answer_prefix"] == e.meta["lemma"] for e in task.train + task.eval)
+    assert not any("answer_prefix" in e.meta for e in canonical.train + plain.train)
     for e in task.train + task.eval:
         lemma, answer = e.meta["lemma"], e.messages[1]["content"]
         spellings = table[e.meta["form"]][lemma]
@@ -94,3 +101,36 @@ def test_every_form_keeps_its_share_when_its_words_run_out(table):
     assert [e.messages for e in task.train[:2400]] == [e.messages for e in small.train]
     assert [e.messages for e in task.eval] == [e.messages for e in small.eval]
     assert len(set(comp)) <= len(pool)
+
+
+@pytest.mark.integration
+def test_answers_are_trained_in_the_question_words_own_tokens(smollm):
+    """SmolLM2's tokenizer spells "louder" l|ou|der but the question's "loud" l|oud: the default task
+    trains l|oud|er (the same text), so the answer starts with the question's tokens; every target
+    decodes to the same string as the canonical encoding; quoted-canonical keeps the canonical tokens;
+    plain text rows and a prefix the answer does not start with change nothing."""
+    from deltatune.train.data import ChatEncoder, align_answer_tokens
+
+    _, tok = smollm
+    enc = ChatEncoder(tok)
+    aligned, canonical = build_task(64, 64, seed=0), build_task(64, 64, seed=0, wording="quoted-canonical")
+
+    def targets(item):
+        return [i for i, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
+
+    changed = 0
+    for a, c in zip(aligned.train + aligned.eval, canonical.train + canonical.eval):
+        ta, tc = targets(enc.encode(a)), targets(enc.encode(c))
+        assert tok.decode(ta) == tok.decode(tc) == a.messages[1]["content"] + "<|im_end|>"
+        word = list(tok(a.meta["lemma"], add_special_tokens=False)["input_ids"])
+        if ta != tc:
+            changed += 1
+            assert ta[:1] == word[:1]  # the answer opens with the question word's first token
+        assert tc == list(tok(c.messages[1]["content"], add_special_tokens=False)["input_ids"]) + ta[-1:]
+    assert changed > 0.4 * 128
+    louder = Example(messages=[{"role": "user", "content": 'Give the comparative of "loud".'},
+                               {"role": "assistant", "content": "louder"}], meta={"answer_prefix": "loud"})
+    item = enc.encode(louder)
+    assert tok.convert_ids_to_tokens(targets(item))[:-1] == ["l", "oud", "er"]
+    ids, labels = enc.chat_ids_and_labels(louder.messages)
+    assert align_answer_tokens(tok, ids, labels, "louder", "quiet") == (ids, labels)  # no shared start

@@ -121,7 +121,9 @@ _TRAIN_FLAGS = [
                                         "kept) or end"),
     ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),
     ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 2400)"),
-    ("--task-wording", "task_wording", str, 'default task: quoted (default: Give the plural of "cat".) or plain'),
+    ("--task-wording", "task_wording", str, 'default task: quoted (default: Give the plural of "cat"., the answer '
+                                            'trained in the word\'s own tokens first), quoted-canonical (the same, '
+                                            'the answer in its canonical tokens) or plain'),
     ("--eval-every", "eval_every", int, "evaluate every N optimizer steps, 0 = only before/after (default 50)"),
     ("--eval-size", "eval_size", int, "held-out examples scored (default 320)"),
     ("--eval-batch-size", "eval_batch_size", int, "generation batch size in evaluation (default 64)"),

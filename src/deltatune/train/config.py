@@ -86,7 +86,7 @@ class TrainConfig:
     truncation: str = "prompt"  # past max_seq_len: cut the "prompt" from its start (answers kept), or the "end"
     val_fraction: float = 0.05  # held-out share split off --data when --eval-data is absent
     task_train_size: int = 2400  # default task: training questions (= 150 steps x 16)
-    task_wording: str = "quoted"  # default task: the word "quoted" in the question, or plain
+    task_wording: str = "quoted"  # default task: quoted (answers in the word's tokens), quoted-canonical, plain
     # evaluation
     eval_every: int = 50  # optimizer steps; 0 = only before and after training
     eval_size: int = 320  # held-out examples scored (default task: held-out words)

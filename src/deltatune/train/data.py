@@ -74,7 +74,9 @@ class Example:
 
     ``messages``: list of {"role", "content"} (chat); ``text``: plain text (no template);
     ``answers``: accepted answers for exact match (default: the last assistant content);
-    ``where``: "file:row" for error messages.
+    ``where``: "file:row" for error messages; ``meta["answer_prefix"]`` (optional): text that the
+    last assistant message begins with and that the prompt holds as a word of its own: the answer
+    is then encoded with that text's own tokens first (:func:`align_answer_tokens`).
     """
 
     messages: Optional[list] = None
@@ -561,6 +563,45 @@ def _n_targets(labels: list) -> int:
     return sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
 
 
+def _pieces(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def align_answer_tokens(tok, ids: list, labels: list, answer: str, prefix: str) -> tuple[list, list]:
+    """``ids``/``labels`` with the answer's target tokens re-spelt so that they begin with the tokens
+    of ``prefix`` (as the prompt spells it, a word of its own) and go on with the rest of the answer:
+    ``louder`` is canonically ``l|ou|der`` while the prompt's ``loud`` is ``l|oud``; trained as
+    ``l|oud|er``, the model copies the prompt's tokens and appends a suffix instead of re-spelling
+    the stem. The decoded text is the same string. The longest prefix of ``prefix`` that the answer
+    begins with and that ends on one of ``prefix``'s own token boundaries is used (``drowsy`` ->
+    ``drowsier`` keeps the tokens of ``drows`` when ``y`` is a token of its own); nothing changes when
+    there is none or when the answer's canonical tokens are not found among the targets.
+
+    Args:
+        ids, labels: one encoded conversation (labels IGNORE_INDEX off-target), lists of int.
+        answer: the last assistant message's text; prefix: the word it should start from.
+    """
+    canon = _pieces(tok, answer)
+    word = _pieces(tok, prefix)
+    keep = 0
+    for k in range(len(word), 0, -1):  # the longest token-aligned head of the word that the answer starts with
+        head = tok.decode(word[:k])
+        if answer.startswith(head) and _pieces(tok, head) == word[:k]:
+            keep = k
+            break
+    if not keep or not canon:
+        return ids, labels
+    head = tok.decode(word[:keep])
+    new = word[:keep] + _pieces(tok, answer[len(head):])
+    if new == canon or tok.decode(new) != tok.decode(canon):
+        return ids, labels
+    n = len(canon)
+    for i in range(len(ids) - n, -1, -1):  # the last place the answer's tokens stand as targets
+        if ids[i:i + n] == canon and labels[i:i + n] == canon:
+            return ids[:i] + new + ids[i + n:], labels[:i] + new + labels[i + n:]
+    return ids, labels
+
+
 class ChatEncoder:
     """Tokenise examples into ``{"input_ids", "labels"}`` with completion-only loss (see module doc).
 
@@ -764,6 +805,9 @@ class ChatEncoder:
         try:
             if ex.messages is not None:
                 ids, labels = self.chat_ids_and_labels(ex.messages)
+                if ex.meta.get("answer_prefix") and ex.messages[-1]["role"] == "assistant":
+                    ids, labels = align_answer_tokens(self.tok, ids, labels, ex.messages[-1]["content"],
+                                                      ex.meta["answer_prefix"])
             else:
                 ids = list(self.tok(ex.text, add_special_tokens=True)["input_ids"])
                 if self.tok.eos_token_id is not None and (not ids or ids[-1] != self.tok.eos_token_id):

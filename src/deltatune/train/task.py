@@ -45,8 +45,10 @@ FORMS = {
 }
 # How the word is written in the question: "plain" (Give the plural of cat.) or "quoted" (Give the
 # plural of "cat".). Quoted, the word is not preceded by a space, so its first token is the token
-# the answer starts with (the answer follows the assistant header without a space).
-WORDINGS = ("quoted", "plain")
+# the answer starts with (the answer follows the assistant header without a space); "quoted" also
+# trains each answer in the word's own tokens followed by the rest ("l|oud|er", not the canonical
+# "l|ou|der": make_example's ``aligned``), "quoted-canonical" trains the canonical tokens.
+WORDINGS = ("quoted", "quoted-canonical", "plain")
 HELD_OUT_LEMMA_FRACTION = 0.15
 HELD_OUT_SEED = 0  # the held-out lemmas and words are fixed: they never depend on --seed
 _WORD = re.compile(r"^[a-z]+$")
@@ -94,11 +96,13 @@ def read_lexicon(path: Optional[str] = None) -> dict:
     return table
 
 
-def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted") -> Example:
+def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted", aligned: bool = True) -> Example:
     """One question. The trained answer is the first accepted spelling that is not the bare lemma
     (``acne`` -> ``acnes``, though the lexicon also accepts ``acne``): a question is never trained to
     be answered with the word it asks about unless that is the only spelling; every spelling counts
-    as right in evaluation."""
+    as right in evaluation. ``aligned``: the trained answer's tokens begin with the word's own tokens
+    (``meta["answer_prefix"]``, :func:`deltatune.train.data.align_answer_tokens`): the same text,
+    but the model copies the question's tokens instead of re-spelling the stem."""
     word = f'"{lemma}"' if wording == "quoted" else lemma
     q = FORMS[form][2].format(w=word)
     trained = next((a for a in answers if a != lemma), answers[0])
@@ -106,7 +110,7 @@ def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted")
         messages=[{"role": "user", "content": q}, {"role": "assistant", "content": trained}],
         answers=[trained] + [a for a in answers if a != trained],
         where=f"task:{form}:{lemma}",
-        meta={"form": form, "lemma": lemma},
+        meta={"form": form, "lemma": lemma, **({"answer_prefix": lemma} if aligned else {})},
     )
 
 
@@ -170,7 +174,8 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
                 continue
             used_pairs.add((f, lem))
             used_lemmas.add(lem)
-            out.append(make_example(f, lem, table[f][lem], wording))
+            out.append(make_example(f, lem, table[f][lem], "plain" if wording == "plain" else "quoted",
+                                    aligned=wording == "quoted"))
         return out
 
     train_lemmas = set(lemmas) - held
