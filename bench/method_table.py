@@ -10,7 +10,7 @@ throughput as one run with two threads). A method whose ``OUT/<method>/report.js
 is not run again unless ``--rerun`` is given. At the end the table is printed as Markdown, and
 written to ``OUT/method_table.md`` and ``OUT/method_table.json``.
 
-    python bench/method_table.py                                   # all 15 methods, ~11 min each on 2 cores
+    python bench/method_table.py                                   # all 16 methods, 4-11 min each, ~1 hour on 2 cores
     python bench/method_table.py --methods lora,qlora --jobs 1     # a subset
     python bench/method_table.py --methods ia3 --max-steps 4 --eval-size 8 --ppl-size 2 --out runs/smoke
 """

@@ -526,7 +526,7 @@ def test_the_reparameterisations_read_their_options_and_defaults():
     ada = built("adalora", max_steps=40, method_options={"target_r": "4", "deltaT": "2"})
     assert (ada.init_r, ada.target_r, ada.lora_alpha, ada.total_step, ada.tinit, ada.tfinal, ada.deltaT) == \
         (12, 4, 24.0, 40, 4, 8, 2)
-    assert built("adalora").total_step == 150  # the default task: 2400 questions in batches of 16
+    assert built("adalora").total_step == 550  # the default task: 8800 questions in batches of 16
     oft = built("oft", method_options={"oft_block_size": "16", "coft": "true", "eps": "1e-3"})
     assert (oft.oft_block_size, oft.coft, oft.eps, oft.r) == (16, True, 1e-3, 0)
     boft = built("boft")

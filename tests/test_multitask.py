@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def common(model_dir, *extra):
     return with_flags(["--model", model_dir, "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--lr", "2e-2",
-                       "--warmup-steps", "2", "--weight-decay", "0.1", "--max-grad-norm", "0.5", "--eval-size", "3",
+                       "--warmup-steps", "2", "--lr-floor", "0.1", "--weight-decay", "0.1", "--max-grad-norm", "0.5", "--eval-size", "3",
                        "--eval-every", "0", "--ppl-size", "0", "--threads", "1", "--no-progress", "--no-plot",
                        "--val-fraction", "0.2", "--packing", "off", "--shared-prefix", "off", "--precision", "fp32", "--seed",
                        "3"], *extra)

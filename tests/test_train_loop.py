@@ -128,7 +128,7 @@ def run_c23(n_convs, epochs, max_steps=None):
     items = encode_convs(tok, make_dv(n_convs))
     model = lora_tl()
     tr = Trainer(model, items, pad_id=0, lr=1e-3, warmup_steps=2, schedule="cosine", batch_size=2, grad_accum=4,
-                 epochs=epochs, max_steps=max_steps, seed=0)
+                 epochs=epochs, max_steps=max_steps, seed=0, warmup_from_zero=True)
     lrs, steps = [], []
     model.register_forward_pre_hook(lambda m, a: lrs.append(tr.optimizer.param_groups[0]["lr"]))
     tr.optimizer.register_step_post_hook(lambda opt, a, k: steps.append(1))
@@ -155,7 +155,9 @@ def test_c23_max_steps_sizes_the_schedule():
     tr, lrs, n_opt = run_c23(16, epochs=3, max_steps=5)
     assert n_opt == 5 and len(lrs) == 20
     per_step = [lrs[4 * k] for k in range(5)]
-    expected = [1e-3 * lr_factor(s, 5, 2) for s in range(5)]
+    expected = [1e-3 * lr_factor(s, 5, 2, warmup_from_zero=True) for s in range(5)]
+    # the default warm-up (deltatune train's too): the first step already learns, at lr / W
+    assert [lr_factor(s, 5, 2) for s in range(2)] == [0.5, 1.0] and Trainer.warmup_from_zero is False
     assert expected[2] == 1e-3 and abs(expected[4] - 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3))) < 1e-15
     assert all(abs(a - b) < 1e-9 for a, b in zip(per_step, expected))
     assert tr.optimizer.param_groups[0]["lr"] == 0.0

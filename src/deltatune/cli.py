@@ -95,8 +95,8 @@ _TRAIN_FLAGS = [
     ("--warmup-steps", "warmup_steps", int, "linear warm-up, in optimizer steps (default 10)"),
     ("--schedule", "schedule", str, "cosine (default) or constant after warm-up"),
     ("--lr-floor", "lr_floor", float, "cosine decays to this fraction of the peak lr (default 0)"),
-    ("--warmup-from-zero", "warmup_from_zero", str, "true (default): warm-up lr step/W, the first step at 0; "
-                                                    "false: (step+1)/W"),
+    ("--warmup-from-zero", "warmup_from_zero", str, "false (default): warm-up lr (step+1)/W, the first step "
+                                                    "learns; true: step/W, the first step at lr 0"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
     ("--batch-size", "batch_size", int, "examples per micro-batch (default 16)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
@@ -120,11 +120,11 @@ _TRAIN_FLAGS = [
     ("--truncation", "truncation", str, "past --max-seq-len: prompt (default: cut the prompt from its start, answers "
                                         "kept) or end"),
     ("--val-fraction", "val_fraction", float, "held-out share of --data when --eval-data is absent (default 0.05)"),
-    ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 2400)"),
+    ("--task-train-size", "task_train_size", int, "default task: number of training questions (default 8800)"),
     ("--task-wording", "task_wording", str, 'default task: quoted (default: Give the plural of "cat"., the answer '
                                             'trained in the word\'s own tokens first), quoted-canonical (the same, '
                                             'the answer in its canonical tokens) or plain'),
-    ("--eval-every", "eval_every", int, "evaluate every N optimizer steps, 0 = only before/after (default 50)"),
+    ("--eval-every", "eval_every", int, "evaluate every N optimizer steps, 0 = only before/after (default 200)"),
     ("--eval-size", "eval_size", int, "held-out examples scored (default 320)"),
     ("--eval-batch-size", "eval_batch_size", int, "generation batch size in evaluation (default 64)"),
     ("--eval-loss-size", "eval_loss_size", int, "held-out examples for the eval loss (default 64)"),

@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_steps: int = 10
     schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
     lr_floor: float = 0.0  # cosine decays to lr * lr_floor at the last step
-    warmup_from_zero: bool = True  # warm-up LR step/W (the first step at 0) or (step+1)/W
+    warmup_from_zero: bool = False  # warm-up LR (step+1)/W (the first step learns) or step/W (the first at 0)
     max_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
     batch_size: int = 16
     grad_accum: int = 1
@@ -85,10 +85,10 @@ class TrainConfig:
     train_on: str = "all_assistant"  # "all_assistant" turns or "last_assistant" turn only
     truncation: str = "prompt"  # past max_seq_len: cut the "prompt" from its start (answers kept), or the "end"
     val_fraction: float = 0.05  # held-out share split off --data when --eval-data is absent
-    task_train_size: int = 2400  # default task: training questions (= 150 steps x 16)
+    task_train_size: int = 8800  # default task: training questions (= 550 steps x 16; bench/README.md, recipe)
     task_wording: str = "quoted"  # default task: quoted (answers in the word's tokens), quoted-canonical, plain
     # evaluation
-    eval_every: int = 50  # optimizer steps; 0 = only before and after training
+    eval_every: int = 200  # optimizer steps; 0 = only before and after training
     eval_size: int = 320  # held-out examples scored (default task: held-out words)
     eval_batch_size: int = 64
     eval_loss_size: int = 64  # held-out examples for the eval loss

@@ -103,11 +103,11 @@ def plan_windows(n_items: int, batch_size: int, grad_accum: int, epochs: int, se
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", floor: float = 0.0,
-              warmup_from_zero: bool = True) -> float:
+              warmup_from_zero: bool = False) -> float:
     """LR multiplier of optimizer step ``step`` (0-based) of ``total``; 0 at step == total.
 
-    Warm-up: ``step / W`` (``warmup_from_zero``: the first step runs at 0) or ``(step + 1) / W``
-    (the first step already moves). Cosine decays from 1 to ``floor`` at the last step.
+    Warm-up: ``(step + 1) / W`` (default: the first step already moves) or, with ``warmup_from_zero``,
+    ``step / W`` (the first step runs at 0). Cosine decays from 1 to ``floor`` at the last step.
     """
     if step >= total:
         return 0.0
@@ -207,7 +207,7 @@ class Trainer:
     warmup_steps: int = 0
     schedule: str = "cosine"
     lr_floor: float = 0.0
-    warmup_from_zero: bool = True
+    warmup_from_zero: bool = False
     max_grad_norm: Optional[float] = None
     batch_size: int = 16
     grad_accum: int = 1

@@ -132,7 +132,7 @@ class JointTrainer:
 
     def __init__(self, model: nn.Module, tasks: dict, *, pad_id: int = 0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, schedule: str = "cosine",
-                 max_grad_norm: Optional[float] = None, batch_size: int = 16, grad_accum: int = 1, epochs: int = 1,
+                 lr_floor: float = 0.0, warmup_from_zero: bool = False, max_grad_norm: Optional[float] = None, batch_size: int = 16, grad_accum: int = 1, epochs: int = 1,
                  max_steps: Optional[int] = None, seed: int = 0, eval_every: int = 0,
                  evaluate: Optional[Callable] = None, on_step: Optional[Callable] = None,
                  precision: Optional[Precision] = None, progress: bool = False):
@@ -149,7 +149,8 @@ class JointTrainer:
             opt = torch.optim.AdamW([{"params": [p for p in decay if id(p) in own], "weight_decay": weight_decay},
                                      {"params": [p for p in keep if id(p) in own], "weight_decay": 0.0}], lr=lr)
             total, warm = len(plan), int(warmup_steps)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, T=total: lr_factor(s, T, warm, schedule))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s, T=total: lr_factor(s, T, warm, schedule, lr_floor, warmup_from_zero))
             self.tasks.append(Task(name, list(items), [p for p in model.parameters() if id(p) in own], plan, opt, sched))
         self.precision = precision or Precision(self.tasks[0].params[0].device)
         self.scaler = self.precision.grad_scaler()
@@ -323,7 +324,8 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
 
     trainer = JointTrainer(
         model, items, pad_id=pad_id_of(tok), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        schedule=cfg.schedule, lr_floor=cfg.lr_floor, warmup_from_zero=cfg.warmup_from_zero,
+        max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, eval_every=cfg.eval_every, evaluate=evaluate,
         on_step=on_step, precision=precision, progress=cfg.progress if progress is None else progress)
     _say(log, f"training: {trainer.total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} examples per task, "
