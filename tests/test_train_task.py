@@ -73,6 +73,11 @@ def test_questions_quote_the_word_and_never_train_the_bare_word_as_a_plural(tabl
     assert [e.messages for e in canonical.train] == [e.messages for e in task.train]
     assert all(e.meta["answer_prefix"] == e.meta["lemma"] for e in task.train + task.eval)
     assert not any("answer_prefix" in e.meta for e in canonical.train + plain.train)
+    assert [e.messages for e in canonical.eval] == [e.messages for e in task.eval]  # quoted too
+    one = make_example("comparative", "loud", ("louder",), "quoted-canonical")
+    assert one.messages[0]["content"] == 'Give the comparative of "loud".' and "answer_prefix" not in one.meta
+    assert "answer_prefix" not in make_example("comparative", "loud", ("louder",), "plain").meta
+    assert make_example("comparative", "loud", ("louder",)).meta["answer_prefix"] == "loud"
     for e in task.train + task.eval:
         lemma, answer = e.meta["lemma"], e.messages[1]["content"]
         spellings = table[e.meta["form"]][lemma]

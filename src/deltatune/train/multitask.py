@@ -132,7 +132,8 @@ class JointTrainer:
 
     def __init__(self, model: nn.Module, tasks: dict, *, pad_id: int = 0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, schedule: str = "cosine",
-                 lr_floor: float = 0.0, warmup_from_zero: bool = False, max_grad_norm: Optional[float] = None, batch_size: int = 16, grad_accum: int = 1, epochs: int = 1,
+                 lr_floor: float = 0.0, warmup_from_zero: bool = False, max_grad_norm: Optional[float] = None,
+                 batch_size: int = 16, grad_accum: int = 1, epochs: int = 1,
                  max_steps: Optional[int] = None, seed: int = 0, eval_every: int = 0,
                  evaluate: Optional[Callable] = None, on_step: Optional[Callable] = None,
                  precision: Optional[Precision] = None, progress: bool = False):

@@ -96,14 +96,19 @@ def read_lexicon(path: Optional[str] = None) -> dict:
     return table
 
 
-def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted", aligned: bool = True) -> Example:
+def make_example(form: str, lemma: str, answers: tuple, wording: str = "quoted") -> Example:
     """One question. The trained answer is the first accepted spelling that is not the bare lemma
     (``acne`` -> ``acnes``, though the lexicon also accepts ``acne``): a question is never trained to
     be answered with the word it asks about unless that is the only spelling; every spelling counts
-    as right in evaluation. ``aligned``: the trained answer's tokens begin with the word's own tokens
-    (``meta["answer_prefix"]``, :func:`deltatune.train.data.align_answer_tokens`): the same text,
-    but the model copies the question's tokens instead of re-spelling the stem."""
-    word = f'"{lemma}"' if wording == "quoted" else lemma
+    as right in evaluation. ``wording`` (:data:`WORDINGS`): ``quoted`` also trains the answer in
+    the word's own tokens first (``meta["answer_prefix"]``,
+    :func:`deltatune.train.data.align_answer_tokens`): the same text, but the model copies the
+    question's tokens instead of re-spelling the stem; ``quoted-canonical`` quotes the word and keeps
+    the answer's canonical tokens; ``plain`` neither."""
+    if wording not in WORDINGS:
+        raise DataError(f"task wording {wording!r} is not one of {', '.join(WORDINGS)}")
+    word = lemma if wording == "plain" else f'"{lemma}"'
+    aligned = wording == "quoted"  # the prompt's word then stands without a space: its tokens are its own
     q = FORMS[form][2].format(w=word)
     trained = next((a for a in answers if a != lemma), answers[0])
     return Example(
@@ -174,8 +179,7 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
                 continue
             used_pairs.add((f, lem))
             used_lemmas.add(lem)
-            out.append(make_example(f, lem, table[f][lem], "plain" if wording == "plain" else "quoted",
-                                    aligned=wording == "quoted"))
+            out.append(make_example(f, lem, table[f][lem], wording))
         return out
 
     train_lemmas = set(lemmas) - held
