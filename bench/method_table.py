@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/methods", help="root folder of the runs (default runs/methods)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the demo's 150)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="optimizer steps (default: one epoch of the table's 2,400 questions: 150)")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluations during training (default 0: before/after)")
     ap.add_argument("--eval-size", type=int, default=320)
     ap.add_argument("--ppl-size", type=int, default=48)
