@@ -318,6 +318,11 @@ def loss_check(a) -> dict:
             "fast_losses": out["auto"], "fp32_losses": out["fp32"]}
 
 
+def ablation_configs(mode: str) -> list:
+    """``dt-base``, each lever alone, then ``dt``; packing and the shared prefix act on the real data only."""
+    return ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
+
+
 def run_all(a, result: dict) -> None:
     """Every figure of the README's fast-path section in one run (one matmul peak for all of them):
     synthetic 4 x 256 (dt, peft, peft-ac), 4 x 1,024 (dt: the matmul-efficiency point), the main job's
@@ -356,8 +361,7 @@ def run_all(a, result: dict) -> None:
         print_table(result["scaling"][s], "peft")
         save()
     for mode in ("synthetic", "data"):
-        configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
-        res = rounds(a, configs, rows=mode)
+        res = rounds(a, ablation_configs(mode), rows=mode)
         result[f"ablation_{mode}"] = summarize(res, "dt-base", peak)
         print_table(result[f"ablation_{mode}"], "dt-base")
         save()
@@ -416,8 +420,7 @@ def main():
                 print_table(result["scaling"][s], "peft")
         elif a.mode == "ablation":
             for mode in ("synthetic", "data"):
-                configs = ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
-                res = rounds(a, configs, rows=mode)
+                res = rounds(a, ablation_configs(mode), rows=mode)
                 result[mode] = summarize(res, "dt-base", peak)
                 print_table(result[mode], "dt-base")
         else:

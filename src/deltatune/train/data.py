@@ -563,10 +563,6 @@ def _n_targets(labels: list) -> int:
     return sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
 
 
-def _pieces(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
 def align_answer_tokens(tok, ids: list, labels: list, answer: str, prefix: str) -> tuple[list, list]:
     """``ids``/``labels`` with the answer's target tokens re-spelt so that they begin with the tokens
     of ``prefix`` (as the prompt spells it, a word of its own) and go on with the rest of the answer:
@@ -581,18 +577,16 @@ def align_answer_tokens(tok, ids: list, labels: list, answer: str, prefix: str) 
         ids, labels: one encoded conversation (labels IGNORE_INDEX off-target), lists of int.
         answer: the last assistant message's text; prefix: the word it should start from.
     """
-    canon = _pieces(tok, answer)
-    word = _pieces(tok, prefix)
-    keep = 0
-    for k in range(len(word), 0, -1):  # the longest token-aligned head of the word that the answer starts with
-        head = tok.decode(word[:k])
-        if answer.startswith(head) and _pieces(tok, head) == word[:k]:
-            keep = k
+    canon, word = _encode_text(tok, answer), _encode_text(tok, prefix)
+    for keep in range(len(word), 0, -1):  # the longest token-aligned head of the word that the answer starts with
+        head = tok.decode(word[:keep])
+        if answer.startswith(head) and _encode_text(tok, head) == word[:keep]:
             break
-    if not keep or not canon:
+    else:
         return ids, labels
-    head = tok.decode(word[:keep])
-    new = word[:keep] + _pieces(tok, answer[len(head):])
+    if not canon:
+        return ids, labels
+    new = word[:keep] + (_encode_text(tok, answer[len(head):]) if answer[len(head):] else [])
     if new == canon or tok.decode(new) != tok.decode(canon):
         return ids, labels
     n = len(canon)

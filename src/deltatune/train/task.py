@@ -47,7 +47,7 @@ FORMS = {
 # plural of "cat".). Quoted, the word is not preceded by a space, so its first token is the token
 # the answer starts with (the answer follows the assistant header without a space); "quoted" also
 # trains each answer in the word's own tokens followed by the rest ("l|oud|er", not the canonical
-# "l|ou|der": make_example's ``aligned``), "quoted-canonical" trains the canonical tokens.
+# "l|ou|der": see make_example), "quoted-canonical" trains the canonical tokens.
 WORDINGS = ("quoted", "quoted-canonical", "plain")
 HELD_OUT_LEMMA_FRACTION = 0.15
 HELD_OUT_SEED = 0  # the held-out lemmas and words are fixed: they never depend on --seed
@@ -161,7 +161,7 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
         pools = {f: sorted(lem for lem in table[f] if lem in allowed) for f in forms}
         for f in forms:
             rng.shuffle(pools[f])
-        out, used_pairs, used_lemmas = [], set(), set()
+        out, used_lemmas = [], set()  # each pool holds a form's words once: a pass never repeats a question
         cursor = {f: 0 for f in forms}
         while len(out) < n:
             if repeat:  # a used-up form starts a new pass over its words, in a new order
@@ -175,9 +175,8 @@ def build_task(train_size: int = 2400, eval_size: int = 320, seed: int = 0, path
             f = rng.choice(open_forms)
             lem = pools[f][cursor[f]]
             cursor[f] += 1
-            if not repeat and ((f, lem) in used_pairs or (distinct_lemma and lem in used_lemmas)):
+            if distinct_lemma and lem in used_lemmas:
                 continue
-            used_pairs.add((f, lem))
             used_lemmas.add(lem)
             out.append(make_example(f, lem, table[f][lem], wording))
         return out
