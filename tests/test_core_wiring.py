@@ -366,6 +366,85 @@ def test_every_method_runs_under_cpu_bf16_autocast(case):
                 model.zero_grad(set_to_none=True)
 
 
+# every kind of output-side contribution: added (LoRA family, bottleneck), scaled (IA3, DoRA), rotated (BOFT).
+# Input-side adapters (OFT, feed-forward IA3) change the host's input, which its own bf16 matmul then rounds: their
+# precision is autocast's (README, Fast training).
+SMALL_UPDATE = {
+    "lora": dt.LoraConfig(r=4, target_modules=["k_proj", "down_proj"]),
+    "dora": dt.LoraConfig(r=4, target_modules=["k_proj", "down_proj"], use_dora=True),
+    "loha": dt.LoHaConfig(r=4, target_modules=["k_proj", "down_proj"]),
+    "lokr": dt.LoKrConfig(r=4, target_modules=["k_proj", "down_proj"]),
+    "vera": dt.VeraConfig(r=4, target_modules=["down_proj"]),
+    "adalora": dt.AdaLoraConfig(init_r=4, target_r=2, target_modules=["k_proj", "down_proj"], total_step=10),
+    "ia3": dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=[]),
+    "boft": dt.BOFTConfig(boft_block_size=4, target_modules=["k_proj", "down_proj"]),
+    "bottleneck": dt.BottleneckConfig(style="parallel"),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL_UPDATE))
+def test_a_small_update_survives_bf16_autocast(case):
+    """Under bf16 autocast on a bf16 base, an adapter's contribution of ~1e-4 of the output (a first
+    training step's) reaches the host's output as in float32: the sum is float32, not rounded back
+    onto the bf16 output it was added to (bf16 spacing at 1.0 is 2^-7, so the update vanished)."""
+    model = make_tl(intermediate_size=96).to(torch.bfloat16)
+    dt.inject(model, SMALL_UPDATE[case])
+    emulate_training(model, std=1e-4)
+    hosts = [m for m in model.modules() if "adapters" in m._modules]
+    assert hosts
+    g = torch.Generator().manual_seed(3)
+    for host in hosts:
+        width = getattr(host, "in_features", model.config.hidden_size)  # bottleneck: on the MLP block
+        x = torch.randn(3, 5, width, generator=g).to(torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            on = host(x)
+            with dt.disable_adapter(model):
+                off = host(x)
+        twin, wide = _float_copy(model, host)
+        with torch.no_grad():
+            ref_on = wide(x.float())
+            with dt.disable_adapter(twin):
+                ref_off = wide(x.float())
+        d, ref = (on.float() - off.float()).flatten(), (ref_on - ref_off).flatten()
+        assert on.dtype == torch.float32 and ref.abs().max() > 0
+        cos = float(torch.nn.functional.cosine_similarity(d, ref, dim=0))
+        assert cos > 0.98 and abs(float(d.norm() / ref.norm()) - 1) < 0.05, (case, cos)
+
+
+def _float_copy(model, host):
+    """A float32 copy of ``model`` (same adapters, base weights the bf16 values) and its ``host``."""
+    import copy
+
+    twin = copy.deepcopy(model).float()
+    path = next(n for n, m in model.named_modules() if m is host)
+    return twin, twin.get_submodule(path)
+
+
+def test_hosts_reading_one_float32_input_share_its_cast():
+    """q, k and v read one widened (float32) input under autocast: it is cast to bf16 once, and
+    the outputs are those of autocast's own casts."""
+    model = make_tl()
+    dt.inject(model, dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    emulate_training(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    for h in hooks:
+        h.remove()
+    assert [t.dtype for t in seen] == [torch.bfloat16] * 3 and seen[0] is seen[1] is seen[2]
+    with dt.disable_adapter(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        # the base part: what autocast computes from the float32 input by itself
+        base = [torch.nn.functional.linear(x, m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    with dt.disable_adapter(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        again = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert all(torch.equal(a, b) for a, b in zip(again, base))
+    sum(o.float().sum() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 # ----------------------------------------------------------------------------- declared state, one routing point
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -272,6 +273,7 @@ def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
     run = acting(host, "output", x)
     if not run:
         return output
+    output = _widened(output)
     no_one_else_holds = (not torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                          and not _global_forward_hooks
                          and not any(a.uses_base_output for _, a, _ in run)
@@ -285,6 +287,45 @@ def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
         else:
             output = _on_rows(name, a, call, output, rows, no_one_else_holds)
     return output
+
+
+def _widened(out):
+    """``out`` with its batch-first tensor in float32 when autocast computes it in bf16/fp16.
+
+    An adapter's contribution to a host output is small next to the output itself: a step's LoRA
+    update moves the output by ~1e-4 where bf16 keeps 8 bits of mantissa (a spacing of 2^-7 at
+    1.0), so ``out + delta`` in bf16 rounds back to ``out`` and the adapter's early updates were lost
+    (on SmolLM2, one LoRA step at lr 1e-4 raised the next batch's loss to 5.26 under bf16 autocast
+    and to 4.67 in fp32). In float32 the sum keeps the contribution; autocast casts it back to the
+    compute dtype at the next matmul, and the residual stream it flows into stays float32."""
+    head = _head(out)
+    if (isinstance(head, torch.Tensor) and head.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_autocast_enabled(head.device.type)):
+        return _with_head(out, head.float())
+    return out
+
+
+_NARROWS_UNDER_AUTOCAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # autocast runs these in bf16/fp16
+_narrowed = [None, None, None]  # (weakref to the last float32 input, (its version, grad mode, dtype), its cast)
+
+
+def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a host with output-side adapters: under autocast, its float32 input (a
+    widened output upstream, see :func:`_widened`) cast once to the autocast dtype and shared by
+    every host that reads the same tensor next (q, k and v read one normed input) and by their
+    adapters. Autocast would cast it anyway, once per consumer, each cast kept for the backward
+    pass; the values are the same."""
+    if not args or type(host) not in _NARROWS_UNDER_AUTOCAST:
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        return None
+    ref, key, cast = _narrowed
+    now = (x._version, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
+    if ref is None or ref() is not x or key != now:
+        cast = x.to(now[2])
+        _narrowed[:] = [weakref.ref(x), now, cast]
+    return (cast,) + tuple(args[1:]), kwargs
 
 
 def _head(out):
@@ -416,6 +457,7 @@ def attach(model: nn.Module, path: str, adapter_name: str, adapter: nn.Module) -
             host.register_forward_pre_hook(_input_hook, with_kwargs=True)
     elif not _has_hook(host._forward_hooks, _output_hook):
         host.register_forward_hook(_output_hook, with_kwargs=True)
+        host.register_forward_pre_hook(_narrow_hook, with_kwargs=True)
 
 
 def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
@@ -430,6 +472,7 @@ def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
         _remove_hook(host, _input_hook)
     if "output" not in sides:
         _remove_hook(host, _output_hook)
+        _remove_hook(host, _narrow_hook)
     if "replace" not in sides and isinstance(host.__dict__.get("forward"), types.MethodType):
         del host.__dict__["forward"]
     if not ads._modules:

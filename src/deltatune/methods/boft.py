@@ -240,6 +240,8 @@ class BOFTAdapter(nn.Module):
         dt = compute_dtype(x, self.boft_R.dtype)
         w = dense_weight(host).to(dt)
         bias = getattr(host, "bias", None)
+        if dt != self.boft_R.dtype and not self.conv and out.dtype == torch.float32:
+            return self._small_change(x, out, w, bias)
         blocks = self._blocks(self.boft_R.dtype).to(dt)  # made in the adapter dtype, applied in x's under autocast
         s = self._scale().to(dt)
         if self.conv:
@@ -250,6 +252,16 @@ class BOFTAdapter(nn.Module):
             if bias is not None:
                 y = y + bias.to(dt)
         return y.to(out.dtype)
+
+    def _small_change(self, x, out, w, bias):
+        """Under autocast: ``s * (out - b + W (x M - x)) + b`` in float32, ``out`` the host's (widened)
+        output ``W x + b``. The rotation's change ``x M - x`` is made in float32 and only it passes
+        the bf16 matmul, so a small rotation is not lost in rounding ``x M`` to bf16."""
+        b = 0.0 if bias is None else bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            moved = self.rotate_input(xf, self._blocks(torch.float32)) - xf
+        return (out - b + F.linear(moved, w).float()) * self._scale().float() + b
 
     def merge_into(self, host: nn.Module, w: torch.Tensor) -> torch.Tensor:
         """``diag(s) W M^T`` (float32, canonical layout; convolutions over the flattened kernel inputs)."""

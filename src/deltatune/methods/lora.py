@@ -265,7 +265,13 @@ class LoraAdapter(nn.Module):
         return unmerged_dense_weight(host).to(dtype)
 
     def _lora_weight(self) -> torch.Tensor:
-        """``B @ A`` (unscaled) in the host's canonical weight layout."""
+        """``B @ A`` (unscaled) in the host's canonical weight layout, in the adapter dtype (also
+        under autocast, which would round it to bf16 before it meets ``W``)."""
+        with torch.autocast(self.lora_A.weight.device.type if self.kind != "embedding"
+                            else self.lora_embedding_A.device.type, enabled=False):
+            return self._lora_product()
+
+    def _lora_product(self) -> torch.Tensor:
         if self.kind == "embedding":
             return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num)
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -276,7 +282,8 @@ class LoraAdapter(nn.Module):
         return torch.mm(b.reshape(-1, r), a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
 
     def _weight_norm(self, w: torch.Tensor, lora_w: torch.Tensor) -> torch.Tensor:
-        v = w + self.scaling * lora_w
+        """``||W + s BA||`` per output, float32: in bf16 the sum rounds a small ``s BA`` back onto ``W``."""
+        v = w.float() + self.scaling * lora_w.float()
         if v.dim() == 2:
             return torch.linalg.norm(v, dim=1)
         dims = tuple(range(1, v.dim()))
