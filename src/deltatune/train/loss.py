@@ -7,8 +7,9 @@ for a collated batch. Two paths compute the same number:
   aside for the call (its forward returns its input), so the model hands back the final hidden
   states of the positions that predict targets; only those rows ``h`` (N, D) meet the head's
   weight ``W`` (V, D), in chunks of rows (:class:`HeadCrossEntropy`): per chunk the logits
-  (rows, V) in the compute dtype, their log-sum-exp and the gradient with respect to ``h`` in
-  float32, all in the forward pass. Peak memory is one chunk of logits whatever the batch, and
+  (rows, V) and their softmax in the compute dtype (the softmax's sums in float32), the loss in
+  float32 and the gradient with respect to ``h``, all in the forward pass. Peak memory is one
+  chunk (two (rows, V) tensors, :data:`CHUNK_BYTES` each) whatever the batch, and
   no (B, T, V) tensor ever exists. The head is frozen in every adapter method; when it trains
   (full fine-tuning) its gradient is accumulated chunk by chunk too.
 * the **logits path**: the model's own logits of the last K positions (transformers'
@@ -37,9 +38,10 @@ from ..geometry import GEOMETRY
 from ..targets import ADAPTERS
 from .data import IGNORE_INDEX
 
-CHUNK_ELEMENTS = 1 << 22  # logits elements per chunk: 4 M (16 MiB in float32; 85 rows of a 49,152-word vocabulary).
-# Measured (bench/train_step.py, 4 x 256, SmolLM2, single-round checks): 0.18 GiB less peak RSS than 16 M, step
-# times within the machine's run-to-run spread (1.42-1.60 s against 1.43-1.57 s); each chunk reads the head weight again.
+CHUNK_BYTES = 32 << 20  # logits per chunk: 32 MiB in the compute dtype (bf16: 16 M elements, 341 rows of a
+# 49,152-word vocabulary; fp32: 170 rows). Measured (4 x 256 SmolLM2 rows, bf16, 2 threads): the head's two matmuls
+# took ~230 ms a step in 85-row chunks and ~160 ms in 340-row ones (each chunk reads the head weight again); with the
+# softmax written in the compute dtype a chunk holds two (rows, V) tensors, 64 MiB at this size.
 
 _KEEP_CACHE: dict = {}
 
@@ -66,41 +68,51 @@ def _cache_kw(model: nn.Module) -> str:
 class HeadCrossEntropy(torch.autograd.Function):
     """``sum_i CE(h_i @ W.T + b, y_i)`` for h (N, D), W (V, D), b (V,) or None, y (N,) int64, in
     chunks of ``chunk`` rows; returns a float32 scalar (and, with ``count_correct``, the number of
-    rows whose argmax is the label, an int64 scalar, not differentiable). Per chunk one float32
-    softmax gives both the loss (``-log p_y``) and the gradient with respect to the logits
-    (``p - onehot(y)``); the gradients with respect to ``h`` (and ``W``, ``b`` when they require
-    grad) are computed in the forward pass, chunk by chunk, and scaled by the incoming gradient in
-    the backward pass. Matmuls run in ``h``'s dtype (bf16 on the fast path)."""
+    rows whose argmax is the label, an int64 scalar, not differentiable). The matmuls run in
+    ``dtype`` (bf16 on the fast path; ``h`` and ``W`` are cast to it). Per chunk one softmax (float32
+    inside, written in ``dtype``) gives both the loss and the gradient with respect to the logits
+    (``p - onehot(y)``). The target's entry is not taken from the rounded ``p_y``: ``1 - p_y`` is
+    the float32 sum of the other entries, summed on their own (no cancellation against ``p_y``),
+    so a confident row keeps its small gradient and its loss ``-log1p(-(1 - p_y))`` to float32
+    precision (``-log p_y`` when ``p_y < 1/2``). The gradients with respect to ``h`` (and ``W``,
+    ``b`` when they require grad) are computed in the forward pass, chunk by chunk, and scaled by
+    the incoming gradient in the backward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, chunk, count_correct):
+    def forward(ctx, h, weight, bias, y, chunk, count_correct, dtype):
         need_h, need_w = h.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
-        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        hx = h if h.dtype == dtype else h.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.int64, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
+        grad_h = torch.empty_like(hx) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
-                hc, yc = h[s:s + chunk], y[s:s + chunk]
+                hc, yc = hx[s:s + chunk], y[s:s + chunk]
                 logits = hc @ w.T  # (rows, V) in the compute dtype
                 if bias is not None:
                     logits = logits + bias.to(logits.dtype)
                 if count_correct:
                     correct += (logits.argmax(-1) == yc).sum()
-                p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (rows, V) float32, one fused pass
+                p = torch.softmax(logits, dim=-1)  # (rows, V): float32 inside, one pass
+                del logits
                 rows = torch.arange(p.shape[0], device=p.device)
-                total -= p[rows, yc].clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+                p_y = p[rows, yc].float()
+                p[rows, yc] = 0.0
+                rest = p.sum(-1, dtype=torch.float32).clamp(0.0, 1.0)  # 1 - p_y: the others' sum, no cancellation
+                log_p = torch.where(rest < 0.5, torch.log1p(-rest), p_y.clamp_min(torch.finfo(torch.float32).tiny).log())
+                total -= log_p.sum()
                 if need_h or need_w or need_b:
-                    p[rows, yc] -= 1.0  # d CE / d logits = softmax - one-hot
+                    p[rows, yc] = (-rest).to(p.dtype)  # d CE / d logits = softmax - one-hot
                     if need_h:
-                        grad_h[s:s + chunk] = p.to(h.dtype) @ w
+                        torch.mm(p, w, out=grad_h[s:s + chunk])
                     if need_w:
-                        grad_w += p.T @ hc.float()
+                        grad_w += p.T.float() @ hc.float()
                     if need_b:
-                        grad_b += p.sum(0)
+                        grad_b += p.sum(0, dtype=torch.float32)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.need = (need_h, need_w, need_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -113,16 +125,21 @@ class HeadCrossEntropy(torch.autograd.Function):
         grads = []
         for need, dtype in zip(ctx.need, ctx.dtypes):
             grads.append((next(saved) * grad_total.to(torch.float32)).to(dtype) if need else None)
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
                        chunk: Optional[int] = None, count_correct: bool = False) -> tuple[torch.Tensor, int]:
     """(float32 scalar sum of CE, number of argmax hits or 0) of rows ``h`` (N, D) against the head
-    ``weight`` (V, D) / ``bias``; see :class:`HeadCrossEntropy`. ``chunk``: rows per chunk
-    (default: :data:`CHUNK_ELEMENTS` / V); ``count_correct``: count the argmax hits."""
-    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    total, correct = HeadCrossEntropy.apply(h, weight, bias, y, int(chunk), bool(count_correct))
+    ``weight`` (V, D) / ``bias``; see :class:`HeadCrossEntropy`. The matmuls run in the autocast
+    dtype when autocast is on for ``h``'s device (as the head's own ``nn.Linear`` would), else in
+    ``h``'s dtype. ``chunk``: rows per chunk (default: :data:`CHUNK_BYTES` of logits);
+    ``count_correct``: count the argmax hits."""
+    kind = h.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+    elem = torch.finfo(dtype).bits // 8
+    chunk = chunk or max(1, CHUNK_BYTES // (elem * weight.shape[0]))
+    total, correct = HeadCrossEntropy.apply(h, weight, bias, y, int(chunk), bool(count_correct), dtype)
     return total, int(correct)
 
 
