@@ -14,8 +14,10 @@ Configurations:
                 through the head in chunks, packed rows where the method allows;
 * ``dt-fp32``   the same path in fp32 (the reference for the loss check);
 * ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
-* ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix``: ``dt-base`` plus one lever (the ablation;
-                packing and the shared prefix act on the main job's data only, as in ``deltatune train``);
+* ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix`` / ``dt-settings``: ``dt-base`` plus one lever
+                (the ablation; packing and the shared prefix act on the main job's data only, as in
+                ``deltatune train``; ``dt-settings``: the allocator and attention settings of
+                ``deltatune.train.fastpath``);
 * ``peft``      ``peft.get_peft_model`` + the transformers loss (``labels=``), fp32;
 * ``peft-ac``   ``peft`` under ``torch.autocast("cpu", bfloat16)`` (PEFT's best bf16 setting).
 
@@ -29,6 +31,7 @@ Modes::
     python bench/train_step.py loss-check --steps 50 # dt vs dt-fp32 on the default task: mean |loss difference|
     python bench/train_step.py matmul                # the machine's matmul peak, fp32 and bf16
     python bench/train_step.py all --out runs/bench/train_step.json   # every figure of bench/README.md, one run
+    python bench/train_step.py all --skip scaling,ablation            # the acceptance figures only (~20 min)
 
 ``--out FILE`` writes every result as JSON. Run on an otherwise idle machine.
 """
@@ -48,12 +51,12 @@ import time
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# config -> (precision, head path, packing); peft configs are handled apart
-# name: (precision, loss through the head in chunks, packed rows, shared prefix run once)
-DT_CONFIGS = {"dt": ("auto", True, True, True), "dt-fp32": ("fp32", True, True, True),
-              "dt-base": ("fp32", False, False, False), "dt-bf16": ("bf16", False, False, False),
-              "dt-head": ("fp32", True, False, False), "dt-pack": ("fp32", False, True, False),
-              "dt-prefix": ("fp32", False, False, True)}
+# name: (precision, loss through the head in chunks, packed rows, shared prefix run once, the fast path's
+# allocator and attention settings (deltatune.train.fastpath.prepare_for_training))
+DT_CONFIGS = {"dt": ("auto", True, True, True, True), "dt-fp32": ("fp32", True, True, True, True),
+              "dt-base": ("fp32", False, False, False, False), "dt-bf16": ("bf16", False, False, False, False),
+              "dt-head": ("fp32", True, False, False, False), "dt-pack": ("fp32", False, True, False, False),
+              "dt-prefix": ("fp32", False, False, True, False), "dt-settings": ("fp32", False, False, False, True)}
 
 
 def _kb(field):
@@ -114,7 +117,7 @@ def child(a):
     from deltatune.train.precision import resolve_precision
 
     peft_side = a.config.startswith("peft")
-    prec_name, head, packing, prefix = DT_CONFIGS.get(a.config, ("fp32", False, False, False))
+    prec_name, head, packing, prefix, settings = DT_CONFIGS.get(a.config, ("fp32", False, False, False, False))
     dev = torch.device(a.device)
     prec = resolve_precision("fp32" if peft_side else prec_name, dev)
     model, tok = _model(a, prec.base_dtype)
@@ -143,7 +146,10 @@ def child(a):
             return float(loss.detach()), int(b["lengths"].sum())
     else:
         import deltatune.train.loss as L
+        from deltatune.train.fastpath import prepare_for_training
 
+        if settings:
+            prepare_for_training(model, prec)
         dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=a.warmup + a.steps, precision=prec,
                           packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
@@ -320,7 +326,8 @@ def loss_check(a) -> dict:
 
 def ablation_configs(mode: str) -> list:
     """``dt-base``, each lever alone, then ``dt``; packing and the shared prefix act on the real data only."""
-    return ["dt-base", "dt-bf16", "dt-head"] + (["dt-pack", "dt-prefix"] if mode == "data" else []) + ["dt"]
+    return (["dt-base", "dt-bf16", "dt-head", "dt-settings"] + (["dt-pack", "dt-prefix"] if mode == "data" else [])
+            + ["dt"])
 
 
 def run_all(a, result: dict) -> None:
@@ -353,14 +360,15 @@ def run_all(a, result: dict) -> None:
     save()
     pairs = a.pairs
     a.pairs = 1
+    skip = set(filter(None, a.skip.split(",")))
     result["scaling"] = {}
-    for s in map(int, a.seqs.split(",")):
+    for s in [] if "scaling" in skip else map(int, a.seqs.split(",")):
         print(f"scaling, seq {s}:", flush=True)
         res = rounds(a, ["dt"], rows="synthetic", seq=s, steps=max(1, min(a.steps, 4096 // s + 1)))
         result["scaling"][s] = summarize(res, "peft", peak)
         print_table(result["scaling"][s], "peft")
         save()
-    for mode in ("synthetic", "data"):
+    for mode in () if "ablation" in skip else ("synthetic", "data"):
         res = rounds(a, ablation_configs(mode), rows=mode)
         result[f"ablation_{mode}"] = summarize(res, "dt-base", peak)
         print_table(result[f"ablation_{mode}"], "dt-base")
@@ -385,6 +393,7 @@ def main():
     ap.add_argument("--model", default="default", help="default (SmolLM2), tiny (quick check), or a local folder")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip", default="", help="(all) comma list of parts to leave out: scaling, ablation")
     a = ap.parse_args()
     if a.mode == "child":
         a.mode = a.rows

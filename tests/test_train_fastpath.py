@@ -300,3 +300,67 @@ def test_cuda_training_step_matches_cpu():
             p.data = p.data.float()
     bf16, _ = _train(m16, items, steps=3, precision=resolve_precision("bf16", torch.device("cuda")), shared_prefix=True)
     assert max(abs(a - b) for a, b in zip(cpu_losses, bf16)) < 0.05
+
+
+def test_head_path_in_bf16_keeps_a_confident_rows_loss_and_gradient():
+    """bf16 logits, softmax written in bf16: a row with p_y ~ 0.999 keeps its loss (~1e-3) and its
+    gradient ``p_y - 1`` to float32 precision (the rounded p_y alone would give 0 or -2^-8)."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 12, 16, 300
+    w = torch.randn(V, D, generator=g).to(torch.bfloat16)
+    h = torch.randn(N, D, generator=g)
+    y = (h @ w.float().T).argmax(-1)
+    h = (h * 6).to(torch.bfloat16)  # sharp rows: the label's probability near 1
+    logits = (h.float() @ w.float().T).to(torch.bfloat16).double()  # what the path computes, then exact maths
+    p = logits.softmax(-1)
+    p_y = p[torch.arange(N), y]
+    assert int((p_y > 0.999).sum()) >= 4 and bool((p_y < 0.5).any())  # both branches: log1p(-rest) and log p_y
+    ref_loss = -p[torch.arange(N), y].log()
+    dlogits = p.clone()
+    dlogits[torch.arange(N), y] -= 1
+    ref_grad = dlogits @ w.double()
+    hh = h.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = head_cross_entropy(hh, w, None, y, chunk=5)
+    total.backward()
+    assert abs(float(total) - float(ref_loss.sum())) < 2e-3 * float(ref_loss.sum()) + 1e-6
+    err = (hh.grad.double() - ref_grad).norm(dim=1) / ref_grad.norm(dim=1)  # per row: the confident ones too
+    assert float(err.max()) < 2e-2, err
+
+
+def test_explicit_attention_keeps_one_bf16_score_tensor_for_backward():
+    """Under bf16 autocast the explicit attention's backward keeps the (B, H, Q, K) probabilities
+    once, in bf16 (a float32 softmax kept a second copy of twice the size)."""
+    from deltatune.integrations import hf_attention
+
+    m = _adapted("TL")
+    assert hf_attention.use_length_aware_attention(m)
+    ids = torch.tensor([[5, 17, 42, 9, 63, 2, 7], [7, 8, 9, 10, 11, 12, 13]])
+    wide = []
+
+    def keep(t):
+        if t.dim() == 4 and t.shape[-2:] == (7, 7) and t.shape[1] == m.config.num_attention_heads:
+            wide.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(input_ids=ids).logits.float().sum().backward()
+    assert wide and set(wide) == {torch.bfloat16}, wide
+
+
+def test_fast_path_settings(monkeypatch):
+    from deltatune.train import fastpath
+
+    monkeypatch.setattr(fastpath, "_tuned", None)
+    monkeypatch.setenv("DELTATUNE_MALLOC", "system")
+    assert fastpath.keep_freed_memory() is False
+    m = make_tl()
+    assert fastpath.prepare_for_training(m, Precision(torch.device("cpu"))) == ["attention"]
+    assert m.config._attn_implementation == "deltatune"
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        monkeypatch.setattr(fastpath, "_tuned", None)
+        monkeypatch.delenv("DELTATUNE_MALLOC")
+        assert fastpath.keep_freed_memory() is True
+        assert fastpath.prepare_for_training(make_tl(), Precision(torch.device("cpu"))) == ["allocator", "attention"]

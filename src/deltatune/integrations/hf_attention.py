@@ -3,7 +3,7 @@
 On the CPU, PyTorch's fused SDPA kernel (``scaled_dot_product_attention``, transformers'
 ``"sdpa"``) wins on long sequences but its backward pass is slow on short ones: on SmolLM2 in bf16
 with the default task's ~43-token chats, the attention backward took a quarter of a training step.
-The explicit form (``softmax(q k^T * s + mask) v``, softmax in float32, as transformers' ``"eager"``)
+The explicit form (``softmax(q k^T * s + mask) v``, the softmax's sums in float32, as transformers' ``"eager"``)
 was faster up to a few hundred keys (4 x 256 tokens: 2.43 s vs 2.87 s a step) and much slower
 beyond (4 x 1024: 34 s vs 15 s, one thread). :func:`attention` takes the explicit form while
 gradients are on and a call has at most :data:`MATH_MAX_KEYS` keys, and SDPA otherwise (every
@@ -38,7 +38,12 @@ def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_ca
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if scores.dtype in (torch.bfloat16, torch.float16):
+        # float32 inside, written in the scores' dtype: the same values as a float32 softmax rounded, and
+        # the one (B, H, Q, K) tensor the backward pass keeps (a float32 softmax kept a second, twice the size)
+        probs = F.softmax(scores, dim=-1)
+    else:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout and module.training:
         probs = F.dropout(probs, p=dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None

@@ -43,7 +43,6 @@ from torch import nn
 from ..formats.peft import save_adapter
 from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
-from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
 from .config import TrainConfig, UsageError, absolute_paths
@@ -53,6 +52,7 @@ from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
 from .loop import StepLog, Trainer, TrainingInterrupted
 from .packing import batching_agrees, pack, share_prefix
+from .fastpath import prepare_for_training
 from .precision import Precision, resolve_device, resolve_precision
 from .outputs import (TRAIN_FILES, adopt_files, check_out, prepare_out, record_files, refuse_foreign_files,
                       staging_dir, write_marker)
@@ -313,8 +313,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     _say(log, "loading model ...")
     # fsdp: loaded on the CPU, each process then keeps its shards on its device (Dist.wrap)
     model, tok, source = load_base(cfg.model, dtype, cfg.threads, None if d.lockstep else precision.device)
-    if precision.device.type == "cpu":
-        use_length_aware_attention(model)  # explicit attention for short training sequences, SDPA else
+    prepare_for_training(model, precision)  # the fast path's allocator and attention settings
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
               f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
