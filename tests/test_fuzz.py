@@ -158,6 +158,8 @@ def test_config_from_any_dict_is_a_config_or_a_value_error(d):
 @given(st.one_of(st.binary(max_size=200), st.builds(lambda b, n: _lora_weights()[:n] + b, st.binary(max_size=20),
                                                     st.integers(0, len(_lora_weights()) - 1))))  # cut short
 def test_damaged_weights_files_give_one_line(tiny, tmp_path_factory, capfd, blob):
+    # a cut whose appended bytes restore the full length is a whole file with other values, not damage
+    assume(len(blob) != len(_lora_weights()))
     ad = _adapter(tmp_path_factory.mktemp("w"), {"peft_type": "LORA", "r": 2, "lora_alpha": 4,
                                                  "target_modules": ["q_proj", "v_proj"]}, blob)
     for argv in (["inspect", ad], ["eval", "--adapter", ad, "--model", tiny, "--eval-size", "1"]):
