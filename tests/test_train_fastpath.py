@@ -355,7 +355,7 @@ def test_fast_path_settings(monkeypatch):
     monkeypatch.setenv("DELTATUNE_MALLOC", "system")
     assert fastpath.keep_freed_memory() is False
     m = make_tl()
-    assert fastpath.prepare_for_training(m, Precision(torch.device("cpu"))) == ["attention"]
+    assert fastpath.prepare_for_training(m, Precision(torch.device("cpu"))) == ["attention", "swiglu"]
     assert m.config._attn_implementation == "deltatune"
     import platform
 
@@ -363,4 +363,30 @@ def test_fast_path_settings(monkeypatch):
         monkeypatch.setattr(fastpath, "_tuned", None)
         monkeypatch.delenv("DELTATUNE_MALLOC")
         assert fastpath.keep_freed_memory() is True
-        assert fastpath.prepare_for_training(make_tl(), Precision(torch.device("cpu"))) == ["allocator", "attention"]
+        assert fastpath.prepare_for_training(make_tl(), Precision(torch.device("cpu"))) == ["allocator", "attention",
+                                                                                             "swiglu"]
+
+
+def test_fused_swiglu_equals_the_mlp_it_replaces():
+    from deltatune.integrations.hf_mlp import swiglu, use_fused_swiglu
+
+    g = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (g, u))
+    ids = torch.tensor([[5, 17, 42, 9, 63, 2], [7, 8, 9, 10, 11, 12]])
+    res = {}
+    for fused in (False, True):
+        m = _adapted("TL")
+        if fused:
+            assert use_fused_swiglu(m) == m.config.num_hidden_layers and use_fused_swiglu(m) == 0  # once
+        for autocast in (False, True):
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = m(input_ids=ids).logits.float()
+            y.pow(2).mean().backward()
+            res[fused, autocast] = (y.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        (y0, g0), (y1, g1) = res[False, autocast], res[True, autocast]
+        assert (y1 - y0).norm() <= tol * y0.norm(), autocast
+        for k in g0:
+            assert (g1[k] - g0[k]).norm() <= 3 * tol * g0[k].norm() + 1e-8, (autocast, k)
