@@ -306,7 +306,14 @@ def _widened(out):
 
 
 _NARROWS_UNDER_AUTOCAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # autocast runs these in bf16/fp16
-_narrowed = [None, None, None]  # (weakref to the last float32 input, (its version, grad mode, dtype), its cast)
+_narrowed: tuple = (None, None, None)  # (weakref to the last float32 input, (its version, grad mode, dtype), its cast)
+
+
+def _forget_cast(ref) -> None:
+    """The cached input died: drop its cast (autograd keeps its own reference where it needs one)."""
+    global _narrowed
+    if _narrowed[0] is ref:
+        _narrowed = (None, None, None)
 
 
 def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
@@ -315,6 +322,7 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
     every host that reads the same tensor next (q, k and v read one normed input) and by their
     adapters. Autocast would cast it anyway, once per consumer, each cast kept for the backward
     pass; the values are the same."""
+    global _narrowed
     if not args or type(host) not in _NARROWS_UNDER_AUTOCAST:
         return None
     x = args[0]
@@ -324,7 +332,7 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
     now = (x._version, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
     if ref is None or ref() is not x or key != now:
         cast = x.to(now[2])
-        _narrowed[:] = [weakref.ref(x), now, cast]
+        _narrowed = (weakref.ref(x, _forget_cast), now, cast)
     return (cast,) + tuple(args[1:]), kwargs
 
 
