@@ -445,6 +445,40 @@ def test_hosts_reading_one_float32_input_share_its_cast():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_widened_hosts_run_under_inference_mode():
+    """Inference-mode tensors keep no version counter: the shared cast is made without its cache."""
+    model = make_tl()
+    dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    emulate_training(model)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids).logits
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).logits
+    assert torch.equal(got, ref)
+
+
+def test_modules_to_save_on_a_block_with_its_own_forward():
+    """A block whose forward a fast-path setting replaced (SwiGLU) still runs its trained copy, and
+    gets that forward back when the copy goes."""
+    from deltatune.integrations.hf_mlp import use_fused_swiglu
+
+    model = make_tl()
+    assert use_fused_swiglu(model)
+    mlp = model.model.layers[0].mlp
+    own = mlp.__dict__["forward"]
+    dt.inject(model, dt.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.layers.0.mlp"]))
+    emulate_training(model, std=0.5)
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        trained = mlp(x)
+        with dt.disable_adapter(model):
+            base = mlp(x)
+    assert not torch.allclose(trained, base)
+    dt.delete_adapter(model, "default")
+    assert mlp.__dict__["forward"] == own
+
+
 # ----------------------------------------------------------------------------- declared state, one routing point
 
 

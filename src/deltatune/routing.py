@@ -328,6 +328,8 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
     x = args[0]
     if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not torch.is_autocast_enabled(x.device.type):
         return None
+    if x.is_inference():  # inference-mode tensors keep no version counter: cast, uncached
+        return (x.to(torch.get_autocast_dtype(x.device.type)),) + tuple(args[1:]), kwargs
     ref, key, cast = _narrowed
     now = (x._version, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
     if ref is None or ref() is not x or key != now:
@@ -458,7 +460,9 @@ def attach(model: nn.Module, path: str, adapter_name: str, adapter: nn.Module) -
     if path not in rec.hosts:
         rec.hosts.append(path)
     if adapter.side == "replace":
-        if not isinstance(host.__dict__.get("forward"), types.MethodType):
+        if not _is_ours(host.__dict__.get("forward")):
+            if "forward" in host.__dict__:  # another instance forward (a fast-path block): back on detach
+                host.__dict__[_PREV_FORWARD] = host.__dict__["forward"]
             host.forward = types.MethodType(_replacing_forward, host)
     elif adapter.side == "input":
         if not _has_hook(host._forward_pre_hooks, _input_hook):
@@ -466,6 +470,13 @@ def attach(model: nn.Module, path: str, adapter_name: str, adapter: nn.Module) -
     elif not _has_hook(host._forward_hooks, _output_hook):
         host.register_forward_hook(_output_hook, with_kwargs=True)
         host.register_forward_pre_hook(_narrow_hook, with_kwargs=True)
+
+
+_PREV_FORWARD = "_deltatune_prev_forward"
+
+
+def _is_ours(forward) -> bool:
+    return getattr(forward, "__func__", None) is _replacing_forward
 
 
 def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
@@ -481,8 +492,10 @@ def detach(host: nn.Module, adapter_name: str) -> Optional[nn.Module]:
     if "output" not in sides:
         _remove_hook(host, _output_hook)
         _remove_hook(host, _narrow_hook)
-    if "replace" not in sides and isinstance(host.__dict__.get("forward"), types.MethodType):
+    if "replace" not in sides and _is_ours(host.__dict__.get("forward")):
         del host.__dict__["forward"]
+        if _PREV_FORWARD in host.__dict__:
+            host.forward = host.__dict__.pop(_PREV_FORWARD)
     if not ads._modules:
         del host._modules[ADAPTERS]
         host.__dict__.pop(STATE_ATTR, None)

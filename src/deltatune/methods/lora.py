@@ -345,7 +345,7 @@ class LoraAdapter(nn.Module):
         dt = x.dtype
         w = self._base_weight(host, dt)
         lw = self._lora_weight()
-        norm = self._weight_norm(w, lw.detach()).detach()
+        norm = self._weight_norm(self._base_weight(host, torch.float32), lw.detach()).detach()
         mag = self.lora_magnitude_vector / norm
         conv = w.dim() > 2
         dropout_on = self.training and not isinstance(self.lora_dropout, nn.Identity)
@@ -386,7 +386,7 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Opti
                 scaling: float, inplace: bool = False) -> torch.Tensor:
     """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
 
-    When the dtypes of ``out`` and ``h`` agree (always, under autocast) this is one ``addmm``: BLAS accumulates into ``out`` itself when the
+    When the dtypes of ``out`` and ``h`` agree (under autocast: when the routing hook did not widen ``out``) this is one ``addmm``: BLAS accumulates into ``out`` itself when the
     hook says no one else holds it (``inplace``, inference only), else into a copy of it. Either
     saves full passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
     """
