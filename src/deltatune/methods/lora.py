@@ -343,11 +343,10 @@ class LoraAdapter(nn.Module):
 
     def _dora(self, x, base_out, host):
         dt = x.dtype
-        w = self._base_weight(host, dt)
-        lw = self._lora_weight()
-        norm = self._weight_norm(self._base_weight(host, torch.float32), lw.detach()).detach()
+        w32 = self._base_weight(host, torch.float32)  # read once: the norm in float32, the matmul in x's dtype
+        norm = self._weight_norm(w32, self._lora_weight().detach()).detach()
         mag = self.lora_magnitude_vector / norm
-        conv = w.dim() > 2
+        conv = w32.dim() > 2
         dropout_on = self.training and not isinstance(self.lora_dropout, nn.Identity)
         if not dropout_on and not is_merged(host):
             # reuse the host's output W0 x + b (no second base matmul)
@@ -358,6 +357,7 @@ class LoraAdapter(nn.Module):
                 base = base - bias.to(dt).view(*shape)
         else:
             x = self.lora_dropout(x)
+            w = w32.to(dt)
             if conv:
                 fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
                 base = fn(x, w, None, host.stride, host.padding, host.dilation, host.groups)

@@ -1,4 +1,4 @@
-"""The fast path's settings outside the training loop: the process's allocator, the model's attention.
+"""The fast path's settings outside the training loop: the process's allocator, the model's attention and MLP.
 
 ``deltatune train`` calls :func:`prepare_for_training` once, after loading the model and before
 the adapters go in; ``bench/train_step.py`` calls it for its ``dt`` configurations, so the

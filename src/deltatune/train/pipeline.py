@@ -313,7 +313,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     _say(log, "loading model ...")
     # fsdp: loaded on the CPU, each process then keeps its shards on its device (Dist.wrap)
     model, tok, source = load_base(cfg.model, dtype, cfg.threads, None if d.lockstep else precision.device)
-    prepare_for_training(model, precision)  # the fast path's allocator and attention settings
+    prepare_for_training(model, precision)  # the fast path's allocator, attention and SwiGLU settings
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
               f"{torch.get_num_threads()} threads)")
     enc, items = encode_data(cfg, tok, train_ex, log)
