@@ -370,7 +370,7 @@ def test_every_method_runs_under_cpu_bf16_autocast(case):
 # Input-side adapters (OFT, feed-forward IA3) change the host's input, which its own bf16 matmul then rounds: their
 # precision is autocast's (README, Fast training).
 SMALL_UPDATE = {
-    "lora": dt.LoraConfig(r=4, target_modules=["k_proj", "down_proj"]),
+    "lora": dt.LoraConfig(r=4, target_modules=["k_proj", "down_proj", "embed_tokens"]),  # linear and embedding
     "dora": dt.LoraConfig(r=4, target_modules=["k_proj", "down_proj"], use_dora=True),
     "loha": dt.LoHaConfig(r=4, target_modules=["k_proj", "down_proj"]),
     "lokr": dt.LoKrConfig(r=4, target_modules=["k_proj", "down_proj"]),
@@ -394,17 +394,21 @@ def test_a_small_update_survives_bf16_autocast(case):
     assert hosts
     g = torch.Generator().manual_seed(3)
     for host in hosts:
-        width = getattr(host, "in_features", model.config.hidden_size)  # bottleneck: on the MLP block
-        x = torch.randn(3, 5, width, generator=g).to(torch.bfloat16)
+        if isinstance(host, nn.Embedding):
+            x = torch.randint(0, host.num_embeddings, (3, 5), generator=g)
+        else:
+            width = getattr(host, "in_features", model.config.hidden_size)  # bottleneck: on the MLP block
+            x = torch.randn(3, 5, width, generator=g).to(torch.bfloat16)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             on = host(x)
             with dt.disable_adapter(model):
                 off = host(x)
         twin, wide = _float_copy(model, host)
         with torch.no_grad():
-            ref_on = wide(x.float())
+            xf = x if not x.is_floating_point() else x.float()
+            ref_on = wide(xf)
             with dt.disable_adapter(twin):
-                ref_off = wide(x.float())
+                ref_off = wide(xf)
         d, ref = (on.float() - off.float()).flatten(), (ref_on - ref_off).flatten()
         assert on.dtype == torch.float32 and ref.abs().max() > 0
         cos = float(torch.nn.functional.cosine_similarity(d, ref, dim=0))

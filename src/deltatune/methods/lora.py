@@ -386,19 +386,22 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Opti
                 scaling: float, inplace: bool = False) -> torch.Tensor:
     """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
 
-    When the dtypes of ``out`` and ``h`` agree (under autocast: when the routing hook did not widen ``out``) this is one ``addmm``: BLAS accumulates into ``out`` itself when the
-    hook says no one else holds it (``inplace``, inference only), else into a copy of it. Either
-    saves full passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
+    When the dtypes of ``out`` and ``h`` agree this is one ``addmm`` in that dtype (autocast off
+    for it: under autocast ``out`` is the routing hook's float32 copy, and an autocast ``addmm``
+    would round the sum to bf16 again): BLAS accumulates into ``out`` itself when the hook says no
+    one else holds it (``inplace``, inference only), else into a copy of it. Either saves full
+    passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
     """
     if b_b is None and out.dtype == h.dtype and out.dim() >= 1:
         o = out.shape[-1]
         h2 = h.reshape(-1, h.shape[-1])
-        if w_b.dtype != h.dtype:  # under autocast h is in the autocast dtype; in-place addmm_ is not autocast
+        if w_b.dtype != h.dtype:
             w_b = w_b.to(h.dtype)
         if inplace and out.is_contiguous():
             out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
             return out
-        return torch.addmm(out.reshape(-1, o), h2, w_b.t(), alpha=scaling).view(out.shape)
+        with torch.autocast(out.device.type, enabled=False):
+            return torch.addmm(out.reshape(-1, o), h2, w_b.t(), alpha=scaling).view(out.shape)
     y = F.linear(h, w_b, b_b) * scaling
     return out + y.to(out.dtype)
 
