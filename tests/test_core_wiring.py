@@ -525,3 +525,42 @@ def test_the_routing_decision_is_one_function():
     # disabled is read by the routing rule, by sync_base_tensors (which tensors the base holds) and
     # by disable_adapter itself (to restore the previous flag)
     assert readers == {"routing.py:acting_names", "inject.py:sync_base_tensors", "lifecycle.py:disable_adapter"}
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (2, 5, 16)])
+@pytest.mark.parametrize("names", [["a"], ["a", "b"]])
+def test_lora_under_bf16_autocast_adds_and_trains_as_in_float32(shape, names):
+    """Under bf16 autocast on a bf16 base, LoRA's update is added to the float32-widened host output
+    (by the first adapter itself, the others in place into that copy): the output is the base's
+    bf16 output plus every update in float32, and the gradients of x, A and B are the float32
+    ones within bf16's rounding of the gradient (2^-8 relative)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24, bias=False)).to(torch.bfloat16)
+    for n in names:
+        dt.inject(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), adapter_name=n)
+    dt.set_adapter(model, names)
+    params = dict((k, p) for k, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.normal_(0, 0.3 if "lora_A" in k else 1e-3)  # an early update: far below the output's bf16 spacing
+    x = torch.randn(*shape).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    g = torch.randn(y.shape)
+    (y * g).sum().backward()
+    # the float64 reference from the same (bf16-rounded where autocast rounds) inputs
+    ref_p = {k: p.detach().double().requires_grad_() for k, p in params.items()}
+    xr = x.detach().double().requires_grad_()
+    w0 = model[0].weight.double()
+    ref = base = (xr @ w0.T).to(torch.bfloat16).double()  # the base output autocast computes
+    for n in names:
+        a, b = ref_p[f"0.adapters.{n}.lora_A.weight"], ref_p[f"0.adapters.{n}.lora_B.weight"]
+        ref = ref + 2.0 * (xr @ a.T) @ b.T
+    (ref * g.double()).sum().backward()
+    assert y.dtype == torch.float32
+    update = float((ref - base).abs().max())
+    assert float((y.detach().double() - ref).abs().max()) < 2e-2 * update  # summed in bf16: off by ~1 update
+    for k, p in params.items():
+        err = float((p.grad.double() - ref_p[k].grad).norm() / ref_p[k].grad.norm())
+        assert err < 1e-2, (k, err)
+    assert float((x.grad.double() - xr.grad).norm() / xr.grad.norm()) < 1e-2

@@ -78,18 +78,22 @@ class HostCall:
 
     ``host``; ``args`` / ``kwargs`` of the call (as the host sees them); ``x``: its first tensor
     input; ``base_output``: the host's output before any adapter (output side only); ``inplace``:
-    the adapter may write into ``out`` (no one else holds it: inference only).
+    the adapter may write into ``out`` (no one else holds it); ``widen``: ``out`` is the host's
+    bf16/fp16 output under autocast and the adapter returns ``out`` in float32 with its
+    contribution added (asked only of an adapter whose ``widens()`` says it can, see
+    :func:`deltatune.routing._output_hook`).
 
     In a mixed batch (:class:`RowPlan`) an adapter that acts on some rows only gets the view
     :meth:`on_rows`: ``x`` and ``base_output`` are those rows, and ``args`` / ``kwargs`` are cut to
     them when first read (:func:`take_rows`).
     """
 
-    __slots__ = ("host", "_args", "_kwargs", "x", "base_output", "inplace", "_cut")
+    __slots__ = ("host", "_args", "_kwargs", "x", "base_output", "inplace", "widen", "_cut")
 
     def __init__(self, host, args, kwargs, x, base_output=None, inplace=False):
         self.host, self._args, self._kwargs, self.x = host, args, kwargs, x
         self.base_output, self.inplace = base_output, inplace
+        self.widen = False
         self._cut = None  # (row indices, batch, the full call's x) while args/kwargs are not cut yet
 
     @property

@@ -264,29 +264,51 @@ def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
     """Forward hook of a host: ``out = adapter(x, out, call)`` for each acting output-side adapter
     (on its rows only in a mixed batch: see :func:`_on_rows`).
 
-    Without autograd (inference), when no other hook can have seen the host's output (ours is the
-    host's first forward hook, there are no global ones, and no acting adapter reads the base
-    output), adapters with ``supports_inplace`` are told they may add into ``out`` in place:
-    this saves a full copy of the output per layer.
+    Under autocast the output is widened to float32 first (:func:`_widened`); when the first
+    acting adapter ``widens()`` itself (LoRA: the cast and its update in one function, whose
+    backward casts the gradient back once for both), it gets the bf16/fp16 output with
+    ``call.widen`` and returns the float32 sum.
+
+    When no one else can hold the output and no acting adapter reads the base output, adapters
+    with ``supports_inplace`` are told they may add into ``out`` in place: this saves a full copy
+    of the output per layer. No one else holds it when it is the float32 copy made for this call
+    (with autograd on too: the copy's backward keeps nothing), or, without autograd (inference),
+    when ours is the host's first forward hook and there are no global ones.
     """
     x, _ = _first_input(args, kwargs)
     run = acting(host, "output", x)
     if not run:
         return output
-    output = _widened(output)
-    no_one_else_holds = (not torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                         and not _global_forward_hooks
-                         and not any(a.uses_base_output for _, a, _ in run)
-                         and next(iter(host._forward_hooks.values())) is _output_hook)
+    reads_base = any(a.uses_base_output for _, a, _ in run)
+    widen = _needs_widening(output)
+    first = run[0][1]
+    fuse = (widen and isinstance(output, torch.Tensor) and run[0][2] is None and not reads_base
+            and callable(getattr(first, "widens", None)) and first.widens())
+    if widen and not fuse:
+        output = _widened(output)
+    # our own float32 copy (made here or by the first adapter) is held by no one else
+    no_one_else_holds = not reads_base and isinstance(output, torch.Tensor) and (
+        widen or (not torch.is_grad_enabled() and not _global_forward_hooks
+                  and next(iter(host._forward_hooks.values())) is _output_hook))
     call = HostCall(host, args, kwargs, x, base_output=output)
-    for name, a, rows in run:
+    for i, (name, a, rows) in enumerate(run):
         if rows is None:
-            call.inplace = no_one_else_holds and a.supports_inplace
+            call.widen = fuse and i == 0
+            call.inplace = no_one_else_holds and a.supports_inplace and not call.widen
             output = a(x, output, call)
-            no_one_else_holds = call.inplace  # a new tensor from a non-in-place adapter is not assumed ours
+            no_one_else_holds = call.inplace or call.widen  # a new tensor from another adapter is not assumed ours
         else:
-            output = _on_rows(name, a, call, output, rows, no_one_else_holds)
+            # rows are written back into the output in place only without autograd, as before widening
+            output = _on_rows(name, a, call, output, rows, no_one_else_holds and not torch.is_grad_enabled())
+    call.widen = False
     return output
+
+
+def _needs_widening(out) -> bool:
+    """Whether :func:`_widened` widens ``out``: its batch-first tensor is bf16/fp16 under autocast."""
+    head = _head(out)
+    return (isinstance(head, torch.Tensor) and head.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_autocast_enabled(head.device.type))
 
 
 def _widened(out):
@@ -298,10 +320,8 @@ def _widened(out):
     (on SmolLM2, one LoRA step at lr 1e-4 raised the next batch's loss to 5.26 under bf16 autocast
     and to 4.67 in fp32). In float32 the sum keeps the contribution; autocast casts it back to the
     compute dtype at the next matmul, and the residual stream it flows into stays float32."""
-    head = _head(out)
-    if (isinstance(head, torch.Tensor) and head.dtype in (torch.bfloat16, torch.float16)
-            and torch.is_autocast_enabled(head.device.type)):
-        return _with_head(out, head.float())
+    if _needs_widening(out):
+        return _with_head(out, _head(out).float())
     return out
 
 

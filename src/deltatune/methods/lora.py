@@ -337,9 +337,17 @@ class LoraAdapter(nn.Module):
         if self.use_dora:
             return out + self._dora(xa, out if base_output is None else base_output, host).to(out.dtype)
         h = self.lora_A(self.lora_dropout(xa))  # (..., r)
+        if call.widen:
+            return _WidenedAdd.apply(out, h, self.lora_B.weight, self.scaling)
         if self.linear_like:
             return _add_scaled(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling, call.inplace)
         return out + (self.lora_B(h) * self.scaling).to(out.dtype)
+
+    def widens(self) -> bool:
+        """Whether :meth:`forward` can take a bf16/fp16 host output and return it in float32 with
+        the update added (``call.widen``, see :class:`_WidenedAdd`): linear-like hosts, no DoRA,
+        no ``lora_bias``."""
+        return self.linear_like and not self.use_dora and self.lora_B.bias is None
 
     def _dora(self, x, base_out, host):
         dt = x.dtype
@@ -382,25 +390,67 @@ class LoraAdapter(nn.Module):
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
 
 
+class _WidenedAdd(torch.autograd.Function):
+    """``out.float() + scaling * h @ w_b.T`` for a host's bf16/fp16 output ``out`` (..., o) under
+    autocast, ``h`` (..., r) in the compute dtype, ``w_b`` (o, r) float32; returns float32 (..., o).
+
+    The routing hook's widening (:func:`deltatune.routing._widened`: the update summed in float32
+    so that a small one is not rounded away) and the update in one step. The backward pass casts
+    the float32 gradient to ``h``'s dtype once: that is the host output's gradient (what the cast's
+    own backward gave), and the update's two small matmuls run on it in that dtype, as autocast
+    ran them; the weight's gradient is returned in float32."""
+
+    @staticmethod
+    def forward(ctx, out, h, w_b, scaling):
+        o, r = out.shape[-1], h.shape[-1]
+        y = out.float()
+        h2 = h.reshape(-1, r)
+        with torch.autocast(out.device.type, enabled=False):
+            y.view(-1, o).addmm_(h2.float(), w_b.float().t(), alpha=scaling)
+        ctx.save_for_backward(h2, w_b)
+        ctx.scaling, ctx.h_shape = scaling, h.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        h2, w_b = ctx.saved_tensors
+        g = grad.to(h2.dtype)
+        g2 = g.reshape(-1, g.shape[-1])
+        dh = dw = None
+        if ctx.needs_input_grad[1]:
+            dh = torch.mm(g2, w_b.to(g.dtype)).mul_(ctx.scaling).view(ctx.h_shape)
+        if ctx.needs_input_grad[2]:
+            dw = torch.mm(g2.t(), h2).to(w_b.dtype).mul_(ctx.scaling)
+        return g, dh, dw, None
+
+
 def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Optional[torch.Tensor],
                 scaling: float, inplace: bool = False) -> torch.Tensor:
     """``out + scaling * (h @ w_b.T + b_b)`` cast to ``out.dtype``; h (..., r), w_b (o, r), out (..., o).
 
-    When the dtypes of ``out`` and ``h`` agree this is one ``addmm`` in that dtype (autocast off
-    for it: under autocast ``out`` is the routing hook's float32 copy, and an autocast ``addmm``
-    would round the sum to bf16 again): BLAS accumulates into ``out`` itself when the hook says no
-    one else holds it (``inplace``, inference only), else into a copy of it. Either saves full
-    passes over the output compared with ``out + B(h) * s`` (a multiply and an add).
+    Without a bias this is one ``addmm`` in ``out``'s dtype, autocast off for it, when ``h`` has
+    that dtype or is bf16/fp16 under a float32 ``out`` (under autocast ``out`` is the routing hook's
+    float32 copy, see :func:`deltatune.routing._widened`: ``h`` (N, r) is cast up, ``w_b`` used in
+    its own float32, and the update is summed in float32 instead of being rounded to bf16 first and
+    added in three more passes). BLAS accumulates into ``out`` itself when the hook says no one
+    else holds it (``inplace``: in inference, or ``out`` is the hook's float32 copy), else into a
+    copy of it. Either saves full passes over the output compared with ``out + B(h) * s`` (a
+    multiply, a cast and an add).
     """
-    if b_b is None and out.dtype == h.dtype and out.dim() >= 1:
+    widened = out.dtype == torch.float32 and h.dtype in (torch.bfloat16, torch.float16)
+    if b_b is None and (out.dtype == h.dtype or widened) and out.dim() >= 1:
         o = out.shape[-1]
-        h2 = h.reshape(-1, h.shape[-1])
-        if w_b.dtype != h.dtype:
-            w_b = w_b.to(h.dtype)
-        if inplace and out.is_contiguous():
-            out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
-            return out
+        h2 = h.reshape(-1, h.shape[-1]).to(out.dtype)
+        if w_b.dtype != out.dtype:
+            w_b = w_b.to(out.dtype)
         with torch.autocast(out.device.type, enabled=False):
+            if inplace and out.is_contiguous():
+                if not torch.is_grad_enabled() or out.dim() == 2:
+                    out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
+                    return out
+                if out.dim() == 3:  # on out itself, not a view of it: autograd needs no copy of the slices
+                    return out.baddbmm_(h2.view(out.shape[0], -1, h2.shape[-1]), w_b.t().expand(out.shape[0], -1, -1),
+                                        alpha=scaling)
             return torch.addmm(out.reshape(-1, o), h2, w_b.t(), alpha=scaling).view(out.shape)
     y = F.linear(h, w_b, b_b) * scaling
     return out + y.to(out.dtype)
