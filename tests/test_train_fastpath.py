@@ -328,24 +328,43 @@ def test_head_path_in_bf16_keeps_a_confident_rows_loss_and_gradient():
     assert float(err.max()) < 2e-2, err
 
 
-def test_explicit_attention_keeps_one_bf16_score_tensor_for_backward():
-    """Under bf16 autocast the explicit attention's backward keeps the (B, H, Q, K) probabilities
-    once, in bf16 (a float32 softmax kept a second copy of twice the size)."""
+def test_explicit_attention_keeps_no_score_tensor_for_backward_under_bf16():
+    """Under bf16 autocast the explicit attention's backward keeps no (B, H, Q, K) tensor (it
+    computes the probabilities again), and the grouped queries, keys and values once per key head
+    (no copy per query head); its gradients equal those of the form that keeps the probabilities."""
     from deltatune.integrations import hf_attention
 
     m = _adapted("TL")
-    assert hf_attention.use_length_aware_attention(m)
+    cfg = m.config
+    assert hf_attention.use_length_aware_attention(m) and cfg.num_attention_heads > cfg.num_key_value_heads
     ids = torch.tensor([[5, 17, 42, 9, 63, 2, 7], [7, 8, 9, 10, 11, 12, 13]])
-    wide = []
+    B, T, hd = 2, 7, cfg.hidden_size // cfg.num_attention_heads
+    scores, per_head = {}, {}
 
     def keep(t):
-        if t.dim() == 4 and t.shape[-2:] == (7, 7) and t.shape[1] == m.config.num_attention_heads:
-            wide.append(t.dtype)
+        if t.numel() == B * cfg.num_attention_heads * T * T and t.shape[-1] == T:
+            scores[t.untyped_storage().data_ptr()] = t.dtype
+        if t.dim() >= 3 and t.numel() == B * cfg.num_attention_heads * T * hd and hd in t.shape[-2:] \
+                and t.shape[-1] != cfg.hidden_size:  # the queries, or a key or value copied per query head
+            per_head[t.untyped_storage().data_ptr()] = t.shape
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        m(input_ids=ids).logits.float().sum().backward()
-    assert wide and set(wide) == {torch.bfloat16}, wide
+    grads = {}
+    for recompute in (True, False):
+        m.zero_grad(set_to_none=True)
+        scores.clear(), per_head.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(hf_attention, "RECOMPUTE", recompute)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+                m(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads[recompute] = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        if recompute:
+            assert not scores, scores
+            assert len(per_head) == cfg.num_hidden_layers, per_head  # the queries (keys and values per head: 3 a layer)
+        else:
+            assert list(scores.values()) == [torch.bfloat16] * cfg.num_hidden_layers, scores
+    for k, g in grads[False].items():
+        assert (grads[True][k] - g).norm() <= 1e-2 * g.norm() + 1e-8, k
 
 
 def test_fast_path_settings(monkeypatch):
@@ -355,7 +374,7 @@ def test_fast_path_settings(monkeypatch):
     monkeypatch.setenv("DELTATUNE_MALLOC", "system")
     assert fastpath.keep_freed_memory() is False
     m = make_tl()
-    assert fastpath.prepare_for_training(m, Precision(torch.device("cpu"))) == ["attention", "swiglu"]
+    assert fastpath.prepare_for_training(m, Precision(torch.device("cpu"))) == ["attention", "swiglu", "rmsnorm"]
     assert m.config._attn_implementation == "deltatune"
     import platform
 
@@ -364,7 +383,7 @@ def test_fast_path_settings(monkeypatch):
         monkeypatch.delenv("DELTATUNE_MALLOC")
         assert fastpath.keep_freed_memory() is True
         assert fastpath.prepare_for_training(make_tl(), Precision(torch.device("cpu"))) == ["allocator", "attention",
-                                                                                             "swiglu"]
+                                                                                             "swiglu", "rmsnorm"]
 
 
 def test_fused_swiglu_equals_the_mlp_it_replaces():
@@ -390,3 +409,49 @@ def test_fused_swiglu_equals_the_mlp_it_replaces():
         assert (y1 - y0).norm() <= tol * y0.norm(), autocast
         for k in g0:
             assert (g1[k] - g0[k]).norm() <= 3 * tol * g0[k].norm() + 1e-8, (autocast, k)
+
+
+@pytest.mark.parametrize("trainable_weight", [False, True])
+def test_fused_rmsnorm_equals_the_norm_it_replaces(trainable_weight):
+    """The fused norm gives transformers' values and gradients (input, and weight when it trains) in
+    fp32, under bf16 autocast (its result then in bf16, the value the next projection casts to),
+    and for a bf16 input; inference runs transformers' own forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from deltatune.integrations.hf_norm import rms_norm, use_fused_rmsnorm
+
+    x64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w64 = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_(trainable_weight)
+    n64 = LlamaRMSNorm(8, eps=1e-5).double()
+    n64.weight = nn.Parameter(w64.detach().clone(), requires_grad=trainable_weight)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(n64, x), (x64, n64.weight))
+    g = torch.Generator().manual_seed(0)
+    for dtype, weight_dtype, autocast in ((torch.float32, torch.float32, False), (torch.float32, torch.bfloat16, True),
+                                          (torch.bfloat16, torch.bfloat16, False)):
+        res = {}
+        x0 = torch.randn(2, 5, 16, generator=g).to(dtype) * 3
+        w0 = 1 + 0.1 * torch.randn(16, generator=g)
+        dy = torch.randn(2, 5, 16, generator=g)
+        for fused in (False, True):
+            norm = LlamaRMSNorm(16, eps=1e-6).to(weight_dtype)
+            with torch.no_grad():
+                norm.weight.copy_(w0)
+            norm.weight.requires_grad_(trainable_weight)
+            if fused:
+                assert use_fused_rmsnorm(nn.Sequential(norm)) == 1 and use_fused_rmsnorm(norm) == 0  # once
+            x = x0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = norm(x)
+            (y.float() * dy).sum().backward()
+            res[fused] = (y, x.grad, norm.weight.grad)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                assert norm(x0).dtype == (torch.float32 if autocast else y.dtype)  # inference: transformers' forward
+        (y0, gx0, gw0), (y1, gx1, gw1) = res[False], res[True]
+        assert y1.dtype == (torch.bfloat16 if autocast else y0.dtype)
+        tol = 1e-5 if dtype is torch.float32 and weight_dtype is torch.float32 else 1e-2
+        assert (y1.float() - y0.float()).abs().max() <= tol * y0.float().abs().max(), (dtype, autocast)
+        assert (gx1.float() - gx0.float()).norm() <= tol * gx0.float().norm(), (dtype, autocast)
+        if trainable_weight:
+            assert (gw1.float() - gw0.float()).norm() <= tol * gw0.float().norm(), (dtype, autocast)
+        else:
+            assert gw0 is None and gw1 is None

@@ -28,8 +28,8 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, dtype):
         c = torch.promote_types(torch.promote_types(g.dtype, u.dtype), torch.float32)  # float32 at least
-        out = (F.silu(g.to(c)) * u.to(c)).to(dtype)
         ctx.save_for_backward(g.to(dtype), u.to(dtype))
+        out = F.silu(g.to(c)).mul_(u.to(c)).to(dtype)  # one float32 temporary
         ctx.dtypes = (g.dtype, u.dtype)
         return out
 

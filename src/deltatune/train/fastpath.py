@@ -17,6 +17,9 @@ alone in the benchmark's ablation):
 * **swiglu** (:func:`deltatune.integrations.hf_mlp.use_fused_swiglu`, any device): the gated
   feed-forward block's ``silu(g) * u`` as one autograd function that keeps two bf16 tensors for
   the backward pass instead of three (float32 ones once adapters widen the projections' outputs).
+* **rmsnorm** (:func:`deltatune.integrations.hf_norm.use_fused_rmsnorm`, any device): the
+  Llama-family norm as one autograd function, one float32 temporary where transformers' ops
+  write five, its result in the autocast dtype the projections reading it use.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from ..integrations.hf_attention import use_length_aware_attention
 from ..integrations.hf_mlp import use_fused_swiglu
+from ..integrations.hf_norm import use_fused_rmsnorm
 from .precision import Precision
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -56,7 +60,7 @@ def keep_freed_memory() -> bool:
 
 def prepare_for_training(model: nn.Module, precision: Precision) -> list:
     """Apply the fast path's settings for a run on ``precision``'s device; returns the names of those
-    applied (``"allocator"``, ``"attention"``, ``"swiglu"``). The model keeps its weights, keys and outputs."""
+    applied (``"allocator"``, ``"attention"``, ``"swiglu"``, ``"rmsnorm"``). The model keeps its weights, keys and outputs."""
     done = []
     if precision.device.type == "cpu":
         if keep_freed_memory():
@@ -65,4 +69,6 @@ def prepare_for_training(model: nn.Module, precision: Precision) -> list:
             done.append("attention")
     if use_fused_swiglu(model):
         done.append("swiglu")
+    if use_fused_rmsnorm(model):
+        done.append("rmsnorm")
     return done
