@@ -16,7 +16,7 @@ Configurations:
 * ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
 * ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix`` / ``dt-settings``: ``dt-base`` plus one lever
                 (the ablation; packing and the shared prefix act on the main job's data only, as in
-                ``deltatune train``; ``dt-settings``: the allocator, attention and SwiGLU settings of
+                ``deltatune train``; ``dt-settings``: the allocator, attention, SwiGLU and RMSNorm settings of
                 ``deltatune.train.fastpath``);
 * ``peft``      ``peft.get_peft_model`` + the transformers loss (``labels=``), fp32;
 * ``peft-ac``   ``peft`` under ``torch.autocast("cpu", bfloat16)`` (PEFT's best bf16 setting).
@@ -52,7 +52,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # name: (precision, loss through the head in chunks, packed rows, shared prefix run once, the fast path's
-# allocator, attention and SwiGLU settings (deltatune.train.fastpath.prepare_for_training))
+# allocator, attention, SwiGLU and RMSNorm settings (deltatune.train.fastpath.prepare_for_training))
 DT_CONFIGS = {"dt": ("auto", True, True, True, True), "dt-fp32": ("fp32", True, True, True, True),
               "dt-base": ("fp32", False, False, False, False), "dt-bf16": ("bf16", False, False, False, False),
               "dt-head": ("fp32", True, False, False, False), "dt-pack": ("fp32", False, True, False, False),

@@ -44,7 +44,8 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
     ``causal`` the causal form (key j attends to query i when j <= i + K - Q).
 
     Raises:
-        LookupError: a mask that differs between heads (the caller takes the per-head form).
+        LookupError: a mask that differs between heads, or a 3-D one (the caller takes the
+            per-head form).
     """
     global _bias_cache
     if mask is None:
@@ -58,8 +59,8 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
             _causal[key] = torch.zeros((1, 1, 1, Q, K), dtype=dtype, device=device).masked_fill_(
                 ~keep, torch.finfo(dtype).min / 2)
         return _causal[key]
-    if mask.dim() == 4 and mask.shape[1] != 1:
-        raise LookupError("a per-head mask")
+    if mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+        raise LookupError("a per-head (or 3-D) mask")
     ref, key, bias = _bias_cache
     if ref is not None and ref() is mask and key == (dtype, Q, K):
         return bias
@@ -104,10 +105,14 @@ class _GroupedAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         p = _grouped_probs(q, k, ctx.bias, ctx.rep)
         grad = grad.to(q.dtype)
-        dv = torch.matmul(p.transpose(-1, -2), grad)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dv = torch.matmul(p.transpose(-1, -2), grad) if need_v else None
+        if not (need_q or need_k):
+            return None, None, dv, None, None
         ds = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), p, -1, p.dtype)
         del p
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv, None, None
+        return (torch.matmul(ds, k) if need_q else None, torch.matmul(ds.transpose(-1, -2), q) if need_k else None,
+                dv, None, None)
 
 
 def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_causal):
@@ -127,7 +132,9 @@ def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_ca
     scale = scaling if scaling is not None else hd ** -0.5
     kind = query.device.type
     dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
-    q = query if query.dtype == dt and query.is_contiguous() else torch.empty(query.shape, dtype=dt, device=query.device).copy_(query)  # one pass
+    q = query
+    if query.dtype != dt or not query.is_contiguous():  # one pass to the compute dtype, contiguous
+        q = torch.empty(query.shape, dtype=dt, device=query.device).copy_(query)
     k, v = (key * scale).to(dt), value.to(dt)
     try:
         bias = _additive(attention_mask, is_causal, Q, K, dt, query.device)
