@@ -558,6 +558,9 @@ def test_lora_under_bf16_autocast_adds_and_trains_as_in_float32(shape, names):
         ref = ref + 2.0 * (xr @ a.T) @ b.T
     (ref * g.double()).sum().backward()
     assert y.dtype == torch.float32
+    # the first adapter widened the output itself; a second one added into that copy in place
+    assert type(y.grad_fn).__name__ == ("_WidenedAddBackward" if len(names) == 1 else
+                                        ("AddmmBackward0" if len(shape) == 2 else "BaddbmmBackward0"))
     update = float((ref - base).abs().max())
     assert float((y.detach().double() - ref).abs().max()) < 2e-2 * update  # summed in bf16: off by ~1 update
     for k, p in params.items():

@@ -455,3 +455,42 @@ def test_fused_rmsnorm_equals_the_norm_it_replaces(trainable_weight):
             assert (gw1.float() - gw0.float()).norm() <= tol * gw0.float().norm(), (dtype, autocast)
         else:
             assert gw0 is None and gw1 is None
+
+
+def test_recomputed_bf16_attention_equals_the_kept_form_under_every_mask_kind():
+    """The bf16 attention that recomputes its probabilities in the backward pass gives the outputs
+    and gradients of the form that keeps them, for a padding mask, a packed (block-diagonal) mask,
+    fewer queries than keys (a shared prefix's cache), a per-head mask and an additive float mask
+    with a fully masked row (float32's lowest value is -inf in bf16: the row must stay finite)."""
+    from deltatune.integrations import hf_attention as A
+
+    class M(nn.Module):
+        training = True
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, Q, K, hd = 2, 6, 2, 5, 7, 8
+    pad = torch.ones(B, 1, Q, K, dtype=torch.bool)
+    pad[0, :, :, :3] = False
+    block = torch.zeros(B, 1, Q, K, dtype=torch.bool)
+    block[:, :, :, :2], block[:, :, 2:, 2:] = True, True
+    fl = torch.zeros(B, 1, Q, K)
+    fl[1, 0, 0] = torch.finfo(torch.float32).min  # a row with no key
+    fl[0, 0, :, 4:] = torch.finfo(torch.float32).min
+    masks = {"padding": pad, "packed": block, "causal prefix": None, "per head": torch.rand(B, H, Q, K, generator=g) > .3,
+             "float": fl}
+    for kind, mask in masks.items():
+        ins = [torch.randn(B, H, Q, hd, generator=g), torch.randn(B, Hkv, K, hd, generator=g),
+               torch.randn(B, Hkv, K, hd, generator=g)]
+        dy = torch.randn(B, Q, H, hd, generator=g)
+        res = {}
+        for recompute in (True, False):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(A, "RECOMPUTE", recompute)
+                xs = [t.clone().requires_grad_() for t in ins]
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y, _ = A._explicit(M(), *xs, mask, 0.0, None, True)
+                (y.float() * dy).sum().backward()
+                res[recompute] = [y.detach().float()] + [t.grad for t in xs]
+        for a, b in zip(res[True], res[False]):
+            assert torch.isfinite(a).all(), kind
+            assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6, kind

@@ -43,7 +43,9 @@ class LayerAdapter(Protocol):
         merge_error: None when the adapter can be merged, else the sentence saying why not.
         uses_base_output: the adapter reads ``call.base_output`` (the host's own output before any
             adapter changed it), e.g. DoRA.
-        supports_inplace: the adapter may add into ``out`` in place when ``call.inplace`` is True.
+        supports_inplace: the adapter may add into ``out`` in place when ``call.inplace`` is True
+            (in inference, or with autograd on when ``out`` is the routing hook's own float32
+            copy: the in-place op must then be one autograd can differentiate).
         composes: how it changes ``out`` (input side: ``x``): ``"add"`` (adds a term that does not
             depend on ``out``: LoRA, DoRA, LoHa, LoKr, VeRA, AdaLoRA), ``"scale"`` (multiplies per
             channel: (IA)3) or ``"other"`` (OFT's and BOFT's rotations). Two adapters of the same

@@ -295,8 +295,11 @@ def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
         if rows is None:
             call.widen = fuse and i == 0
             call.inplace = no_one_else_holds and a.supports_inplace and not call.widen
+            before = output
             output = a(x, output, call)
-            no_one_else_holds = call.inplace or call.widen  # a new tensor from another adapter is not assumed ours
+            # a new tensor from another adapter is not assumed ours; a float32 one made from the bf16 output is
+            no_one_else_holds = call.inplace or (call.widen and isinstance(output, torch.Tensor) and output is not before
+                                                 and output.dtype == torch.float32)
         else:
             # rows are written back into the output in place only without autograd, as before widening
             output = _on_rows(name, a, call, output, rows, no_one_else_holds and not torch.is_grad_enabled())

@@ -62,16 +62,17 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
     if mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise LookupError("a per-head (or 3-D) mask")
     ref, key, bias = _bias_cache
-    if ref is not None and ref() is mask and key == (dtype, Q, K):
+    now = (dtype, Q, K, None if mask.is_inference() else mask._version)
+    if ref is not None and ref() is mask and key == now:
         return bias
     lead = mask.shape[0] if mask.dim() == 4 else 1
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min / 2)
-    else:
-        bias = mask.to(dtype)
+    else:  # an additive mask: its float32 lowest value would be -inf in bf16, and a row of -inf a NaN softmax
+        bias = mask.clamp_min(torch.finfo(dtype).min / 2).to(dtype)
     bias = bias.expand(*bias.shape[:-2], Q, K).reshape(lead, 1, 1, Q, K)
-    if not mask.is_inference():
-        _bias_cache = (weakref.ref(mask, _forget_bias), (dtype, Q, K), bias)
+    if not mask.is_inference() and not mask.requires_grad:
+        _bias_cache = (weakref.ref(mask, _forget_bias), now, bias)
     return bias
 
 
@@ -91,7 +92,8 @@ class _GroupedAttention(torch.autograd.Function):
     bias (b, 1, 1, Q, K) or None, all in the compute dtype; returns (B, Hkv, rep * Q, hd).
 
     The backward pass keeps q, k and v only and computes the probabilities again (one matmul and
-    one softmax, bit-identical to the forward's): the (B, H, Q, K) probabilities are the largest
+    one softmax, the forward's values on the CPU; under CUDA autocast the forward's softmax is
+    float32 and the recomputed one bf16): the (B, H, Q, K) probabilities are the largest
     tensor a short-sequence training step keeps per layer (4.5 MiB of SmolLM2's 22 at 4 x 256)."""
 
     @staticmethod
@@ -144,9 +146,10 @@ def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_ca
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(dt).min)
         else:
-            scores = scores + attention_mask.to(dt)
+            scores = scores + attention_mask.clamp_min(torch.finfo(dt).min / 2).to(dt)
     else:
-        if RECOMPUTE and not (dropout and module.training) and dt in (torch.bfloat16, torch.float16):
+        trained_mask = attention_mask is not None and attention_mask.requires_grad  # its gradient: the plain form
+        if RECOMPUTE and not (dropout and module.training) and not trained_mask and dt in (torch.bfloat16, torch.float16):
             out = _GroupedAttention.apply(q.view(B, Hkv, rep * Q, hd), k, v, bias, rep)
             return out.view(B, H, Q, hd).transpose(1, 2).contiguous(), None
         scores = torch.matmul(q.view(B, Hkv, rep * Q, hd), k.transpose(-1, -2))  # (B, Hkv, rep * Q, K)

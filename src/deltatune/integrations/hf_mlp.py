@@ -29,7 +29,7 @@ class SwiGLU(torch.autograd.Function):
     def forward(ctx, g, u, dtype):
         c = torch.promote_types(torch.promote_types(g.dtype, u.dtype), torch.float32)  # float32 at least
         ctx.save_for_backward(g.to(dtype), u.to(dtype))
-        out = F.silu(g.to(c)).mul_(u.to(c)).to(dtype)  # one float32 temporary
+        out = F.silu(g.to(c)).mul_(u.to(c)).to(dtype)  # one float32 temporary besides the inputs' own casts
         ctx.dtypes = (g.dtype, u.dtype)
         return out
 

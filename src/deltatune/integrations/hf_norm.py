@@ -5,10 +5,12 @@ training step each writes a full (tokens, hidden) float32 tensor, and where adap
 residual stream to float32 (:func:`deltatune.routing._widened`) those are the step's most frequent
 temporaries: on SmolLM2 at 4 x 256 tokens, 2.25 MiB each, a dozen per layer. Freed at once, their
 holes are refilled by tensors of other sizes, and the heap grows past the memory that is live.
-:class:`RMSNorm` gives the same values with one float32 temporary in the forward pass and two in
-the backward pass. For the backward pass it keeps the (tokens, 1) reciprocal RMS and ``x``, in the
-autocast dtype under autocast (transformers' ops keep it in float32, twice the memory). Under autocast it writes its result in the autocast dtype, the value the
-projections that read it would cast it to (each cast kept again for their backward passes).
+:class:`RMSNorm` gives the same values (float32 maths; float64 for a float64 input) with one
+float32 temporary in the forward pass (two for a bf16 input) and two in the backward pass. For
+the backward pass it keeps the (tokens, 1) reciprocal RMS and ``x``, in bf16 under bf16
+autocast (transformers' ops keep it in float32, twice the memory; fp16 keeps float32: its range).
+Under autocast it writes its result in the autocast dtype, the value the projections that read it
+would cast it to (each cast kept again for their backward passes).
 :func:`use_fused_rmsnorm` switches a model's norms to it while gradients are on.
 """
 
@@ -41,7 +43,7 @@ class RMSNorm(torch.autograd.Function):
         out = xn.mul_(weight) if torch.promote_types(xn.dtype, weight.dtype) == xn.dtype else weight * xn
         # under autocast x is kept in the compute dtype: half the memory, and the gradient's own rounding
         # (bf16, 2^-9 relative) is what autocast's ops give their gradients; the reciprocal RMS stays exact
-        keep = x.to(dtype) if dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32 else x
+        keep = x.to(dtype) if dtype is torch.bfloat16 and x.dtype == torch.float32 else x  # (fp16's range: no)
         ctx.save_for_backward(keep, rstd, weight)
         ctx.x_dtype = x.dtype
         return out.to(dtype)
@@ -81,12 +83,15 @@ def _is_known_norm(m: nn.Module) -> bool:
 
 
 def use_fused_rmsnorm(model: nn.Module) -> int:
-    """Give every norm of ``model`` whose transformers class is in :data:`KNOWN` the forward of
+    """Give every residual-stream norm of ``model`` (weight of the model's hidden size) whose
+    transformers class is in :data:`KNOWN` the forward of
     :func:`rms_norm` while gradients are on (inference keeps transformers' ops, so evaluation
     matches a fresh model); returns how many it switched. The norms keep their weights and keys."""
     n = 0
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     for m in model.modules():
-        if _is_known_norm(m):
+        # the residual stream's norms only: a per-head query/key norm (Qwen3's q_norm) feeds rotary, not a projection
+        if _is_known_norm(m) and (hidden is None or m.weight.numel() == hidden):
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n

@@ -392,7 +392,8 @@ class LoraAdapter(nn.Module):
 
 class _WidenedAdd(torch.autograd.Function):
     """``out.float() + scaling * h @ w_b.T`` for a host's bf16/fp16 output ``out`` (..., o) under
-    autocast, ``h`` (..., r) in the compute dtype, ``w_b`` (o, r) float32; returns float32 (..., o).
+    autocast, ``h`` (..., r) in the compute dtype, ``w_b`` (o, r) (used in float32); returns float32
+    (..., o), contiguous.
 
     The routing hook's widening (:func:`deltatune.routing._widened`: the update summed in float32
     so that a small one is not rounded away) and the update in one step. The backward pass casts
@@ -403,12 +404,12 @@ class _WidenedAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, h, w_b, scaling):
         o, r = out.shape[-1], h.shape[-1]
-        y = out.float()
+        y = out.to(torch.float32, memory_format=torch.contiguous_format)
         h2 = h.reshape(-1, r)
         with torch.autocast(out.device.type, enabled=False):
             y.view(-1, o).addmm_(h2.float(), w_b.float().t(), alpha=scaling)
         ctx.save_for_backward(h2, w_b)
-        ctx.scaling, ctx.h_shape = scaling, h.shape
+        ctx.scaling, ctx.h_shape, ctx.out_dtype = scaling, h.shape, out.dtype
         return y
 
     @staticmethod
@@ -421,7 +422,7 @@ class _WidenedAdd(torch.autograd.Function):
             dh = torch.mm(g2, w_b.to(g.dtype)).mul_(ctx.scaling).view(ctx.h_shape)
         if ctx.needs_input_grad[2]:
             dw = torch.mm(g2.t(), h2).to(w_b.dtype).mul_(ctx.scaling)
-        return g, dh, dw, None
+        return (g if g.dtype == ctx.out_dtype else grad.to(ctx.out_dtype)), dh, dw, None
 
 
 def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Optional[torch.Tensor],
@@ -445,11 +446,13 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, w_b: torch.Tensor, b_b: Opti
             w_b = w_b.to(out.dtype)
         with torch.autocast(out.device.type, enabled=False):
             if inplace and out.is_contiguous():
-                if not torch.is_grad_enabled() or out.dim() == 2:
+                if out.dim() == 2:  # on out itself, not a view of it: autograd needs no copy of the slices
+                    return out.addmm_(h2, w_b.t(), alpha=scaling)
+                if not torch.is_grad_enabled():
                     out.view(-1, o).addmm_(h2, w_b.t(), alpha=scaling)
                     return out
-                if out.dim() == 3:  # on out itself, not a view of it: autograd needs no copy of the slices
-                    return out.baddbmm_(h2.view(out.shape[0], -1, h2.shape[-1]), w_b.t().expand(out.shape[0], -1, -1),
+                if out.dim() == 3:
+                    return out.baddbmm_(h2.view(*out.shape[:-1], h2.shape[-1]), w_b.t().expand(out.shape[0], -1, -1),
                                         alpha=scaling)
             return torch.addmm(out.reshape(-1, o), h2, w_b.t(), alpha=scaling).view(out.shape)
     y = F.linear(h, w_b, b_b) * scaling
