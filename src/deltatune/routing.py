@@ -303,7 +303,6 @@ def _output_hook(host: nn.Module, args: tuple, kwargs: dict, output):
         else:
             # rows are written back into the output in place only without autograd, as before widening
             output = _on_rows(name, a, call, output, rows, no_one_else_holds and not torch.is_grad_enabled())
-    call.widen = False
     return output
 
 

@@ -35,6 +35,11 @@ def _forget_bias(ref) -> None:
         _bias_cache = (None, None, None)
 
 
+def _bias_of(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as an additive one of ``dtype``: 0, or half its lowest value."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min / 2)
+
+
 def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype, device) -> Optional[torch.Tensor]:
     """The mask as a (b, 1, 1, Q, K) tensor of ``dtype`` added to grouped scores (0: attend, half of
     ``dtype``'s lowest value: not, so a sum with a score stays finite and a row with no key left
@@ -56,8 +61,7 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
             if len(_causal) > 8:
                 _causal.clear()
             keep = torch.arange(K, device=device)[None, :] <= torch.arange(Q, device=device)[:, None] + (K - Q)
-            _causal[key] = torch.zeros((1, 1, 1, Q, K), dtype=dtype, device=device).masked_fill_(
-                ~keep, torch.finfo(dtype).min / 2)
+            _causal[key] = _bias_of(keep, dtype).view(1, 1, 1, Q, K)
         return _causal[key]
     if mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise LookupError("a per-head (or 3-D) mask")
@@ -67,7 +71,7 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
         return bias
     lead = mask.shape[0] if mask.dim() == 4 else 1
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min / 2)
+        bias = _bias_of(mask, dtype)
     else:  # an additive mask: its float32 lowest value would be -inf in bf16, and a row of -inf a NaN softmax
         bias = mask.clamp_min(torch.finfo(dtype).min / 2).to(dtype)
     bias = bias.expand(*bias.shape[:-2], Q, K).reshape(lead, 1, 1, Q, K)
@@ -79,12 +83,23 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
 RECOMPUTE = True  # bf16/fp16 without dropout: the backward pass computes the probabilities again
 
 
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the keys, its sums in float32, written in the scores' dtype."""
+    if scores.dtype in (torch.bfloat16, torch.float16):
+        # float32 inside, written in the scores' dtype: the same values as a float32 softmax rounded, and
+        # the one (B, H, Q, K) tensor the backward pass keeps (a float32 softmax kept a second, twice the size)
+        return F.softmax(scores, dim=-1)
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def _grouped_probs(q, k, bias, rep):
+    """The probabilities (B, Hkv, R, K) of grouped rows q (B, Hkv, R, hd) against k (B, Hkv, K, hd)
+    with the additive bias (b, 1, 1, R / rep, K) or None."""
     B, Hkv, R, _ = q.shape
     s = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, R, K)
     if bias is not None:
-        s.view(B, Hkv, rep, R // rep, s.shape[-1]).add_(bias)
-    return torch.softmax(s, dim=-1)  # float32 inside, written in q's dtype
+        s.view(B, Hkv, rep, R // rep, s.shape[-1]).add_(bias)  # in place: the matmul's backward keeps its inputs
+    return _softmax(s)
 
 
 class _GroupedAttention(torch.autograd.Function):
@@ -147,20 +162,13 @@ def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_ca
             scores = scores.masked_fill(~attention_mask, torch.finfo(dt).min)
         else:
             scores = scores + attention_mask.clamp_min(torch.finfo(dt).min / 2).to(dt)
+        probs = _softmax(scores)
     else:
         trained_mask = attention_mask is not None and attention_mask.requires_grad  # its gradient: the plain form
         if RECOMPUTE and not (dropout and module.training) and not trained_mask and dt in (torch.bfloat16, torch.float16):
             out = _GroupedAttention.apply(q.view(B, Hkv, rep * Q, hd), k, v, bias, rep)
             return out.view(B, H, Q, hd).transpose(1, 2).contiguous(), None
-        scores = torch.matmul(q.view(B, Hkv, rep * Q, hd), k.transpose(-1, -2))  # (B, Hkv, rep * Q, K)
-        if bias is not None:
-            scores.view(B, Hkv, rep, Q, K).add_(bias)  # in place: the matmul's backward keeps its inputs, not this
-    if scores.dtype in (torch.bfloat16, torch.float16):
-        # float32 inside, written in the scores' dtype: the same values as a float32 softmax rounded, and
-        # the one (B, H, Q, K) tensor the backward pass keeps (a float32 softmax kept a second, twice the size)
-        probs = F.softmax(scores, dim=-1)
-    else:
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        probs = _grouped_probs(q.view(B, Hkv, rep * Q, hd), k, bias, rep)  # (B, Hkv, rep * Q, K)
     if dropout and module.training:
         probs = F.dropout(probs, p=dropout)
     out = torch.matmul(probs, v)  # (B, Hkv, rep * Q, hd), or (B, H, Q, hd) per head

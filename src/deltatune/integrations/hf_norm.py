@@ -28,8 +28,8 @@ KNOWN = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNo
 class RMSNorm(torch.autograd.Function):
     """``(w * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)).to(dtype)`` for x (..., D), w (D,);
     float32 maths (float64 for float64 ``x``). Saved for backward: the reciprocal RMS (..., 1) in
-    that dtype, and ``x``: in ``dtype`` when that is bf16/fp16 (autocast) and ``x`` is float32,
-    else as it is."""
+    that dtype, and ``x``: in bf16 when ``dtype`` is bf16 (autocast) and ``x`` is float32, else as
+    it is (fp16's range is too small for the residual stream)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, dtype):

@@ -403,14 +403,11 @@ class _WidenedAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, h, w_b, scaling):
-        o, r = out.shape[-1], h.shape[-1]
-        y = out.to(torch.float32, memory_format=torch.contiguous_format)
-        h2 = h.reshape(-1, r)
-        with torch.autocast(out.device.type, enabled=False):
-            y.view(-1, o).addmm_(h2.float(), w_b.float().t(), alpha=scaling)
+        h2 = h.reshape(-1, h.shape[-1])
         ctx.save_for_backward(h2, w_b)
         ctx.scaling, ctx.h_shape, ctx.out_dtype = scaling, h.shape, out.dtype
-        return y
+        y = out.to(torch.float32, memory_format=torch.contiguous_format)
+        return _add_scaled(y, h, w_b, None, scaling, inplace=True)  # grad mode is off here: one addmm_ into y
 
     @staticmethod
     def backward(ctx, grad):
