@@ -360,15 +360,14 @@ def run_all(a, result: dict) -> None:
     save()
     pairs = a.pairs
     a.pairs = 1
-    skip = set(filter(None, a.skip.split(",")))
     result["scaling"] = {}
-    for s in [] if "scaling" in skip else map(int, a.seqs.split(",")):
+    for s in [] if "scaling" in a.skip_parts else map(int, a.seqs.split(",")):
         print(f"scaling, seq {s}:", flush=True)
         res = rounds(a, ["dt"], rows="synthetic", seq=s, steps=max(1, min(a.steps, 4096 // s + 1)))
         result["scaling"][s] = summarize(res, "peft", peak)
         print_table(result["scaling"][s], "peft")
         save()
-    for mode in () if "ablation" in skip else ("synthetic", "data"):
+    for mode in () if "ablation" in a.skip_parts else ("synthetic", "data"):
         res = rounds(a, ablation_configs(mode), rows=mode)
         result[f"ablation_{mode}"] = summarize(res, "dt-base", peak)
         print_table(result[f"ablation_{mode}"], "dt-base")
@@ -408,6 +407,10 @@ def main():
     except ImportError:
         pass
     result = {"info": info, "mode": a.mode}
+    a.skip_parts = set(filter(None, (p.strip() for p in a.skip.split(","))))
+    if a.skip_parts - {"scaling", "ablation"}:
+        ap.error(f"--skip: unknown part(s) {', '.join(sorted(a.skip_parts - {'scaling', 'ablation'}))}; "
+                 "the parts are scaling, ablation")
     if a.mode == "all":
         return run_all(a, result)
     if a.mode == "matmul":

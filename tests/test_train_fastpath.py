@@ -261,7 +261,7 @@ def test_precision_and_device_choices(monkeypatch):
             resolve_device("cuda")
 
 
-def test_cli_records_the_path_and_refuses_a_missing_gpu(tmp_path, capsys):
+def test_cli_records_the_path_and_refuses_a_missing_gpu_and_a_bad_allocator_setting(tmp_path, capsys, monkeypatch):
     from deltatune.cli import main
 
     model_dir = tmp_path / "tl"
@@ -284,6 +284,12 @@ def test_cli_records_the_path_and_refuses_a_missing_gpu(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "none is visible" in err[0]
         assert not (tmp_path / "b").exists()
+    monkeypatch.setenv("DELTATUNE_MALLOC", "sytem")  # a typo: an error before the model loads, not silently "keep"
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DELTATUNE_MALLOC='sytem'" in err[0] and "'system'" in err[0], err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.cuda
@@ -371,6 +377,12 @@ def test_fast_path_settings(monkeypatch):
     from deltatune.train import fastpath
 
     monkeypatch.setattr(fastpath, "_tuned", None)
+    monkeypatch.setenv("DELTATUNE_MALLOC", " System ")
+    assert fastpath.malloc_setting() == "system"
+    monkeypatch.setenv("DELTATUNE_MALLOC", "off")
+    with pytest.raises(ValueError, match="DELTATUNE_MALLOC='off' is not a setting"):
+        fastpath.keep_freed_memory()
+    assert fastpath._tuned is None  # nothing was set
     monkeypatch.setenv("DELTATUNE_MALLOC", "system")
     assert fastpath.keep_freed_memory() is False
     m = make_tl()

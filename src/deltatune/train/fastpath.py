@@ -11,7 +11,8 @@ alone in the benchmark's ablation):
   page-faults every page of them again (the kernel zeroes each). Raising the mmap and trim
   thresholds keeps freed blocks in the heap for the next step. Measured on SmolLM2 (4 x 256 rows,
   LoRA, bf16, 2 threads): 1.50-1.66 s a step -> 1.41-1.49 s. Set ``DELTATUNE_MALLOC=system`` to
-  leave glibc's defaults alone. Process-wide and kept for the life of the process.
+  leave glibc's defaults alone (``keep`` or unset: the default; any other value is an error).
+  Process-wide and kept for the life of the process.
 * **attention** (:func:`deltatune.integrations.hf_attention.use_length_aware_attention`, CPU):
   explicit attention for short training sequences, PyTorch's fused kernel for long ones.
 * **swiglu** (:func:`deltatune.integrations.hf_mlp.use_fused_swiglu`, any device): the gated
@@ -41,14 +42,33 @@ _TRIM_THRESHOLD = 1 << 30  # free heap top kept before it is returned to the ker
 _tuned = None
 
 
+def malloc_setting() -> str:
+    """``DELTATUNE_MALLOC`` as ``"keep"`` (unset or empty: the default) or ``"system"``.
+
+    Raises:
+        ValueError: any other value (a typo would otherwise leave the setting on unnoticed).
+    """
+    raw = os.environ.get("DELTATUNE_MALLOC", "")
+    choice = raw.strip().lower() or "keep"
+    if choice not in ("keep", "system"):
+        raise ValueError(f"DELTATUNE_MALLOC={raw!r} is not a setting: use 'system' (glibc's own defaults) or "
+                         "'keep' (the default: freed blocks kept for reuse), or unset it")
+    return choice
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks up to 32 MiB for reuse instead of unmapping them (module
     docstring); idempotent. Returns whether the setting is in force (False: not glibc, or
-    ``DELTATUNE_MALLOC=system``)."""
+    ``DELTATUNE_MALLOC=system``).
+
+    Raises:
+        ValueError: ``DELTATUNE_MALLOC`` is not a setting (:func:`malloc_setting`).
+    """
     global _tuned
+    choice = malloc_setting()
     if _tuned is None:
         _tuned = False
-        if os.environ.get("DELTATUNE_MALLOC", "").strip().lower() != "system":
+        if choice != "system":
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 mallopt = libc.mallopt

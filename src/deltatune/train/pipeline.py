@@ -52,7 +52,7 @@ from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
 from .loop import StepLog, Trainer, TrainingInterrupted
 from .packing import batching_agrees, pack, share_prefix
-from .fastpath import prepare_for_training
+from .fastpath import malloc_setting, prepare_for_training
 from .precision import Precision, resolve_device, resolve_precision
 from .outputs import (TRAIN_FILES, adopt_files, check_out, prepare_out, record_files, refuse_foreign_files,
                       staging_dir, write_marker)
@@ -308,6 +308,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
         cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
     train_ex, eval_ex, task_name = read_data(cfg, log, rows)
     precision, dtype = run_precision(cfg)
+    if precision.device.type == "cpu":
+        malloc_setting()  # a bad DELTATUNE_MALLOC fails here, before the model loads
     precision = distributed.localize(d, precision)  # cuda: this process's GPU
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
