@@ -567,3 +567,44 @@ def test_lora_under_bf16_autocast_adds_and_trains_as_in_float32(shape, names):
         err = float((p.grad.double() - ref_p[k].grad).norm() / ref_p[k].grad.norm())
         assert err < 1e-2, (k, err)
     assert float((x.grad.double() - xr.grad).norm() / xr.grad.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (4, 5, 16)])
+@pytest.mark.parametrize("rows", [["a", "b", "a", "__base__"], ["a", "a", "b", "b"]])  # index rows; slices
+def test_mixed_rows_under_bf16_autocast_train_each_adapter_as_in_float32(shape, rows):
+    """A mixed batch under bf16 autocast with autograd on (``_on_rows`` on the float32-widened
+    output): each row gets the base's bf16 output plus its own adapter's update summed in float32,
+    and each adapter's A and B get the gradient of its own rows only, as in float64."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 24, bias=False)).to(torch.bfloat16)
+    for n in ("a", "b"):
+        dt.inject(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), adapter_name=n)
+    dt.set_adapter(model, ["a", "b"])  # both train
+    params = dict((k, p) for k, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.normal_(0, 0.3 if "lora_A" in k else 1e-3)  # updates far below the output's bf16 spacing
+    x = torch.randn(*shape).to(torch.bfloat16).requires_grad_()
+    with dt.routing.adapter_rows(model, rows), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    g = torch.randn(y.shape)
+    (y * g).sum().backward()
+    ref_p = {k: p.detach().double().requires_grad_() for k, p in params.items()}
+    xr = x.detach().double().requires_grad_()
+    base = (xr @ model[0].weight.double().T).to(torch.bfloat16).double()
+    ref = []
+    for i, n in enumerate(rows):
+        r = base[i]
+        if n != "__base__":
+            a, b = ref_p[f"0.adapters.{n}.lora_A.weight"], ref_p[f"0.adapters.{n}.lora_B.weight"]
+            r = r + 2.0 * (xr[i] @ a.T) @ b.T
+        ref.append(r)
+    ref = torch.stack(ref)
+    (ref * g.double()).sum().backward()
+    assert y.dtype == torch.float32
+    update = float((ref - base).detach().abs().max())
+    assert float((y.detach().double() - ref.detach()).abs().max()) < 2e-2 * update  # summed in bf16: off by ~1 update
+    for k, p in params.items():
+        err = float((p.grad.double() - ref_p[k].grad).norm() / ref_p[k].grad.norm())
+        assert err < 1e-2, (k, err)
+    assert float((x.grad.double() - xr.grad).norm() / xr.grad.norm()) < 1e-2
