@@ -5,7 +5,9 @@ the order; each child loads SmolLM2-135M-Instruct, builds LoRA r=16 alpha=32 on 
 down, AdamW (lr 1e-4), runs ``--warmup`` steps and times ``--steps`` whole optimizer steps
 (forward + backward + step). Reported per configuration: median step time, real tokens/s (no
 padding), peak RSS of the steps (VmHWM reset after setup), the first steps' losses, and achieved
-GFLOP/s (the step's FLOPs / time) against the machine's matmul peak measured in the same run.
+GFLOP/s (the step's FLOPs / time) against the machine's matmul peak measured in the same run; with
+``--kernel-times`` (on for ``all``'s 4 x 256 part) one more step under torch.profiler gives the seconds
+spent in matmul kernels and in SDPA: what the matmuls alone cost bounds any speed-up.
 
 Configurations:
 
@@ -125,7 +127,7 @@ def child(a):
     model.config.use_cache = False
     items = _items(a, tok, model.config.vocab_size)
     bs = a.batch if a.mode != "data" else 16
-    windows = plan_windows(len(items), bs, 1, 1, 0, a.warmup + a.steps)
+    windows = plan_windows(len(items), bs, 1, 1, 0, a.warmup + a.steps + (1 if a.kernel_times else 0))
     if peft_side:
         from peft import LoraConfig, get_peft_model
 
@@ -151,7 +153,7 @@ def child(a):
         if settings:
             prepare_for_training(model, prec)
         dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
-        trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=a.warmup + a.steps, precision=prec,
+        trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=len(windows), precision=prec,
                           packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
         if not head:
             L._head_of = lambda m: None  # the logits path (deltatune before the head path)
@@ -164,7 +166,7 @@ def child(a):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses, tokens = [], [], []
-    for i, w in enumerate(windows):
+    for i, w in enumerate(windows[:a.warmup + a.steps]):
         t0 = time.perf_counter()
         loss, ntok = step(w)
         if dev.type == "cuda":
@@ -181,7 +183,31 @@ def child(a):
            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
            "gflop_per_step": _flops(model, statistics.median(tokens), a) / 1e9}
     res["gflop_s"] = res["gflop_per_step"] / med
+    if a.kernel_times:
+        res.update(kernel_times(step, windows[-1]))
     print("RESULT " + json.dumps(res), flush=True)
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
+
+
+def kernel_times(step, window) -> dict:
+    """One more step under torch.profiler: seconds in matmul kernels (``MATMUL_OPS``, self time) and
+    in SDPA's fused attention kernels, against the profiled step's own time. What the step's
+    matmuls cost at this hour bounds every speed-up: no path is faster than its matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(window)
+    wall = time.perf_counter() - t0
+    mm = sdpa = 0.0
+    for e in prof.key_averages():
+        if e.key in MATMUL_OPS:
+            mm += e.self_cpu_time_total / 1e6
+        elif e.key.startswith("aten::_scaled_dot_product") or e.key.startswith("aten::_efficient_attention"):
+            sdpa += e.self_cpu_time_total / 1e6
+    return {"profiled_step_s": wall, "matmul_s": mm, "sdpa_s": sdpa}
 
 
 class _null:
@@ -232,6 +258,8 @@ def _run(a, config, **over):
     args = [sys.executable, os.path.abspath(__file__), "child", "--config", config, "--rows", rows,
             "--seq", str(over.get("seq", a.seq)), "--batch", str(a.batch), "--steps", str(over.get("steps", a.steps)),
             "--warmup", str(a.warmup), "--threads", str(a.threads), "--model", a.model, "--device", a.device]
+    if over.get("kernel_times", a.kernel_times):
+        args.append("--kernel-times")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=os.path.join(ROOT, "src"))
     p = subprocess.run(args, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
@@ -286,6 +314,9 @@ def summarize(res: dict, ref: str, peak: dict) -> list:
         # peft-ac runs an fp32 model under bf16 autocast: its matmuls are bf16 ones
         peak_key = "bfloat16" if rs[0]["precision"] == "bf16" or c == "peft-ac" else "float32"
         row["matmul_peak_share"] = row["gflop_s"] / peak[peak_key] if peak else None
+        if "matmul_s" in rs[0]:  # the profiled step (kernel_times)
+            for k in ("profiled_step_s", "matmul_s", "sdpa_s"):
+                row[k] = statistics.median(r[k] for r in rs)
         if ref in res and c != ref:
             ratios = [b["step_s"] / x["step_s"] for x, b in zip(rs, res[ref])]
             row[f"speed_vs_{ref}"] = statistics.median(ratios)
@@ -305,6 +336,10 @@ def print_table(rows, ref):
         print(f"| {r['config']} | {r['step_s']:.3f} | {r['tok_s']:.0f} | {r['peak_mib']:.0f} | {r['gflop_s']:.0f}{share} | "
               + (f"{sp:.2f}x [{rng[0]:.2f}-{rng[1]:.2f}]" if sp else "1") + " | "
               + (f"{r[f'memory_vs_{ref}']:.2f}" if sp else "1") + " |")
+    for r in rows:
+        if "matmul_s" in r:
+            print(f"  {r['config']}: a profiled step {r['profiled_step_s']:.3f} s, of it {r['matmul_s']:.3f} s in matmuls"
+                  f" ({100 * r['matmul_s'] / r['profiled_step_s']:.0f}%) and {r['sdpa_s']:.3f} s in SDPA")
 
 
 def loss_check(a) -> dict:
@@ -343,7 +378,7 @@ def run_all(a, result: dict) -> None:
     peak = matmul_peak(a.threads, device=a.device)
     result["matmul_gflop_s"] = peak
     print(f"matmul peak here: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16", flush=True)
-    parts = [("synthetic_256", ["dt", "peft", "peft-ac"], {"rows": "synthetic", "seq": 256}, "peft"),
+    parts = [("synthetic_256", ["dt", "peft", "peft-ac"], {"rows": "synthetic", "seq": 256, "kernel_times": True}, "peft"),
              ("synthetic_1024", ["dt"], {"rows": "synthetic", "seq": 1024}, "peft"),
              ("data", ["dt", "peft"], {"rows": "data"}, "peft")]
     for name, configs, over, ref in parts:
@@ -392,6 +427,9 @@ def main():
     ap.add_argument("--model", default="default", help="default (SmolLM2), tiny (quick check), or a local folder")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="one more step per child under torch.profiler: its seconds in matmuls and in SDPA "
+                         "(on in `all`'s 4 x 256 part)")
     ap.add_argument("--skip", default="", help="(all) comma list of parts to leave out: scaling, ablation")
     a = ap.parse_args()
     if a.mode == "child":
