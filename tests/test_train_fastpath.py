@@ -334,6 +334,49 @@ def test_head_path_in_bf16_keeps_a_confident_rows_loss_and_gradient():
     assert float(err.max()) < 2e-2, err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_head_path_gives_a_very_unlikely_target_its_whole_loss(dtype):
+    """A target far below the most likely token (p_y under the dtype's smallest number) gets its
+    whole loss, as F.cross_entropy on the same logits gives it (the softmax's p_y underflowed to 0
+    and the loss stopped at 87.3 = -log of float32's smallest normal; at 16.6 in fp16)."""
+    N, D, V = 6, 4, 50
+    w = torch.zeros(V, D)
+    w[:, 0] = torch.linspace(-1, 1, V)
+    h = torch.zeros(N, D)
+    h[:, 0] = torch.tensor([1.0, 4.0, 10.0, 60.0, 100.0, 200.0])  # logit gaps up to 400
+    y = torch.zeros(N, dtype=torch.long)  # the least likely token of every row
+    w, h = w.to(dtype), h.to(dtype)
+    logits = (h.float() @ w.float().T).to(dtype).double()  # what the path computes, then exact maths
+    ref = -logits.log_softmax(-1)[torch.arange(N), y]
+    assert float(ref.max()) > 300
+    total, _ = head_cross_entropy(h.clone().requires_grad_(True), w, None, y, chunk=4)
+    assert abs(float(total) - float(ref.sum())) < 1e-3 * float(ref.sum())
+
+
+def test_head_path_steps_aside_for_a_soft_capped_head():
+    """Gemma 2 soft-caps its logits (tanh(z / 30) * 30): the head path, which computes h @ W.T,
+    steps aside and the loss and gradients are the model's own logits'."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16, vocab_size=128)
+    assert cfg.final_logit_softcapping
+    m = transformers.Gemma2ForCausalLM(cfg)
+    dt.inject(m, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(100)  # logits beyond the cap
+    b = collate(ITEMS, 0)
+    ours = _loss_and_grads(m, b)
+    with torch.no_grad():
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert float(logits.abs().max()) <= 30.0 + 1e-4
+    sel = b["labels"][:, 1:] != -100
+    ref = nn.functional.cross_entropy(logits[:, :-1][sel].double(), b["labels"][:, 1:][sel], reduction="sum")
+    assert abs(ours[0] - float(ref)) < 1e-4 * float(ref)
+    _close(ours, _loss_and_grads(m, b, head_path=False))
+
+
 def test_explicit_attention_keeps_no_score_tensor_for_backward_under_bf16():
     """Under bf16 autocast the explicit attention's backward keeps no (B, H, Q, K) tensor (it
     computes the probabilities again), and the grouped queries, keys and values once per key head

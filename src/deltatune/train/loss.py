@@ -76,9 +76,10 @@ class HeadCrossEntropy(torch.autograd.Function):
     (``p - onehot(y)``). The target's entry is not taken from the rounded ``p_y``: ``1 - p_y`` is
     the float32 sum of the other entries, summed on their own (no cancellation against ``p_y``),
     so a confident row keeps its small gradient and its loss ``-log1p(-(1 - p_y))`` to float32
-    precision (``-log p_y`` when ``p_y < 1/2``). The gradients with respect to ``h`` (and ``W``,
-    ``b`` when they require grad) are computed in the forward pass, chunk by chunk, and scaled by
-    the incoming gradient in the backward pass."""
+    precision; when ``p_y < 1/2`` the loss is ``-(logit_y - max logit) - log p_max`` (``p_max >= 1/V``),
+    so a very unlikely target (``p_y`` below the dtype's smallest number) still gets its whole
+    loss. The gradients with respect to ``h`` (and ``W``, ``b`` when they require grad) are computed
+    in the forward pass, chunk by chunk, and scaled by the incoming gradient in the backward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, y, chunk, count_correct, dtype):
@@ -97,16 +98,19 @@ class HeadCrossEntropy(torch.autograd.Function):
                 logits = hc @ w.T  # (rows, V) in the compute dtype
                 if bias is not None:
                     logits = logits + bias.to(logits.dtype)
+                top, top_i = logits.max(-1)
                 if count_correct:
-                    correct += (logits.argmax(-1) == yc).sum()
+                    correct += (top_i == yc).sum()
+                rows = torch.arange(logits.shape[0], device=logits.device)
+                gap = logits[rows, yc].float() - top.float()  # logit_y - max logit: exact for the rounded logits
                 p = torch.softmax(logits, dim=-1)  # (rows, V): float32 inside, one pass
                 del logits
-                rows = torch.arange(p.shape[0], device=p.device)
-                p_y = p[rows, yc].float()
+                p_top = p[rows, top_i].float()  # >= 1/V: never underflows
                 p[rows, yc] = 0.0
                 rest = torch.cat([p[r:r + _SUM_ROWS].sum(-1, dtype=torch.float32)  # 1 - p_y: the others' sum,
                                   for r in range(0, p.shape[0], _SUM_ROWS)]).clamp(0.0, 1.0)  # no cancellation
-                log_p = torch.where(rest < 0.5, torch.log1p(-rest), p_y.clamp_min(torch.finfo(torch.float32).tiny).log())
+                # log p_y = logit_y - logsumexp = gap + log p_top (a tiny p_y would underflow in the softmax's dtype)
+                log_p = torch.where(rest < 0.5, torch.log1p(-rest), gap + p_top.log())
                 total -= log_p.sum()
                 if need_h or need_w or need_b:
                     p[rows, yc] = (-rest).to(p.dtype)  # d CE / d logits = softmax - one-hot
@@ -146,10 +150,25 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return total, int(correct)
 
 
+_NONLINEAR_AFTER_HEAD = ("final_logit_softcapping",)  # config fields of a map the model applies to its logits
+# (Gemma 2/3: tanh(logits / cap) * cap); a linear one (Granite's logits_scaling, Cohere's logit_scale) acts on the
+# hidden states the head path gets back just as on the logits
+
+
+def _configs(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    while cfg is not None:
+        yield cfg
+        cfg = getattr(cfg, "text_config", None) if getattr(cfg, "text_config", None) is not cfg else None
+
+
 def _head_of(model: nn.Module) -> Optional[nn.Module]:
-    """The output head when the head path applies to it: a plain ``nn.Linear`` without adapters."""
+    """The output head when the head path applies to it: a plain ``nn.Linear`` without adapters,
+    whose logits the model does not pass through a nonlinear map (Gemma 2's soft-capping)."""
     head = GEOMETRY.output_embedding(model)
     if type(head) is not nn.Linear or ADAPTERS in head._modules or "forward" in head.__dict__:
+        return None
+    if any(getattr(c, f, None) for c in _configs(model) for f in _NONLINEAR_AFTER_HEAD):
         return None
     return head
 
