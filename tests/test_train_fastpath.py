@@ -242,6 +242,25 @@ def test_length_aware_attention_equals_sdpa_and_keeps_sdpa_for_inference(monkeyp
     assert not calls
 
 
+def test_explicit_attention_with_a_static_cache_equals_no_cache():
+    """A static cache's prefill passes no mask and more keys than queries (the rest are unfilled
+    slots): the explicit form (gradients on) aligns causality top-left as SDPA's is_causal does,
+    so the logits equal a forward without a cache (it aligned bottom-right: the queries attended
+    to the empty slots)."""
+    from transformers import StaticCache
+
+    from deltatune.integrations import hf_attention
+
+    m = _adapted("TL").eval()
+    assert hf_attention.use_length_aware_attention(m)
+    ids = torch.tensor([[5, 17, 42, 9, 63, 2, 11]])
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    out = m(input_ids=ids, past_key_values=StaticCache(config=m.config, max_cache_len=16), use_cache=True).logits
+    assert out.requires_grad  # gradients on, 16 keys: the explicit form
+    assert torch.allclose(out.detach(), ref, atol=1e-5), float((out.detach() - ref).abs().max())
+
+
 def test_precision_and_device_choices(monkeypatch):
     cpu = torch.device("cpu")
     from deltatune.train import precision as P

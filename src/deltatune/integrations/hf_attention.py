@@ -46,7 +46,9 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
     gets an even softmax, as a fill with the lowest value gave), or None when nothing is masked.
     A boolean mask (True: attend) broadcastable to (b, 1, Q, K) is converted once per forward pass
     (every layer gets the same mask object) and kept while that object lives; with no mask and
-    ``causal`` the causal form (key j attends to query i when j <= i + K - Q).
+    ``causal`` SDPA's ``is_causal`` form, aligned top-left: key j attends to query i when j <= i
+    (transformers passes no mask with more keys than queries only when the keys past the queries
+    are a static cache's unfilled slots).
 
     Raises:
         LookupError: a mask that differs between heads, or a 3-D one (the caller takes the
@@ -60,7 +62,7 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
         if key not in _causal:
             if len(_causal) > 8:
                 _causal.clear()
-            keep = torch.arange(K, device=device)[None, :] <= torch.arange(Q, device=device)[:, None] + (K - Q)
+            keep = torch.arange(K, device=device)[None, :] <= torch.arange(Q, device=device)[:, None]
             _causal[key] = _bias_of(keep, dtype).view(1, 1, 1, Q, K)
         return _causal[key]
     if mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
