@@ -608,3 +608,27 @@ def test_mixed_rows_under_bf16_autocast_train_each_adapter_as_in_float32(shape, 
         err = float((p.grad.double() - ref_p[k].grad).norm() / ref_p[k].grad.norm())
         assert err < 1e-2, (k, err)
     assert float((x.grad.double() - xr.grad).norm() / xr.grad.norm()) < 1e-2
+
+
+def test_shared_input_cast_follows_the_inputs_grad_and_storage():
+    """The float32 input's bf16 cast is shared by the hosts that read it (routing._narrow_hook), and
+    made again when the input changes in any way: requires_grad_() after a first call (its gradient
+    arrives), and ``x.data = ...`` (the new values are used), as without the sharing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    dt.inject(net, dt.LoraConfig(r=2, target_modules=["0"]))
+    plain = nn.Sequential(nn.Linear(8, 8))
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if "adapters" not in k})
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+        x.requires_grad_(True)
+        net(x).float().sum().backward()
+        xr = x.detach().clone().requires_grad_(True)
+        plain(xr).float().sum().backward()  # zero-initialised B: LoRA adds nothing yet
+    assert x.grad is not None and torch.equal(x.grad, xr.grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.randn(4, 8)
+        net(y)
+        y.data = torch.ones(4, 8)
+        assert torch.equal(net(y), plain(torch.ones(4, 8)))

@@ -328,7 +328,8 @@ def _widened(out):
 
 
 _NARROWS_UNDER_AUTOCAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # autocast runs these in bf16/fp16
-_narrowed: tuple = (None, None, None)  # (weakref to the last float32 input, (its version, grad mode, dtype), its cast)
+_narrowed: tuple = (None, None, None)  # (weakref to the last float32 input, (its version, storage, requires_grad,
+# grad mode, dtype), its cast)
 
 
 def _forget_cast(ref) -> None:
@@ -353,9 +354,10 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
     if x.is_inference():  # inference-mode tensors keep no version counter: cast, uncached
         return (x.to(torch.get_autocast_dtype(x.device.type)),) + tuple(args[1:]), kwargs
     ref, key, cast = _narrowed
-    now = (x._version, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
+    # in-place writes bump the version; `x.data = ...` swaps the storage and requires_grad_() the graph: neither bumps it
+    now = (x._version, x.data_ptr(), x.requires_grad, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
     if ref is None or ref() is not x or key != now:
-        cast = x.to(now[2])
+        cast = x.to(now[-1])
         _narrowed = (weakref.ref(x, _forget_cast), now, cast)
     return (cast,) + tuple(args[1:]), kwargs
 
