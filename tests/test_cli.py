@@ -122,7 +122,8 @@ def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(tiny, tmp_p
     assert main(train_args(tiny, out, "--max-steps", "1")) == 0
     before = sorted(os.listdir(out))
     for bad in (["--model", str(tmp_path / "nonexistent")], ["--data", str(tmp_path / "missing.jsonl")],
-                ["--method", "nope"], ["--target-modules", "no_such_module"]):
+                ["--method", "nope"], ["--target-modules", "no_such_module"],
+                ["--method", "prompt-tuning", "--packing", "on"], ["--method", "prefix-tuning", "--shared-prefix", "on"]):
         code, _, err = run(capsys, *train_args(tiny, out, "--overwrite", *bad))
         assert code == 2, bad
         assert sorted(os.listdir(out)) == before, bad  # the previous run is still all there
@@ -143,6 +144,7 @@ def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(tiny, tmp_p
     (["train", "--max-steps", "-1", "--out", "OUT"], "max_steps"),
     (["train", "--data", "/nonexistent/d.jsonl", "--out", "OUT", "--model", "MODEL"], "not found"),
     (["train", "--model", "/nonexistent/model", "--out", "OUT"], "/nonexistent/model"),
+    (["train", "--model", "someorg/no-such-model", "--out", "OUT"], "never downloads models"),  # a hub id: the hint
     (["train", "--method", "nope", "--out", "OUT"], "nope"),
     (["train", "--config", "/nonexistent.yaml"], "config file"),
     (["merge", "--adapter", "/nonexistent"], "--out"),

@@ -103,3 +103,29 @@ def test_task_options_are_checked(tiny, tmp_path, capsys):
     assert code == 2 and "missing.jsonl" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     code = main(["train", "--data", f"a={files['a']}", "--out", str(out), *common(model_dir, "--packing", "on")])
     assert code == 2 and "--packing on" in capsys.readouterr().err
+
+
+def test_joint_run_records_absolute_paths_and_each_tasks_folder(tiny, tmp_path, monkeypatch, capsys):
+    """Relative --data NAME=FILE and --out: each task's report records its file and folder absolute
+    (so `deltatune eval --adapter` finds the data from any folder) and its tokens/s; the summary
+    names each task's adapter folder."""
+    import shutil
+
+    model_dir, files = tiny
+    work = tmp_path / "work"
+    work.mkdir()
+    for n in ("a", "b"):
+        shutil.copy(files[n], work / f"{n}.jsonl")
+    monkeypatch.chdir(work)
+    assert main(["train", "--data", "a=a.jsonl", "--data", "b=b.jsonl", "--out", "runs/ab", "--max-steps", "2",
+                 *common(model_dir)]) == 0
+    printed = capsys.readouterr().out
+    for n in ("a", "b"):
+        rep = json.loads((work / "runs" / "ab" / n / "report.json").read_text())
+        assert rep["data"] == rep["config"]["data"] == str(work / f"{n}.jsonl")
+        assert rep["out"] == str(work / "runs" / "ab" / n) and rep["train_tokens_per_s"] > 0
+        assert f"adapter {rep['out']}" in " ".join(printed.split())
+    run = json.loads((work / "runs" / "ab" / "report.json").read_text())
+    assert run["out"] == str(work / "runs" / "ab") and run["tasks"]["a"]["data"] == str(work / "a.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--adapter", str(work / "runs" / "ab" / "a"), "--eval-size", "2", "--threads", "1"]) == 0

@@ -183,11 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluation data file (all rows are scored; default: the held-out split of the "
                                   "adapter's training run, from its report.json, else the default task's words)")
     e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
-    for flag, dest, typ in (("--eval-size", "eval_size", int), ("--eval-batch-size", "eval_batch_size", int),
-                            ("--max-new-tokens", "max_new_tokens", int), ("--max-seq-len", "max_seq_len", int),
-                            ("--seed", "seed", int), ("--dtype", "dtype", str), ("--threads", "threads", int),
-                            ("--device", "device", str), ("--precision", "precision", str)):
-        e.add_argument(flag, dest=dest, type=typ, default=None)
+    for flag, dest, typ, what in (
+            ("--eval-size", "eval_size", int, "score the first N rows only"),
+            ("--eval-batch-size", "eval_batch_size", int, "rows scored at once (default 64)"),
+            ("--max-new-tokens", "max_new_tokens", int, "tokens generated per answer (unset: the training run's)"),
+            ("--max-seq-len", "max_seq_len", int, "longest prompt + answer, in tokens (unset: the training run's)"),
+            ("--seed", "seed", int, "seed of the held-out split (unset: the training run's)"),
+            ("--dtype", "dtype", str, "the base weights' dtype: float32, bfloat16, float16"),
+            ("--threads", "threads", int, "torch threads (default: automatic)"),
+            ("--device", "device", str, "auto (default: cuda when visible), cpu, cuda, cuda:N"),
+            ("--precision", "precision", str, "auto (default), bf16, fp16 (CUDA), fp32")):
+        e.add_argument(flag, dest=dest, type=typ, default=None, help=what)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     g = sub.add_parser("generate", help="answers to chat prompts (greedy, or sampled), with or without adapters")

@@ -39,10 +39,11 @@ from torch import nn
 from ..formats.peft import atomic_write_bytes, save_adapter
 from ..adapters import get_record
 from ..inject import count_parameters, inject, parameter_groups
+from ..integrations.transformers import resolve_model
 from ..lifecycle import disable_adapter, set_adapter
 from ..routing import adapter_rows
 from .distributed import launched_world
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, absolute_paths
 from .data import IGNORE_INDEX, collate, count_targets, pad_id_of
 from .evaluate import Evaluator, PerplexityProbe
 from .loop import NonFiniteLoss, StepLog, lr_factor, plan_windows
@@ -50,7 +51,7 @@ from .loss import _accepts_logits_to_keep, _head_of, head_cross_entropy, head_st
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import build_method_config, encode_data, load_base, method_preset, read_data, run_precision
 from .precision import Precision, to_device
-from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
+from .report import MetricsLog, counted, format_table, peak_rss_bytes, plot_curves, write_report
 
 
 def _say(log, msg):
@@ -262,6 +263,8 @@ def run_multitask(cfg: TrainConfig, log: Optional[Callable] = print, progress: O
 def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None) -> dict:
     """:func:`run_multitask`, returning ``{"report", "model", "tokenizer", "trainer"}`` too."""
     t_start = time.time()
+    resolve_model(cfg.model)  # a model that is not there fails before the data is read (a hub id: with its hint)
+    cfg = absolute_paths(cfg)  # recorded so (each task's data too), they hold from any working directory
     tasks = dict(cfg.tasks or {})
     if not tasks:
         raise UsageError("no tasks: give --data NAME=FILE (one per adapter)")
@@ -279,7 +282,7 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
     _say(log, "loading model ...")
     model, tok, source = load_base(cfg.model, dtype, cfg.threads, precision.device)
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
-              f"{torch.get_num_threads()} threads)")
+              f"{counted(torch.get_num_threads(), 'thread')})")
     items, evaluators = {}, {}
     for n, (train_ex, eval_ex, _) in data.items():
         enc, items[n] = encode_data(per_cfg[n], tok, train_ex, log)
@@ -349,7 +352,9 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
             "method": cfg.method, "task": n, "data": tasks[n], "metric_name": (after or before[n]).get("metric_name"),
             "metric_before": before[n].get("metric"), "metric_after": after.get("metric"), "trainable_params": own,
             "total_params": total - trainable + own, "peak_rss_bytes": peak_rss_bytes(),
-            "wall_seconds": time.time() - t_start, "train_tokens": t.train_tokens, "perplexity_before": ppl_before,
+            "wall_seconds": time.time() - t_start, "train_tokens": t.train_tokens,
+            "train_tokens_per_s": t.train_tokens / max(trainer.train_seconds, 1e-9),  # its share of the joint steps
+            "out": os.path.join(out, n), "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "eval_loss_before": before[n].get("eval_loss"),
             "eval_loss_after": after.get("eval_loss"), "steps": len(t.plan), "joint_run": out,
             "final_loss": t.history[-1].loss if t.history else None, "samples_after": after.get("samples"),

@@ -57,7 +57,7 @@ from .precision import Precision, resolve_device, resolve_precision
 from .outputs import (TRAIN_FILES, adopt_files, check_out, prepare_out, record_files, refuse_foreign_files,
                       staging_dir, write_marker)
 from .presets import PRESETS, Preset
-from .report import MetricsLog, format_table, peak_rss_bytes, plot_curves, write_report
+from .report import MetricsLog, counted, format_table, peak_rss_bytes, plot_curves, write_report
 from .task import build_task
 from .tensorboard import metric_sinks
 
@@ -174,7 +174,8 @@ def read_data(cfg: TrainConfig, log=None, rows: Optional[MemoryData] = None):
             train_ex, eval_ex = examples, load_examples(cfg.eval_data)
         else:
             train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
-        _say(log, f"data: {len(examples)} rows from memory: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+        _say(log, f"data: {counted(len(examples), 'row')} from memory: {counted(len(train_ex), 'training row')}, "
+                  f"{counted(len(eval_ex), 'held-out row')}")
         _warn_small_held_out(log, eval_ex, rows.eval is None and not cfg.eval_data)
         return train_ex, eval_ex, "rows from memory"
     if cfg.data is None:
@@ -187,14 +188,14 @@ def read_data(cfg: TrainConfig, log=None, rows: Optional[MemoryData] = None):
         train_ex, eval_ex = examples, load_examples(cfg.eval_data)
     else:
         train_ex, eval_ex = split_examples(examples, cfg.val_fraction, cfg.seed, max_eval=cfg.eval_size or None)
-    _say(log, f"data: {cfg.data}: {len(train_ex)} training rows, {len(eval_ex)} held-out rows")
+    _say(log, f"data: {cfg.data}: {counted(len(train_ex), 'training row')}, {counted(len(eval_ex), 'held-out row')}")
     _warn_small_held_out(log, eval_ex, not cfg.eval_data)
     return train_ex, eval_ex, os.path.basename(cfg.data)
 
 
 def _warn_small_held_out(log, eval_ex: list, split_made: bool) -> None:
     if split_made and 0 < len(eval_ex) < SMALL_HELD_OUT:
-        _say(log, f"warning: the held-out split has only {len(eval_ex)} rows, so its scores are coarse (one row = "
+        _say(log, f"warning: the held-out split has only {counted(len(eval_ex), 'row')}, so its scores are coarse (one row = "
                   f"{100 / len(eval_ex):.0f}%): give held-out rows of your own with --eval-data FILE (or a larger "
                   "--val-fraction)")
 
@@ -295,6 +296,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     t_start = time.time()
     d = dist or start_processes(cfg)
     log = log if d.is_main else None  # rank 0 speaks for the run
+    resolve_model(cfg.model)  # a model that is not there fails before the data is read (a hub id: with its hint)
     cfg = absolute_paths(cfg)  # recorded so, they hold from any working directory
     will_write = TRAIN_FILES + (MEMORY_DATA if rows is not None else ())
     if resume is None:  # nothing is deleted before every input has been checked (rank 0 checks, for all)
@@ -303,6 +305,10 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
             d.first_on_main(lambda: refuse_foreign_files(cfg.out, MEMORY_DATA))
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
+    if not preset.trains_base and getattr(method_config, "is_prompt_learning", False):
+        for flag in ("packing", "shared_prefix"):  # decided again after loading (auto: off); "on" fails here
+            if getattr(cfg, flag) == "on":
+                raise UsageError(_prompt_refusal(flag, cfg.method))
     if preset.trains_base:
         check_out_is_not_model(cfg.out, cfg.model)
         cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
@@ -317,7 +323,7 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     model, tok, source = load_base(cfg.model, dtype, cfg.threads, None if d.lockstep else precision.device)
     prepare_for_training(model, precision)  # the fast path's allocator, attention and SwiGLU settings
     _say(log, f"model: {source.display} ({time.time() - t_start:.0f} s, {precision.device.type}, {precision.name}, "
-              f"{torch.get_num_threads()} threads)")
+              f"{counted(torch.get_num_threads(), 'thread')})")
     enc, items = encode_data(cfg, tok, train_ex, log)
     data_stats = enc.stats.to_dict()  # before the evaluator encodes its examples with the same encoder
     evaluator = Evaluator(tok, eval_ex, enc, size=cfg.eval_size or None, loss_size=cfg.eval_loss_size,
@@ -483,14 +489,20 @@ def batching(run: Run) -> tuple[bool, bool]:
             chosen.append(False)
             continue
         if prompt:
-            raise UsageError(f"--{flag.replace('_', '-')} on does not work with --method {run.cfg.method}: its "
-                             f"virtual tokens go in front of each sequence; use --{flag.replace('_', '-')} off (or auto)")
+            raise UsageError(_prompt_refusal(flag, run.cfg.method))
         ok = mode == "on" or batching_agrees(run.model, run.items[:16], pad_id_of(run.tok), run.precision, make)
         if not ok:
-            _say(run.log, f"note: this model does not give {name} the loss of padded rows; not using them")
+            _say(run.log, f"note: on this model {name} did not reproduce the padded rows' loss (checked on the first "
+                          f"training examples), so this run trains without; --{flag.replace('_', '-')} on forces it")
         chosen.append(ok)
     chosen = run.dist.broadcast_object(chosen)  # every process batches as rank 0 decided
     return chosen[0], chosen[1]
+
+
+def _prompt_refusal(flag: str, method: str) -> str:
+    opt = f"--{flag.replace('_', '-')}"
+    return (f"{opt} on does not work with --method {method}: its virtual tokens go in front of each sequence; "
+            f"use {opt} off (or auto)")
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:

@@ -155,6 +155,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 row"``, ``"3 rows"``: a count with its noun in the right number (plural: noun + s)."""
+    return f"{n:,d} {noun}" + ("" if n == 1 else "s")
+
+
 def format_table(report: dict) -> str:
     """The short table printed at the end of ``deltatune train``."""
     name = report.get("metric_name") or "metric"
