@@ -183,7 +183,7 @@ def child(a):
            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
            "gflop_per_step": _flops(model, statistics.median(tokens), a) / 1e9}
     res["gflop_s"] = res["gflop_per_step"] / med
-    if a.kernel_times:
+    if a.kernel_times and dev.type == "cpu":  # CPU kernels only: on CUDA the profile would time launches
         res.update(kernel_times(step, windows[-1]))
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -429,7 +429,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernel-times", action="store_true",
                     help="one more step per child under torch.profiler: its seconds in matmuls and in SDPA "
-                         "(on in `all`'s 4 x 256 part)")
+                         "(on in `all`'s 4 x 256 part; CPU only)")
     ap.add_argument("--skip", default="", help="(all) comma list of parts to leave out: scaling, ablation")
     a = ap.parse_args()
     if a.mode == "child":

@@ -613,7 +613,8 @@ def test_mixed_rows_under_bf16_autocast_train_each_adapter_as_in_float32(shape, 
 def test_shared_input_cast_follows_the_inputs_grad_and_storage():
     """The float32 input's bf16 cast is shared by the hosts that read it (routing._narrow_hook), and
     made again when the input changes in any way: requires_grad_() after a first call (its gradient
-    arrives), and ``x.data = ...`` (the new values are used), as without the sharing."""
+    arrives), and ``x.data = ...`` with new values or the same storage in another layout (the new
+    values are used), as without the sharing."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8))
     dt.inject(net, dt.LoraConfig(r=2, target_modules=["0"]))
@@ -632,3 +633,7 @@ def test_shared_input_cast_follows_the_inputs_grad_and_storage():
         net(y)
         y.data = torch.ones(4, 8)
         assert torch.equal(net(y), plain(torch.ones(4, 8)))
+        z = torch.randn(8, 8)
+        net(z)
+        z.data = z.data.t()  # the same storage, another layout
+        assert torch.equal(net(z), plain(z.clone()))

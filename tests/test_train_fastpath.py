@@ -13,6 +13,7 @@ Tests marked ``cuda`` run only where a CUDA GPU is visible (``bench/gpu_check.sh
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -305,9 +306,11 @@ def test_cli_records_the_path_and_refuses_a_missing_gpu_and_a_bad_allocator_sett
         assert not (tmp_path / "b").exists()
     monkeypatch.setenv("DELTATUNE_MALLOC", "sytem")  # a typo: an error before the model loads, not silently "keep"
     capsys.readouterr()
-    assert main(base + ["--out", str(tmp_path / "c")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    assert main(base + ["--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
     assert len(err) == 1 and "DELTATUNE_MALLOC='sytem'" in err[0] and "'system'" in err[0], err
+    assert "loading model" not in printed.out  # refused before the model loads
     assert not (tmp_path / "c").exists()
 
 
@@ -385,15 +388,27 @@ def test_head_path_steps_aside_for_a_soft_capped_head():
     dt.inject(m, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     with torch.no_grad():
         m.get_output_embeddings().weight.mul_(100)  # logits beyond the cap
+    from deltatune.train.loss import _head_of
+
+    assert _head_of(m) is None
     b = collate(ITEMS, 0)
     ours = _loss_and_grads(m, b)
-    with torch.no_grad():
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    m.zero_grad(set_to_none=True)
+    logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # the model's own, capped
     assert float(logits.abs().max()) <= 30.0 + 1e-4
     sel = b["labels"][:, 1:] != -100
-    ref = nn.functional.cross_entropy(logits[:, :-1][sel].double(), b["labels"][:, 1:][sel], reduction="sum")
+    ref = nn.functional.cross_entropy(logits[:, :-1][sel].float(), b["labels"][:, 1:][sel], reduction="sum")
+    ref.backward()
     assert abs(ours[0] - float(ref)) < 1e-4 * float(ref)
-    _close(ours, _loss_and_grads(m, b, head_path=False))
+    for k, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(ours[2][k], p.grad, atol=1e-5, rtol=1e-4), k
+    # a composite model's text config soft-caps too: the head path steps aside for it as well
+    from deltatune.train.loss import soft_caps_logits
+
+    outer = nn.Module()
+    outer.config = SimpleNamespace(get_text_config=lambda: cfg)
+    assert soft_caps_logits(outer) and not soft_caps_logits(_model("TL"))
 
 
 def test_explicit_attention_keeps_no_score_tensor_for_backward_under_bf16():

@@ -15,7 +15,8 @@ for a collated batch. Two paths compute the same number:
 * the **logits path**: the model's own logits of the last K positions (transformers'
   ``logits_to_keep``), then ``F.cross_entropy`` on the target positions. Used when the head
   carries adapters (LoRA on ``lm_head``, a ``modules_to_save`` copy), is not a plain
-  ``nn.Linear``, or the model does not route its hidden states through it.
+  ``nn.Linear``, the model does not route its hidden states through it, or it soft-caps its
+  logits after the head (Gemma 2's ``final_logit_softcapping``).
 
 Labels follow :func:`deltatune.train.data.collate`: unshifted, -100 off target; the logits at
 position t-1 predict the label at t. A packed batch (several examples in one row, see
@@ -155,11 +156,19 @@ _NONLINEAR_AFTER_HEAD = ("final_logit_softcapping",)  # config fields of a map t
 # hidden states the head path gets back just as on the logits
 
 
-def _configs(model: nn.Module):
+def _configs(model: nn.Module) -> list:
+    """The model's config and, for a composite model, its text model's (transformers' get_text_config)."""
     cfg = getattr(model, "config", None)
-    while cfg is not None:
-        yield cfg
-        cfg = getattr(cfg, "text_config", None) if getattr(cfg, "text_config", None) is not cfg else None
+    if cfg is None:
+        return []
+    text = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else None
+    return [cfg] if text is None or text is cfg else [cfg, text]
+
+
+def soft_caps_logits(model: nn.Module) -> bool:
+    """Whether the model maps its logits through a nonlinear function after the head (Gemma 2's
+    soft-capping), which the head path, computing ``h @ W.T``, would leave out."""
+    return any(getattr(c, f, None) for c in _configs(model) for f in _NONLINEAR_AFTER_HEAD)
 
 
 def _head_of(model: nn.Module) -> Optional[nn.Module]:
@@ -168,7 +177,7 @@ def _head_of(model: nn.Module) -> Optional[nn.Module]:
     head = GEOMETRY.output_embedding(model)
     if type(head) is not nn.Linear or ADAPTERS in head._modules or "forward" in head.__dict__:
         return None
-    if any(getattr(c, f, None) for c in _configs(model) for f in _NONLINEAR_AFTER_HEAD):
+    if soft_caps_logits(model):
         return None
     return head
 

@@ -353,7 +353,8 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
             "metric_before": before[n].get("metric"), "metric_after": after.get("metric"), "trainable_params": own,
             "total_params": total - trainable + own, "peak_rss_bytes": peak_rss_bytes(),
             "wall_seconds": time.time() - t_start, "train_tokens": t.train_tokens,
-            "train_tokens_per_s": t.train_tokens / max(trainer.train_seconds, 1e-9),  # its share of the joint steps
+            # the joint run's rate (every task's tokens: the tasks train in the same steps)
+            "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
             "out": os.path.join(out, n), "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "eval_loss_before": before[n].get("eval_loss"),
             "eval_loss_after": after.get("eval_loss"), "steps": len(t.plan), "joint_run": out,
