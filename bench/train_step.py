@@ -127,7 +127,7 @@ def child(a):
     model.config.use_cache = False
     items = _items(a, tok, model.config.vocab_size)
     bs = a.batch if a.mode != "data" else 16
-    windows = plan_windows(len(items), bs, 1, 1, 0, a.warmup + a.steps + (1 if a.kernel_times else 0))
+    windows = plan_windows(len(items), bs, 1, 1, 0, a.warmup + a.steps)
     if peft_side:
         from peft import LoraConfig, get_peft_model
 
@@ -153,7 +153,7 @@ def child(a):
         if settings:
             prepare_for_training(model, prec)
         dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
-        trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=len(windows), precision=prec,
+        trainer = Trainer(model, items, lr=1e-4, batch_size=bs, max_steps=a.warmup + a.steps, precision=prec,
                           packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
         if not head:
             L._head_of = lambda m: None  # the logits path (deltatune before the head path)
@@ -166,7 +166,7 @@ def child(a):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses, tokens = [], [], []
-    for i, w in enumerate(windows[:a.warmup + a.steps]):
+    for i, w in enumerate(windows):
         t0 = time.perf_counter()
         loss, ntok = step(w)
         if dev.type == "cuda":
@@ -184,7 +184,7 @@ def child(a):
            "gflop_per_step": _flops(model, statistics.median(tokens), a) / 1e9}
     res["gflop_s"] = res["gflop_per_step"] / med
     if a.kernel_times and dev.type == "cpu":  # CPU kernels only: on CUDA the profile would time launches
-        res.update(kernel_times(step, windows[-1]))
+        res.update(kernel_times(step, windows[-1]))  # the last batch again (past the plan: lr 0, the same work)
     print("RESULT " + json.dumps(res), flush=True)
 
 

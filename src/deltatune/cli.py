@@ -180,18 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter folder (default: the bare base model); repeat NAME=DIR for several: a data row's "
                         "'adapter' field picks one ('__base__': the base model), a row without it is scored with each")
     e.add_argument("--model", help="base model (default: the adapter's recorded base, else SmolLM2)")
-    e.add_argument("--data", help="evaluation data file (its first --eval-size rows are scored; default: the held-out split of the "
-                                  "adapter's training run, from its report.json, else the default task's words)")
+    e.add_argument("--data", help="evaluation data file (its first --eval-size rows are scored; default: the "
+                                  "held-out split of the adapter's training run, from its report.json, else the "
+                                  "default task's words)")
     e.add_argument("--config", help="YAML options (seed, eval_size, max_new_tokens, ...)")
     for flag, dest, typ, what in (
             ("--eval-size", "eval_size", int, "score the first N rows (default 320, or the training run's)"),
             ("--eval-batch-size", "eval_batch_size", int, "rows scored at once (default 64)"),
-            ("--max-new-tokens", "max_new_tokens", int, "tokens generated per answer (default 8; raised to fit the longest expected answer)"),
-            ("--max-seq-len", "max_seq_len", int, "longest prompt + answer, in tokens (without --data: the training run's)"),
+            ("--max-new-tokens", "max_new_tokens", int,
+             "tokens generated per answer (default 8; raised to fit the longest expected answer)"),
+            ("--max-seq-len", "max_seq_len", int,
+             "longest prompt + answer, in tokens (without --data: the training run's)"),
             ("--seed", "seed", int, "seed of the held-out split (without --data: the training run's)"),
-            ("--dtype", "dtype", str, "the base weights' dtype: float32, bfloat16, float16 (without --data: the training run's)"),
+            ("--dtype", "dtype", str,
+             "the base weights' dtype: float32, bfloat16, float16 (without --data: the training run's)"),
             ("--threads", "threads", int, "torch threads (default: automatic)"),
-            ("--device", "device", str, "auto (cuda when visible), cpu, cuda, cuda:N (without --data: the training run's)"),
+            ("--device", "device", str,
+             "auto (cuda when visible), cpu, cuda, cuda:N (without --data: the training run's)"),
             ("--precision", "precision", str, "auto, bf16, fp16 (CUDA), fp32 (without --data: the training run's)")):
         e.add_argument(flag, dest=dest, type=typ, default=None, help=what)
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -328,21 +328,15 @@ def _widened(out):
 
 
 _NARROWS_UNDER_AUTOCAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # autocast runs these in bf16/fp16
-_narrowed: tuple = (None, None, None)  # (weakref to the last float32 input, (its version, storage, layout,
-# requires_grad, grad mode, dtype), its cast)
+_narrowed: tuple = (None, None, None, None)  # (weakref to the last float32 input, (its version, data address,
+# layout, requires_grad, grad mode, dtype), its cast, its storage: held so that the address is not reused meanwhile)
 
 
 def _forget_cast(ref) -> None:
     """The cached input died: drop its cast (autograd keeps its own reference where it needs one)."""
     global _narrowed
     if _narrowed[0] is ref:
-        _narrowed = (None, None, None)
-
-
-def _same_key(a, b) -> bool:
-    """Cache keys of :func:`_narrow_hook` equal (the storage compared by identity of its data, not by value)."""
-    return (a is not None and a[0] == b[0] and a[1].data_ptr() == b[1].data_ptr() and a[1].nbytes() == b[1].nbytes()
-            and a[2:] == b[2:])
+        _narrowed = (None, None, None, None)
 
 
 def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
@@ -359,14 +353,14 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
         return None
     if x.is_inference():  # inference-mode tensors keep no version counter: cast, uncached
         return (x.to(torch.get_autocast_dtype(x.device.type)),) + tuple(args[1:]), kwargs
-    ref, key, cast = _narrowed
+    ref, key, cast, _ = _narrowed
     # in-place writes bump the version; `x.data = ...` swaps the storage or layout and requires_grad_() the graph:
-    # neither bumps it. The key holds the storage itself, so that its address cannot be reused while cached.
-    now = (x._version, x.untyped_storage(), x.storage_offset(), x.shape, x.stride(), x.requires_grad,
-           torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type))
-    if ref is None or ref() is not x or not _same_key(key, now):
+    # neither bumps it
+    now = (x._version, x.data_ptr(), x.shape, x.stride(), x.requires_grad, torch.is_grad_enabled(),
+           torch.get_autocast_dtype(x.device.type))
+    if ref is None or ref() is not x or key != now:
         cast = x.to(now[-1])
-        _narrowed = (weakref.ref(x, _forget_cast), now, cast)
+        _narrowed = (weakref.ref(x, _forget_cast), now, cast, x.untyped_storage())
     return (cast,) + tuple(args[1:]), kwargs
 
 

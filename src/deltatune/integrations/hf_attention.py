@@ -35,9 +35,14 @@ def _forget_bias(ref) -> None:
         _bias_cache = (None, None, None)
 
 
-def _bias_of(keep: torch.Tensor, dtype) -> torch.Tensor:
-    """A boolean mask (True: attend) as an additive one of ``dtype``: 0, or half its lowest value."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min / 2)
+def _bias_of(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """A mask as an additive one of ``dtype``: a boolean one (True: attend) as 0 or half the dtype's
+    lowest value; an additive one clamped there (float32's lowest value is -inf in bf16, and a row
+    of -inf a NaN softmax)."""
+    low = torch.finfo(dtype).min / 2
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, low)
+    return mask.clamp_min(low).to(dtype)
 
 
 def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype, device) -> Optional[torch.Tensor]:
@@ -72,10 +77,7 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
     if ref is not None and ref() is mask and key == now:
         return bias
     lead = mask.shape[0] if mask.dim() == 4 else 1
-    if mask.dtype == torch.bool:
-        bias = _bias_of(mask, dtype)
-    else:  # an additive mask: its float32 lowest value would be -inf in bf16, and a row of -inf a NaN softmax
-        bias = mask.clamp_min(torch.finfo(dtype).min / 2).to(dtype)
+    bias = _bias_of(mask, dtype)
     bias = bias.expand(*bias.shape[:-2], Q, K).reshape(lead, 1, 1, Q, K)
     if not mask.is_inference() and not mask.requires_grad:
         _bias_cache = (weakref.ref(mask, _forget_bias), now, bias)
@@ -160,11 +162,7 @@ def _explicit(module, query, key, value, attention_mask, dropout, scaling, is_ca
     except LookupError:  # a mask per head: each head its own copy of its group's key and value
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Q, K)
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(dt).min)
-        else:
-            scores = scores + attention_mask.clamp_min(torch.finfo(dt).min / 2).to(dt)
-        probs = _softmax(scores)
+        probs = _softmax(scores + _bias_of(attention_mask, dt))
     else:
         trained_mask = attention_mask is not None and attention_mask.requires_grad  # its gradient: the plain form
         if RECOMPUTE and not (dropout and module.training) and not trained_mask and dt in (torch.bfloat16, torch.float16):

@@ -306,9 +306,11 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     preset = method_preset(cfg.method)
     method_config = build_method_config(cfg)  # fail on a bad method or data before loading the model
     if not preset.trains_base and getattr(method_config, "is_prompt_learning", False):
-        for flag in ("packing", "shared_prefix"):  # decided again after loading (auto: off); "on" fails here
+        for flag in ("packing", "shared_prefix"):  # auto: off (see batching); on: refused before anything is touched
             if getattr(cfg, flag) == "on":
-                raise UsageError(_prompt_refusal(flag, cfg.method))
+                opt = f"--{flag.replace('_', '-')}"
+                raise UsageError(f"{opt} on does not work with --method {cfg.method}: its virtual tokens go in front "
+                                 f"of each sequence; use {opt} off (or auto)")
     if preset.trains_base:
         check_out_is_not_model(cfg.out, cfg.model)
         cfg.dtype = weights_dtype(cfg)  # float32 master weights; --precision is the compute dtype
@@ -470,11 +472,8 @@ def epochs_note(plan: list, n_items: int, max_steps: Optional[int], epochs_opt: 
 
 def batching(run: Run) -> tuple[bool, bool]:
     """(packing, shared prefix) for the run (:mod:`deltatune.train.packing`): each ``on``, or ``auto``
-    where the method acts per token (not prompt methods) and the model gives such a batch of a few
-    training examples the loss of the padded one (checked here).
-
-    Raises:
-        UsageError: ``on`` with a prompt method.
+    where the method acts per token (not prompt methods, whose ``on`` :func:`prepare` refuses) and
+    the model gives such a batch of a few training examples the loss of the padded one (checked here).
     """
     prompt = not run.trains_base and get_config(run.model).is_prompt_learning
     chosen = []
@@ -485,11 +484,9 @@ def batching(run: Run) -> tuple[bool, bool]:
             _say(run.log, "note: --strategy fsdp runs without the shared prefix (a second model call on some processes "
                           "only would unpair the sharded model's all-gathers)")
             mode = "off"
-        if mode == "off" or (prompt and mode == "auto"):
+        if mode == "off" or prompt:
             chosen.append(False)
             continue
-        if prompt:
-            raise UsageError(_prompt_refusal(flag, run.cfg.method))
         ok = mode == "on" or batching_agrees(run.model, run.items[:16], pad_id_of(run.tok), run.precision, make)
         if not ok:
             _say(run.log, f"note: on this model {name} did not reproduce the padded rows' loss (checked on the first "
@@ -497,12 +494,6 @@ def batching(run: Run) -> tuple[bool, bool]:
         chosen.append(ok)
     chosen = run.dist.broadcast_object(chosen)  # every process batches as rank 0 decided
     return chosen[0], chosen[1]
-
-
-def _prompt_refusal(flag: str, method: str) -> str:
-    opt = f"--{flag.replace('_', '-')}"
-    return (f"{opt} on does not work with --method {method}: its virtual tokens go in front of each sequence; "
-            f"use {opt} off (or auto)")
 
 
 def finish(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[float]) -> dict:
