@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import types
 from typing import Optional
 
@@ -68,6 +69,11 @@ def _cache_kw(model: nn.Module) -> str:
     return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
+def _log_tiny(dtype) -> float:
+    """log of ``dtype``'s smallest normal number: below it a probability has lost precision (or is 0)."""
+    return math.log(torch.finfo(dtype).tiny)
+
+
 class HeadCrossEntropy(torch.autograd.Function):
     """``sum_i CE(h_i @ W.T + b, y_i)`` for h (N, D), W (V, D), b (V,) or None, y (N,) int64, in
     chunks of ``chunk`` rows; returns a float32 scalar (and, with ``count_correct``, the number of
@@ -77,9 +83,9 @@ class HeadCrossEntropy(torch.autograd.Function):
     (``p - onehot(y)``). The target's entry is not taken from the rounded ``p_y``: ``1 - p_y`` is
     the float32 sum of the other entries, summed on their own (no cancellation against ``p_y``),
     so a confident row keeps its small gradient and its loss ``-log1p(-(1 - p_y))`` to float32
-    precision; when ``p_y < 1/2`` the loss is ``-(logit_y - max logit) - log p_max`` (``p_max >= 1/V``),
-    so a very unlikely target (``p_y`` below the dtype's smallest number) still gets its whole
-    loss. The gradients with respect to ``h`` (and ``W``, ``b`` when they require grad) are computed
+    precision; when ``p_y < 1/2`` the loss is ``-log p_y``, and for a ``p_y`` below the dtype's
+    smallest normal number ``-(logit_y - max logit) - log p_max`` (``p_max >= 1/V``), so a very
+    unlikely target still gets its whole loss (the max is taken for those rows only). The gradients with respect to ``h`` (and ``W``, ``b`` when they require grad) are computed
     in the forward pass, chunk by chunk, and scaled by the incoming gradient in the backward pass."""
 
     @staticmethod
@@ -99,19 +105,20 @@ class HeadCrossEntropy(torch.autograd.Function):
                 logits = hc @ w.T  # (rows, V) in the compute dtype
                 if bias is not None:
                     logits = logits + bias.to(logits.dtype)
-                top, top_i = logits.max(-1)
                 if count_correct:
-                    correct += (top_i == yc).sum()
+                    correct += (logits.argmax(-1) == yc).sum()
                 rows = torch.arange(logits.shape[0], device=logits.device)
-                gap = logits[rows, yc].float() - top.float()  # logit_y - max logit: exact for the rounded logits
                 p = torch.softmax(logits, dim=-1)  # (rows, V): float32 inside, one pass
+                log_py = p[rows, yc].float().log()
+                low = (log_py < _log_tiny(p.dtype)).nonzero().squeeze(1)  # p_y below the dtype's normal numbers
+                if len(low):  # log p_y = logit_y - max logit + log p_max (p_max >= 1/V never underflows)
+                    top, top_i = logits[low].max(-1)
+                    log_py[low] = (logits[low, yc[low]].float() - top.float()) + p[low, top_i].float().log()
                 del logits
-                p_top = p[rows, top_i].float()  # >= 1/V: never underflows
                 p[rows, yc] = 0.0
                 rest = torch.cat([p[r:r + _SUM_ROWS].sum(-1, dtype=torch.float32)  # 1 - p_y: the others' sum,
                                   for r in range(0, p.shape[0], _SUM_ROWS)]).clamp(0.0, 1.0)  # no cancellation
-                # log p_y = logit_y - logsumexp = gap + log p_top (a tiny p_y would underflow in the softmax's dtype)
-                log_p = torch.where(rest < 0.5, torch.log1p(-rest), gap + p_top.log())
+                log_p = torch.where(rest < 0.5, torch.log1p(-rest), log_py)
                 total -= log_p.sum()
                 if need_h or need_w or need_b:
                     p[rows, yc] = (-rest).to(p.dtype)  # d CE / d logits = softmax - one-hot

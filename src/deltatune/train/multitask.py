@@ -46,7 +46,7 @@ from .distributed import launched_world
 from .config import TrainConfig, UsageError, absolute_paths
 from .data import IGNORE_INDEX, collate, count_targets, pad_id_of
 from .evaluate import Evaluator, PerplexityProbe
-from .loop import NonFiniteLoss, StepLog, lr_factor, plan_windows
+from .loop import NonFiniteLoss, StepLog, adamw, lr_factor, plan_windows
 from .loss import _accepts_logits_to_keep, _head_of, head_cross_entropy, head_stands_aside
 from .outputs import check_out, prepare_out, write_marker
 from .pipeline import build_method_config, encode_data, load_base, method_preset, read_data, run_precision
@@ -148,8 +148,8 @@ class JointTrainer:
             if not own:
                 raise ValueError(f"adapter {name!r} has no trainable parameters: set_adapter every task's adapter")
             plan = plan_windows(len(items), batch_size, grad_accum, epochs, seed, max_steps)
-            opt = torch.optim.AdamW([{"params": [p for p in decay if id(p) in own], "weight_decay": weight_decay},
-                                     {"params": [p for p in keep if id(p) in own], "weight_decay": 0.0}], lr=lr)
+            opt = adamw([{"params": [p for p in decay if id(p) in own], "weight_decay": weight_decay},
+                         {"params": [p for p in keep if id(p) in own], "weight_decay": 0.0}], lr)
             total, warm = len(plan), int(warmup_steps)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s, T=total: lr_factor(s, T, warm, schedule, lr_floor, warmup_from_zero))
