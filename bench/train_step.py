@@ -13,13 +13,16 @@ Configurations:
 
 * ``dt``        deltatune's default training path (``deltatune train``'s Trainer): ``--precision
                 auto`` (bf16 base held once, fp32 adapters, autocast), the loss from the target rows
-                through the head in chunks, packed rows where the method allows;
+                through the head in chunks, packed rows where the method allows, the decoder layers
+                compiled as ``--torch-compile auto`` does for a run of 100+ steps (compiling happens in
+                the warm-up step, whose time is reported as ``warmup_s``; calls with a shared prefix's
+                key/value cache run eagerly);
 * ``dt-fp32``   the same path in fp32 (the reference for the loss check);
 * ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
-* ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix`` / ``dt-settings``: ``dt-base`` plus one lever
-                (the ablation; packing and the shared prefix act on the main job's data only, as in
-                ``deltatune train``; ``dt-settings``: the allocator, attention, SwiGLU and RMSNorm settings of
-                ``deltatune.train.fastpath``);
+* ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix`` / ``dt-settings`` / ``dt-compile``: ``dt-base``
+                plus one lever (the ablation; packing and the shared prefix act on the main job's data only, as
+                in ``deltatune train``; ``dt-settings``: the allocator, attention, SwiGLU and RMSNorm settings of
+                ``deltatune.train.fastpath``; ``dt-compile``: the decoder layers compiled);
 * ``peft``      ``peft.get_peft_model`` + the transformers loss (``labels=``), fp32;
 * ``peft-ac``   ``peft`` under ``torch.autocast("cpu", bfloat16)`` (PEFT's best bf16 setting).
 
@@ -54,11 +57,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # name: (precision, loss through the head in chunks, packed rows, shared prefix run once, the fast path's
-# allocator, attention, SwiGLU and RMSNorm settings (deltatune.train.fastpath.prepare_for_training))
-DT_CONFIGS = {"dt": ("auto", True, True, True, True), "dt-fp32": ("fp32", True, True, True, True),
-              "dt-base": ("fp32", False, False, False, False), "dt-bf16": ("bf16", False, False, False, False),
-              "dt-head": ("fp32", True, False, False, False), "dt-pack": ("fp32", False, True, False, False),
-              "dt-prefix": ("fp32", False, False, True, False), "dt-settings": ("fp32", False, False, False, True)}
+# allocator, attention, SwiGLU and RMSNorm settings (deltatune.train.fastpath.prepare_for_training), compiled
+# decoder layers (deltatune train's --torch-compile auto for a run of 100+ steps; compiled in the warm-up step))
+DT_CONFIGS = {"dt": ("auto", True, True, True, True, True), "dt-fp32": ("fp32", True, True, True, True, True),
+              "dt-base": ("fp32", False, False, False, False, False), "dt-bf16": ("bf16", False, False, False, False, False),
+              "dt-head": ("fp32", True, False, False, False, False), "dt-pack": ("fp32", False, True, False, False, False),
+              "dt-prefix": ("fp32", False, False, True, False, False),
+              "dt-settings": ("fp32", False, False, False, True, False),
+              "dt-compile": ("fp32", False, False, False, False, True)}
 
 
 def _kb(field):
@@ -119,7 +125,7 @@ def child(a):
     from deltatune.train.precision import resolve_precision
 
     peft_side = a.config.startswith("peft")
-    prec_name, head, packing, prefix, settings = DT_CONFIGS.get(a.config, ("fp32", False, False, False, False))
+    prec_name, head, packing, prefix, settings, compiled = DT_CONFIGS.get(a.config, ("fp32",) + (False,) * 5)
     dev = torch.device(a.device)
     prec = resolve_precision("fp32" if peft_side else prec_name, dev)
     model, tok = _model(a, prec.base_dtype)
@@ -157,6 +163,10 @@ def child(a):
                           packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
         if not head:
             L._head_of = lambda m: None  # the logits path (deltatune before the head path)
+        if compiled:
+            from deltatune.integrations.hf_compile import compile_layers
+
+            compile_layers(model)
         model.train()
 
         def step(window):
@@ -165,7 +175,7 @@ def child(a):
     _reset_peak()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses, tokens = [], [], []
+    times, losses, tokens, warm = [], [], [], []
     for i, w in enumerate(windows):
         t0 = time.perf_counter()
         loss, ntok = step(w)
@@ -176,8 +186,11 @@ def child(a):
         if i >= a.warmup:
             times.append(dt_)
             tokens.append(ntok)
+        else:
+            warm.append(dt_)
     med = statistics.median(times)
     res = {"config": a.config, "mode": a.mode, "seq": a.seq, "batch": bs, "step_s": med, "steps_s": times,
+           "warmup_s": warm, "compiled": compiled and not peft_side,
            "tokens_per_step": statistics.median(tokens), "tok_s": statistics.median(tokens) / med,
            "peak_steps_mib": _kb("VmHWM") / 1024, "losses": losses, "precision": prec.name, "device": str(dev),
            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
@@ -361,7 +374,7 @@ def loss_check(a) -> dict:
 
 def ablation_configs(mode: str) -> list:
     """``dt-base``, each lever alone, then ``dt``; packing and the shared prefix act on the real data only."""
-    return (["dt-base", "dt-bf16", "dt-head", "dt-settings"] + (["dt-pack", "dt-prefix"] if mode == "data" else [])
+    return (["dt-base", "dt-bf16", "dt-head", "dt-settings", "dt-compile"] + (["dt-pack", "dt-prefix"] if mode == "data" else [])
             + ["dt"])
 
 

@@ -351,7 +351,8 @@ def _narrow_hook(host: nn.Module, args: tuple, kwargs: dict):
     x = args[0]
     if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not torch.is_autocast_enabled(x.device.type):
         return None
-    if x.is_inference():  # inference-mode tensors keep no version counter: cast, uncached
+    if x.is_inference() or torch.compiler.is_compiling():  # inference-mode tensors keep no version counter;
+        # traced, the compiler merges the casts itself (and a guard on the cache would recompile): cast, uncached
         return (x.to(torch.get_autocast_dtype(x.device.type)),) + tuple(args[1:]), kwargs
     ref, key, cast, _ = _narrowed
     # in-place writes bump the version; `x.data = ...` swaps the storage or layout and requires_grad_() the graph:

@@ -64,22 +64,27 @@ def _additive(mask: Optional[torch.Tensor], causal: bool, Q: int, K: int, dtype,
         if not causal or Q == 1:
             return None
         key = (dtype, Q, K, device)
-        if key not in _causal:
+        if torch.compiler.is_compiling() or key not in _causal:  # traced: no cache (as below)
+            keep = torch.arange(K, device=device)[None, :] <= torch.arange(Q, device=device)[:, None]
+            bias = _bias_of(keep, dtype).view(1, 1, 1, Q, K)
+            if torch.compiler.is_compiling():
+                return bias
             if len(_causal) > 8:
                 _causal.clear()
-            keep = torch.arange(K, device=device)[None, :] <= torch.arange(Q, device=device)[:, None]
-            _causal[key] = _bias_of(keep, dtype).view(1, 1, 1, Q, K)
+            _causal[key] = bias
         return _causal[key]
     if mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise LookupError("a per-head (or 3-D) mask")
-    ref, key, bias = _bias_cache
-    now = (dtype, Q, K, None if mask.is_inference() else mask._version)
-    if ref is not None and ref() is mask and key == now:
-        return bias
+    compiling = torch.compiler.is_compiling()  # traced: no cache (its guards would recompile as it changes)
+    if not compiling:
+        ref, key, bias = _bias_cache
+        now = (dtype, Q, K, None if mask.is_inference() else mask._version)
+        if ref is not None and ref() is mask and key == now:
+            return bias
     lead = mask.shape[0] if mask.dim() == 4 else 1
     bias = _bias_of(mask, dtype)
     bias = bias.expand(*bias.shape[:-2], Q, K).reshape(lead, 1, 1, Q, K)
-    if not mask.is_inference() and not mask.requires_grad:
+    if not compiling and not mask.is_inference() and not mask.requires_grad:
         _bias_cache = (weakref.ref(mask, _forget_bias), now, bias)
     return bias
 

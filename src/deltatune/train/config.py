@@ -77,6 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the hardware is fast at it, else fp32), bf16, fp16, fp32
     packing: str = "auto"  # auto (packed rows where the method and model allow), on, off
     shared_prefix: str = "auto"  # auto (a prefix all rows of a batch share runs once, where allowed), on, off
+    torch_compile: str = "auto"  # auto (compiled decoder layers for long LoRA/DoRA runs, train.fastpath), on, off
     dtype: Optional[str] = None  # dtype the base model is loaded in; None = the precision's (bf16 or float32)
     threads: Optional[int] = None  # torch.set_num_threads; None = auto (pipeline.choose_threads)
     strategy: str = "auto"  # several processes (torchrun): ddp (default there) or fsdp (train.distributed)
@@ -117,11 +118,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a YAML/flag value to the type of the field's default (ints, floats, bools)."""
     if value is None:
         return None
-    if name in ("packing", "shared_prefix") and isinstance(value, bool):  # YAML's true/false
+    if name in ("packing", "shared_prefix", "torch_compile") and isinstance(value, bool):  # YAML's true/false
         return "on" if value else "off"
     if name == "report_to" and isinstance(value, (list, tuple)):  # YAML list, or report_to=["tensorboard"]
         return ",".join(str(v) for v in value) or "none"
-    if name in ("precision", "packing", "shared_prefix", "device", "strategy") and isinstance(value, str):
+    if name in ("precision", "packing", "shared_prefix", "torch_compile", "device", "strategy") and isinstance(value, str):
         return value.strip().lower()
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -412,7 +413,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.tasks is not None:
         validate_tasks(cfg)
     for n in ("out", "method", "schedule", "train_on", "truncation", "precision", "packing", "shared_prefix",
-              "task_wording"):
+              "torch_compile", "task_wording"):
         if not isinstance(getattr(cfg, n), str):
             raise OptionError(f"option {n!r} must be a string, got {getattr(cfg, n)!r}")
     tm = cfg.target_modules
@@ -437,7 +438,7 @@ def validate(cfg: TrainConfig) -> None:
         raise OptionError(f"option 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.task_wording not in WORDINGS:
         raise OptionError(f"option 'task_wording' must be one of {', '.join(WORDINGS)}, got {cfg.task_wording!r}")
-    for n in ("packing", "shared_prefix"):
+    for n in ("packing", "shared_prefix", "torch_compile"):
         if getattr(cfg, n) not in ("auto", "on", "off"):
             raise OptionError(f"option {n!r} must be auto, on or off, got {getattr(cfg, n)!r}")
     try:

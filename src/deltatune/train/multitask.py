@@ -273,6 +273,8 @@ def multitask_session(cfg: TrainConfig, log: Optional[Callable] = print, progres
                          "and --strategy, or train each task in a run of its own, which runs on several processes")
     if cfg.packing == "on":
         raise UsageError("--packing on does not work with several --data tasks: their rows share padded batches")
+    if cfg.torch_compile == "on":  # auto: not compiled (rows routed to several adapters per call)
+        raise UsageError("--torch-compile on does not work with several --data tasks yet: use --torch-compile auto or off")
     check_out(cfg.out, cfg.overwrite, [*tasks, "report.json"])
     preset = method_preset(cfg.method)
     per_cfg = {n: _task_config(cfg, f) for n, f in tasks.items()}

@@ -43,6 +43,7 @@ from torch import nn
 from ..formats.peft import save_adapter
 from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
+from ..integrations.hf_compile import compile_layers
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
 from .config import TrainConfig, UsageError, absolute_paths
@@ -52,7 +53,7 @@ from .evaluate import Evaluator, PerplexityProbe
 from .full import check_out_is_not_model, make_trainable, save_model_folder, weights_dtype
 from .loop import StepLog, Trainer, TrainingInterrupted
 from .packing import batching_agrees, pack, share_prefix
-from .fastpath import malloc_setting, prepare_for_training
+from .fastpath import compile_choice, malloc_setting, prepare_for_training
 from .precision import Precision, resolve_device, resolve_precision
 from .outputs import (TRAIN_FILES, adopt_files, check_out, prepare_out, record_files, refuse_foreign_files,
                       staging_dir, write_marker)
@@ -238,6 +239,7 @@ class Run:
     resume: Optional[Resume] = None  # the checkpoint the run continues from
     scores_before: tuple = ({}, None)  # (evaluation, perplexity) of the base model
     dist: distributed.Dist = field(default_factory=lambda: distributed.SINGLE)  # this process's place (torchrun)
+    compiled: bool = False  # the decoder layers train compiled (--torch-compile, train.fastpath.compile_choice)
 
 
 def run_train(cfg: TrainConfig, log: Optional[Callable] = print, progress: Optional[bool] = None,
@@ -318,6 +320,8 @@ def prepare(cfg: TrainConfig, log: Optional[Callable] = print, resume: Optional[
     precision, dtype = run_precision(cfg)
     if precision.device.type == "cpu":
         malloc_setting()  # a bad DELTATUNE_MALLOC fails here, before the model loads
+    if cfg.torch_compile == "on":  # no compiler, or several processes: refused before the model loads
+        compile_choice("on", device_type=precision.device.type, method=cfg.method, steps=0, world=d.world)
     precision = distributed.localize(d, precision)  # cuda: this process's GPU
     torch.manual_seed(cfg.seed)  # the adapter's initial values below draw from it
     _say(log, "loading model ...")
@@ -439,7 +443,14 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
         shared_prefix=shared, dist=run.dist,
     )
-    how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else []))
+    compiled, why = compile_choice(cfg.torch_compile, device_type=run.precision.device.type, method=cfg.method,
+                                   steps=trainer.total_steps, world=run.dist.world)
+    run.compiled = compiled and compile_layers(model) > 0
+    if run.compiled:
+        _say(log, "note: the first training step compiles the decoder layers (torch.compile: up to a minute or two on "
+                  "a small CPU, seconds once its cache holds them); --torch-compile off skips it")
+    how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else [])
+                    + (["compiled layers"] if run.compiled else []))
     if resumed:
         trainer.load_state_dict(resumed.state)
         trainer.history = history_of(run.metrics.rows)
@@ -564,6 +575,7 @@ def build_report(run: Run, trainer: Trainer, before: dict, ppl_before: Optional[
         "precision": run.precision.name,
         "packing": trainer.packing,
         "shared_prefix": trainer.shared_prefix,
+        "torch_compile": run.compiled,
         "attention": getattr(getattr(run.model, "config", None), "_attn_implementation", None),
         "final_loss": trainer.history[-1].loss if trainer.history else None,
         "task": run.task_name,
