@@ -15,8 +15,9 @@ Configurations:
                 auto`` (bf16 base held once, fp32 adapters, autocast), the loss from the target rows
                 through the head in chunks, packed rows where the method allows, the decoder layers
                 compiled as ``--torch-compile auto`` does for a run of 100+ steps (compiling happens in
-                the warm-up step, whose time is reported as ``warmup_s``; calls with a shared prefix's
-                key/value cache run eagerly);
+                the warm-up step, whose time is reported as ``warmup_s``; not with a shared prefix,
+                whose calls carry a key/value cache and run eagerly: ``compiled`` says whether
+                compiled code ran);
 * ``dt-fp32``   the same path in fp32 (the reference for the loss check);
 * ``dt-base``   deltatune before the fast path: fp32, full logits of the kept positions, padded rows;
 * ``dt-bf16`` / ``dt-head`` / ``dt-pack`` / ``dt-prefix`` / ``dt-settings`` / ``dt-compile``: ``dt-base``
@@ -163,10 +164,12 @@ def child(a):
                           packing=packing and a.mode == "data", shared_prefix=prefix and a.mode == "data")
         if not head:
             L._head_of = lambda m: None  # the logits path (deltatune before the head path)
-        if compiled:
+        if compiled:  # as --torch-compile auto decides for a long run of this batching
             from deltatune.integrations.hf_compile import compile_layers
+            from deltatune.train.fastpath import compile_choice
 
-            compile_layers(model)
+            compiled = compile_choice("auto", device_type=dev.type, method="lora", steps=10**6,
+                                      cached_calls=prefix and a.mode == "data")[0] and compile_layers(model) > 0
         model.train()
 
         def step(window):
@@ -190,7 +193,7 @@ def child(a):
             warm.append(dt_)
     med = statistics.median(times)
     res = {"config": a.config, "mode": a.mode, "seq": a.seq, "batch": bs, "step_s": med, "steps_s": times,
-           "warmup_s": warm, "compiled": compiled and not peft_side,
+           "warmup_s": warm, "compiled": _compiled_calls() > 0,
            "tokens_per_step": statistics.median(tokens), "tok_s": statistics.median(tokens) / med,
            "peak_steps_mib": _kb("VmHWM") / 1024, "losses": losses, "precision": prec.name, "device": str(dev),
            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
@@ -199,6 +202,12 @@ def child(a):
     if a.kernel_times and dev.type == "cpu":  # CPU kernels only: on CUDA the profile would time launches
         res.update(kernel_times(step, windows[-1]))  # the last batch again (past the plan: lr 0, the same work)
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _compiled_calls() -> int:
+    """Layer calls that ran compiled code in this process (``deltatune.integrations.hf_compile``)."""
+    mod = sys.modules.get("deltatune.integrations.hf_compile")
+    return mod.compiled_calls() if mod is not None else 0
 
 
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")

@@ -127,6 +127,28 @@ def test_a_resumed_trainer_ends_with_the_uninterrupted_adapter_bit_for_bit(varia
         assert second.scheduler.last_epoch == full.scheduler.last_epoch == full.total_steps
 
 
+def test_a_resumed_trainer_keeps_its_own_optimizer_kernel(tmp_path):
+    """A checkpoint's param groups carry the kernel its run used (``fused``/``foreach``: another
+    version, or unsharded tensors); the resumed trainer keeps the one it chose for its own tensors
+    (fused AdamW on plain CPU tensors) and still ends with the uninterrupted adapter."""
+    full = _trainer("plain", _model("plain"))
+    full.fit()
+    want = {n: p.detach().clone() for n, p in full.model.named_parameters() if p.requires_grad}
+    first = _trainer("plain", _model("plain"))
+    first.plan = first.plan[:2]
+    first.fit()
+    state = _through_files(first.state_dict(), tmp_path)
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"], g["foreach"] = None, True  # as an older run of per-tensor kernels saved them
+    second = _trainer("plain", _model("plain"))
+    second.load_state_dict(state)
+    assert all(g["fused"] is True and g["foreach"] is None for g in second.optimizer.param_groups)
+    second.fit()
+    for n, p in second.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), want[n]), n
+
+
 def test_each_part_of_the_state_matters():
     """Dropping the optimizer's moments, the RNG state or the scheduler changes the result: the state
     round trip above is not passing by chance."""

@@ -65,9 +65,11 @@ def test_a_compiled_layer_gives_the_eager_loss_and_gradients(method, prec_name, 
     m = _model(method, precision)
     batch = pack(ITEMS, 0) if packed else collate(ITEMS, 0)
     loss_e, grads_e = _loss_and_grads(m, batch, precision)
+    torch._dynamo.reset()  # nothing compiled by an earlier case (nor its recompile budget) carries over
     assert compile_layers(m) == 2 and compile_layers(m) == 0  # every layer once
     loss_c, grads_c = _loss_and_grads(m, batch, precision)
-    assert hf_compile.compile_failed() is None
+    assert hf_compile.compile_failed() is None and hf_compile.compiled_calls() == 2  # compiled code ran, both layers
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     tol = 1e-5 if prec_name == "fp32" else 2e-2  # bf16: fused kernels round at other points than the eager ops
     assert loss_c == pytest.approx(loss_e, rel=tol)
     assert grads_c.keys() == grads_e.keys() and len(grads_e) > 0
@@ -110,27 +112,31 @@ def test_a_failure_to_compile_falls_back_to_eager_once_with_a_warning(monkeypatc
 
     for L in decoder_layers(m):
         L._deltatune_compiled = broken
-    monkeypatch.setattr(hf_compile, "_failed", None)
     with caplog.at_level(logging.WARNING, logger="deltatune.integrations.hf_compile"):
         out = m(input_ids=ids, use_cache=False).logits
         out2 = m(input_ids=ids, use_cache=False).logits
     assert torch.equal(out, ref) and torch.equal(out2, ref)
     assert tries == [1]  # the first layer tried once; after it, every layer runs eagerly
-    assert hf_compile.compile_failed().startswith("InductorError")
+    assert hf_compile.compile_failed().startswith("InductorError") and hf_compile.compiled_calls() == 0
     assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
+    uncompile_layers(m)
+    compile_layers(m)  # a new run tries again
+    assert hf_compile.compile_failed() is None
 
 
-def test_other_errors_in_a_compiled_layer_are_not_swallowed(monkeypatch):
+@pytest.mark.parametrize("error", [ValueError("a real error"), torch._dynamo.exc.TorchRuntimeError("a shape error")])
+def test_other_errors_in_a_compiled_layer_are_not_swallowed(error):
+    """Only Inductor's failure to build the code falls back; a real error (also one met while tracing)
+    is raised as it would be eagerly, and compiling stays on."""
     m = make_tl(seed=1)
     compile_layers(m)
 
     def bad(*a, **k):
-        raise ValueError("a real error")
+        raise error
 
     for L in decoder_layers(m):
         L._deltatune_compiled = bad
-    monkeypatch.setattr(hf_compile, "_failed", None)
-    with pytest.raises(ValueError, match="a real error"):
+    with pytest.raises(type(error)):
         m(input_ids=torch.tensor([[1, 5, 6]]), use_cache=False)
     assert hf_compile.compile_failed() is None
 
@@ -138,7 +144,9 @@ def test_other_errors_in_a_compiled_layer_are_not_swallowed(monkeypatch):
 @pytest.mark.parametrize("kw,expect", [
     (dict(setting="auto", method="lora", steps=COMPILE_MIN_STEPS), (True, "auto")),
     (dict(setting="auto", method="dora", steps=10 * COMPILE_MIN_STEPS), (True, "auto")),
-    (dict(setting="auto", method="lora", steps=COMPILE_MIN_STEPS - 1), (False, f"{COMPILE_MIN_STEPS - 1} steps")),
+    (dict(setting="auto", method="lora", steps=COMPILE_MIN_STEPS - 1), (False, f"{COMPILE_MIN_STEPS - 1} steps to go")),
+    (dict(setting="auto", method="lora", steps=1000, cached_calls=True), (False, "the shared prefix")),
+    (dict(setting="on", method="lora", steps=1000, cached_calls=True), (True, "on")),
     (dict(setting="auto", method="loha", steps=1000), (False, "method loha")),
     (dict(setting="auto", method="lora", steps=1000, world=2), (False, "several processes")),
     (dict(setting="off", method="lora", steps=1000), (False, "off")),
@@ -177,16 +185,21 @@ def test_the_config_takes_yaml_booleans_and_refuses_other_words():
 
 
 def test_the_cli_compiles_when_asked_and_records_it_and_refuses_what_cannot_run(tmp_path, capsys, monkeypatch):
-    """``train`` with ``--torch-compile on`` switches the layers (the switch stubbed: no compiling here) and
-    says so in its log and report; ``auto`` on a short run does not; without a compiler ``on`` is a
-    one-line error before the model loads; a word that is not a setting is exit 2."""
+    """``train`` with ``--torch-compile on`` switches the layers (torch.compile stubbed to return the
+    function itself: no compiling here), says so in its log and report, and switches them back when
+    training ends; ``auto`` on a short run does not switch; without a compiler ``on`` is a one-line
+    error before the model loads; a word that is not a setting is exit 2."""
     import json
 
     from conftest import make_tt
     from deltatune.cli import main
+    from deltatune.train import pipeline
 
-    switched = []
-    monkeypatch.setattr("deltatune.train.pipeline.compile_layers", lambda m: switched.append(m) or 2)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    switched, restored = [], []
+    real_compile, real_uncompile = pipeline.compile_layers, pipeline.uncompile_layers
+    monkeypatch.setattr(pipeline, "compile_layers", lambda m: switched.append(m) or real_compile(m))
+    monkeypatch.setattr(pipeline, "uncompile_layers", lambda m: restored.append(real_uncompile(m)))
     monkeypatch.setattr("deltatune.train.fastpath.compiler_available", lambda d: True)
     model_dir = tmp_path / "tl"
     make_tl().save_pretrained(model_dir)
@@ -200,7 +213,9 @@ def test_the_cli_compiles_when_asked_and_records_it_and_refuses_what_cannot_run(
     assert main(base + ["--out", str(tmp_path / "a"), "--torch-compile", "on"]) == 0
     out = capsys.readouterr().out
     assert len(switched) == 1 and "compiled layers" in out and "--torch-compile off skips it" in out
+    assert hf_compile.compiled_calls() > 0  # the training calls went through the (stub) compiled forward
     assert json.load(open(tmp_path / "a" / "report.json"))["torch_compile"] is True
+    assert restored == [2] and all("_deltatune_compiled" not in L.__dict__ for L in decoder_layers(switched[0]))
     assert main(base + ["--out", str(tmp_path / "b")]) == 0  # auto, 2 steps: not compiled
     assert len(switched) == 1 and "compiled layers" not in capsys.readouterr().out
     assert json.load(open(tmp_path / "b" / "report.json"))["torch_compile"] is False

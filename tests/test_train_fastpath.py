@@ -13,6 +13,7 @@ Tests marked ``cuda`` run only where a CUDA GPU is visible (``bench/gpu_check.sh
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -373,6 +374,32 @@ def test_head_path_gives_a_very_unlikely_target_its_whole_loss(dtype):
     assert float(ref.max()) > 300
     total, _ = head_cross_entropy(h.clone().requires_grad_(True), w, None, y, chunk=4)
     assert abs(float(total) - float(ref.sum())) < 1e-3 * float(ref.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_head_path_loss_of_each_row_on_both_sides_of_the_smallest_normal_probability(dtype):
+    """Row by row against exact maths on the same (rounded) logits: a target probability p_y well
+    inside the dtype's range (log p_y from the softmax), 16x above and 16x below its smallest normal
+    number (below: from the logit gap and the top probability), and a confident row (1 - p_y summed
+    from the others)."""
+    V = 50
+    tiny = torch.finfo(dtype).tiny
+    # p_y = e^-g / (V - 1 + e^-g) for a target logit -g and the others 0
+    gaps = [2.0, -math.log(16 * tiny * (V - 1)), -math.log(tiny / 16 * (V - 1))]
+    rows = [[0.0] * V for _ in gaps] + [[0.0] * V]
+    for r, g in zip(rows, gaps):
+        r[0] = -g
+    rows[-1][0] = 12.0  # a confident row: p_y ~ 1 - 3e-4
+    h = torch.tensor(rows).to(dtype)
+    w = torch.eye(V, dtype=dtype)  # logits = h, exactly
+    ref = -h.double().log_softmax(-1)[:, 0]
+    p_y = ref.neg().exp()
+    assert p_y[1] > tiny and p_y[2] < tiny  # the two sides of the dtype's smallest normal number
+    for i in range(len(rows)):
+        got, _ = head_cross_entropy(h[i:i + 1], w, None, torch.zeros(1, dtype=torch.long))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # the softmax's p_y rounded to the dtype: 2^-9 relative
+        scale = float(ref[i]) if i == 3 else max(1.0, float(ref[i]))  # the confident row's small loss: relative
+        assert abs(float(got) - float(ref[i])) <= tol * scale, (i, float(got), float(ref[i]))
 
 
 def test_head_path_steps_aside_for_a_soft_capped_head():

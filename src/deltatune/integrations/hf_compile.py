@@ -14,9 +14,11 @@ the model compiles once per variant of its input (the first layer's input is the
 dtype, the others' the residual stream's), with dynamic shapes: new batch sizes and lengths reuse
 the compiled code. Compiling costs time on a process's first step (seconds to a minute on two
 cores; Inductor keeps what it built in its cache directory, so the next process loads it) and
-needs a C++ compiler on the CPU, Triton on CUDA (:func:`compiler_available`). Should compiling
-fail anyway (no compiler after all, an unsupported op), the layers fall back to their eager forward
-for the rest of the process, with one warning, and the step runs eagerly.
+needs a C++ compiler on the CPU, Triton on CUDA (:func:`compiler_available`). Should Inductor
+fail to build the code anyway (no working compiler after all, a kernel it cannot generate; the
+backward is built with the forward, on the first call), the layers fall back to their eager forward
+until the next :func:`compile_layers`, with one warning, and the step runs eagerly. Other errors
+(a wrong shape, a real bug) are raised as they would be eagerly.
 
 The modules, weights, keys and outputs stay the same (the layer's ``forward`` is replaced in its
 instance dict, as the other integrations do); hooks on the layer's submodules (the adapters'
@@ -38,7 +40,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_failed: Optional[str] = None  # why compiling failed in this process (the layers then run eagerly)
+_failed: Optional[str] = None  # why compiling failed since the last compile_layers (the layers then run eagerly)
+_calls = 0  # calls that ran compiled code since the last compile_layers
+_PREV = "_deltatune_prev_forward"  # a forward the instance had before compile_layers, restored by uncompile_layers
 
 
 def compiler_available(device_type: str) -> bool:
@@ -62,8 +66,13 @@ def decoder_layers(model: nn.Module) -> list:
 
 
 def compile_failed() -> Optional[str]:
-    """Why compiling failed in this process (the layers run eagerly since), or None."""
+    """Why compiling failed since the last :func:`compile_layers` (the layers run eagerly since), or None."""
     return _failed
+
+
+def compiled_calls() -> int:
+    """How many layer calls ran compiled code since the last :func:`compile_layers`."""
+    return _calls
 
 
 def _has_cache(kwargs: dict) -> bool:
@@ -71,11 +80,16 @@ def _has_cache(kwargs: dict) -> bool:
 
 
 def _forward(self, *args, **kwargs):
-    global _failed
+    global _failed, _calls
     if torch.is_grad_enabled() and _failed is None and not _has_cache(kwargs):
         try:
-            return self._deltatune_compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (Inductor's errors derive from it)
+            # the backward is compiled with the forward (not lazily inside backward(), where a failure could not
+            # fall back)
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                out = self._deltatune_compiled(*args, **kwargs)
+            _calls += 1
+            return out
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # Inductor could not build it (InductorError included)
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             log.warning("torch.compile failed (%s); training continues without it (--torch-compile off "
                         "skips the attempt)", _failed)
@@ -85,11 +99,16 @@ def _forward(self, *args, **kwargs):
 def compile_layers(model: nn.Module) -> int:
     """Give each decoder layer of ``model`` (:func:`decoder_layers`) the forward described in the
     module docstring; returns how many layers it switched (0: none found, or already switched).
-    Compiling itself happens on the first call with gradients on."""
+    Compiling itself happens on the first call with gradients on. Resets :func:`compile_failed`
+    and :func:`compiled_calls` (a new run tries again)."""
+    global _failed, _calls
+    _failed, _calls = None, 0
     n = 0
     for layer in decoder_layers(model):
         if "_deltatune_compiled" in layer.__dict__:
             continue
+        if "forward" in layer.__dict__:
+            layer.__dict__[_PREV] = layer.__dict__["forward"]
         eager = layer.forward
         layer._deltatune_eager = eager
         layer._deltatune_compiled = torch.compile(eager, dynamic=True)
@@ -99,11 +118,15 @@ def compile_layers(model: nn.Module) -> int:
 
 
 def uncompile_layers(model: nn.Module) -> int:
-    """Undo :func:`compile_layers`: each switched layer gets its own forward back; returns how many."""
+    """Undo :func:`compile_layers`: each switched layer gets back the forward it had (its class's, or
+    one set on the instance before); returns how many. ``deltatune train`` calls it when training
+    ends, so the model it returns (and any copy of it) carries no compiled code."""
     n = 0
     for layer in decoder_layers(model):
         if "_deltatune_compiled" in layer.__dict__:
             for k in ("forward", "_deltatune_compiled", "_deltatune_eager"):
                 layer.__dict__.pop(k, None)
+            if _PREV in layer.__dict__:
+                layer.__dict__["forward"] = layer.__dict__.pop(_PREV)
             n += 1
     return n

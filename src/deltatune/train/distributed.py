@@ -294,7 +294,7 @@ class Dist:
         gradients: each process checks its shards, then the verdicts are combined). One sum per tensor
         and one check (a NaN or infinity anywhere makes the total NaN or infinite; a sum past float32's
         range counts as not finite too) instead of a check and a sync per tensor (420 LoRA tensors:
-        12 ms -> 1 ms)."""
+        12 ms -> 3 ms a step)."""
         sums = [_sum32(g.to_local() if hasattr(g, "to_local") else g) for g in (p.grad for p in params) if g is not None]
         bad = 0 if not sums or bool(torch.isfinite(torch.stack(sums).sum())) else 1  # NaN/inf anywhere: not finite
         if self.lockstep:

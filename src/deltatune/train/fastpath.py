@@ -23,8 +23,9 @@ alone in the benchmark's ablation):
   write five, its result in the autocast dtype the projections reading it use.
 * **compile** (:func:`compile_choice`, then :func:`deltatune.integrations.hf_compile.compile_layers`,
   CPU and CUDA): each decoder layer's training forward and backward compiled by ``torch.compile``
-  (``--torch-compile``; ``auto``: LoRA/DoRA runs on the CPU of at least :data:`COMPILE_MIN_STEPS`
-  steps in one process, where a compiler is installed; ``on`` also on CUDA). Applied by ``deltatune train`` once the run's length is
+  (``--torch-compile``; ``auto``: LoRA/DoRA runs on the CPU with at least :data:`COMPILE_MIN_STEPS`
+  steps to go, in one process, without a shared prefix, where a compiler is installed; ``on`` also
+  on CUDA). Applied by ``deltatune train`` once the run's length is
   known, not by :func:`prepare_for_training`.
 """
 
@@ -101,19 +102,22 @@ def prepare_for_training(model: nn.Module, precision: Precision) -> list:
     return done
 
 
-COMPILE_MIN_STEPS = 100  # auto compiles runs at least this long: compiling costs ~1 min on 2 cores on a process's first
-# step (seconds once Inductor's cache holds the kernels); at 4 x 256 tokens a compiled SmolLM2 LoRA step is ~0.4 s shorter
+COMPILE_MIN_STEPS = 200  # auto compiles runs with at least this many steps to go: compiling costs ~30-60 s on 2 cores on a
+# process's first step (less once Inductor's cache holds the kernels); at 4 x 256 tokens a compiled SmolLM2 LoRA step is
+# ~0.3-0.4 s shorter, so a run pays it back after ~150 steps
 COMPILE_METHODS = ("lora", "dora")  # auto compiles these (each checked against its eager form in the tests)
 COMPILE_SETTINGS = ("auto", "on", "off")
 
 
-def compile_choice(setting: str, *, device_type: str, method: str, steps: int, world: int = 1) -> tuple[bool, str]:
+def compile_choice(setting: str, *, device_type: str, method: str, steps: int, world: int = 1,
+                   cached_calls: bool = False) -> tuple[bool, str]:
     """Whether a run compiles its decoder layers (``--torch-compile``), and why (a few words for the log).
 
     ``on``: always (one process, CPU or CUDA); ``off``: never; ``auto``: a CPU run (where it is
-    measured; CUDA takes ``on``) of a method in :data:`COMPILE_METHODS`, of at least
-    :data:`COMPILE_MIN_STEPS` optimizer steps, in one process, where Inductor has a compiler
-    (:func:`~deltatune.integrations.hf_compile.compiler_available`).
+    measured; CUDA takes ``on``) of a method in :data:`COMPILE_METHODS`, with at least
+    :data:`COMPILE_MIN_STEPS` optimizer steps to go (``steps``), in one process, whose training
+    calls carry no key/value cache (``cached_calls``: a shared prefix, whose calls run eagerly),
+    where Inductor has a compiler (:func:`~deltatune.integrations.hf_compile.compiler_available`).
 
     Raises:
         UsageError: ``on`` without a compiler for the device, or with several processes; a setting
@@ -132,8 +136,9 @@ def compile_choice(setting: str, *, device_type: str, method: str, steps: int, w
             raise UsageError(f"--torch-compile on needs {need} on this {device_type} machine: install it, or use "
                              "--torch-compile off")
         return True, "on"
-    why = ("not measured on this device yet" if device_type != "cpu" else "no compiler for this device" if not have
-           else "several processes" if world > 1
+    why = ("not measured on this device yet" if device_type != "cpu" else "several processes" if world > 1
            else f"method {method}" if method not in COMPILE_METHODS
-           else f"{steps} steps (< {COMPILE_MIN_STEPS})" if steps < COMPILE_MIN_STEPS else None)
+           else "the shared prefix's calls run eagerly" if cached_calls
+           else f"{steps} steps to go (< {COMPILE_MIN_STEPS})" if steps < COMPILE_MIN_STEPS
+           else "no compiler for this device" if not have else None)  # last: the log names it (a run it would help)
     return why is None, why or "auto"

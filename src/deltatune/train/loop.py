@@ -311,7 +311,10 @@ class Trainer:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(self.dist.shard_like(saved[n], p))  # FSDP: this process's shard of the whole tensor
+        kernels = [(g.get("fused"), g.get("foreach")) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(self.dist.optimizer_state_like(state["optimizer"], self.optimizer))
+        for g, (fused, foreach) in zip(self.optimizer.param_groups, kernels):  # this run's kernel choice (adamw),
+            g["fused"], g["foreach"] = fused, foreach  # not the saved one (another version, or unsharded)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

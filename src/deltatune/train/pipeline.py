@@ -43,7 +43,7 @@ from torch import nn
 from ..formats.peft import save_adapter
 from ..inject import count_parameters, get_config, inject
 from ..lifecycle import disable_adapter
-from ..integrations.hf_compile import compile_layers
+from ..integrations.hf_compile import compile_failed, compile_layers, compiled_calls, uncompile_layers
 from ..integrations.transformers import ModelSource, load_model, load_tokenizer, resolve_model
 from .checkpoint import Checkpointer, Resume, check_resumable, fingerprint, run_fit
 from .config import TrainConfig, UsageError, absolute_paths
@@ -443,22 +443,31 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
         progress=cfg.progress if progress is None else progress, precision=run.precision, packing=packing,
         shared_prefix=shared, dist=run.dist,
     )
+    if resumed:
+        trainer.load_state_dict(resumed.state)
+        trainer.history = history_of(run.metrics.rows)
     compiled, why = compile_choice(cfg.torch_compile, device_type=run.precision.device.type, method=cfg.method,
-                                   steps=trainer.total_steps, world=run.dist.world)
+                                   steps=trainer.total_steps - trainer.step, world=run.dist.world,
+                                   cached_calls=shared)
     run.compiled = compiled and compile_layers(model) > 0
     if run.compiled:
         _say(log, "note: the first training step compiles the decoder layers (torch.compile: up to a minute or two on "
                   "a small CPU, seconds once its cache holds them); --torch-compile off skips it")
+    elif why == "no compiler for this device":
+        _say(log, "note: decoder layers not compiled: no C++ compiler found for torch.compile (install g++ or clang++ "
+                  "for faster long runs)")
     how = ", ".join(["packed rows" if packing else "padded rows"] + (["shared prefix"] if shared else [])
                     + (["compiled layers"] if run.compiled else []))
-    if resumed:
-        trainer.load_state_dict(resumed.state)
-        trainer.history = history_of(run.metrics.rows)
     _say(log, f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} examples"
               + (f" x {run.dist.world} processes" if run.dist.active else "")
               + f" ({how}, {run.precision.name})" + (f", from step {trainer.step}" if resumed else ""))
     _say(log, epochs_note(trainer.plan, len(run.items), cfg.max_steps, cfg.epochs))
-    run_fit(trainer, saver, final=bool(save_every))
+    try:
+        run_fit(trainer, saver, final=bool(save_every))
+    finally:
+        if run.compiled:  # the model handed back (and any copy of it) carries no compiled code
+            uncompile_layers(model)
+            run.compiled = compiled_calls() > 0 and compile_failed() is None  # what the report says: compiled code ran
     return trainer
 
 
