@@ -4,7 +4,7 @@ Every configuration runs in its own fresh process (peak memory is per process); 
 the order; each child loads SmolLM2-135M-Instruct, builds LoRA r=16 alpha=32 on q/k/v/o/gate/up/
 down, AdamW (lr 1e-4), runs ``--warmup`` steps and times ``--steps`` whole optimizer steps
 (forward + backward + step). Reported per configuration: median step time, real tokens/s (no
-padding), peak RSS of the steps (VmHWM reset after setup), the first steps' losses, and achieved
+padding), peak RSS of the warm-up and timed steps (VmHWM reset after setup), the first steps' losses, and achieved
 GFLOP/s (the step's FLOPs / time) against the machine's matmul peak measured in the same run; with
 ``--kernel-times`` (on for ``all``'s 4 x 256 part) one more step under torch.profiler gives the seconds
 spent in matmul kernels and in SDPA: what the matmuls alone cost bounds any speed-up.
@@ -14,7 +14,7 @@ Configurations:
 * ``dt``        deltatune's default training path (``deltatune train``'s Trainer): ``--precision
                 auto`` (bf16 base held once, fp32 adapters, autocast), the loss from the target rows
                 through the head in chunks, packed rows where the method allows, the decoder layers
-                compiled as ``--torch-compile auto`` does for a run of 100+ steps (compiling happens in
+                compiled as ``--torch-compile auto`` does for a run of 200+ steps (compiling happens in
                 the warm-up step, whose time is reported as ``warmup_s``; not with a shared prefix,
                 whose calls carry a key/value cache and run eagerly: ``compiled`` says whether
                 compiled code ran);
@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # name: (precision, loss through the head in chunks, packed rows, shared prefix run once, the fast path's
 # allocator, attention, SwiGLU and RMSNorm settings (deltatune.train.fastpath.prepare_for_training), compiled
-# decoder layers (deltatune train's --torch-compile auto for a run of 100+ steps; compiled in the warm-up step))
+# decoder layers (deltatune train's --torch-compile auto for a run of 200+ steps; compiled in the warm-up step))
 DT_CONFIGS = {"dt": ("auto", True, True, True, True, True), "dt-fp32": ("fp32", True, True, True, True, True),
               "dt-base": ("fp32", False, False, False, False, False), "dt-bf16": ("bf16", False, False, False, False, False),
               "dt-head": ("fp32", True, False, False, False, False), "dt-pack": ("fp32", False, True, False, False, False),

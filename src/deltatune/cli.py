@@ -111,8 +111,9 @@ _TRAIN_FLAGS = [
     ("--shared-prefix", "shared_prefix", str, "auto (default: tokens all examples of a batch begin with run once "
                                               "where the method allows), on or off"),
     ("--torch-compile", "torch_compile", str, "auto (default: compile the decoder layers with torch.compile for "
-                                              "LoRA/DoRA CPU runs of 200+ steps in one process without a shared "
-                                              "prefix, where a C++ compiler is installed), on (CPU or CUDA) or off"),
+                                              "LoRA/DoRA CPU runs with 200+ steps to go, in one process, without a "
+                                              "shared prefix, where a C++ compiler is installed), on (CPU or CUDA) "
+                                              "or off"),
     ("--dtype", "dtype", str, "base model dtype (default: the precision's: bfloat16 or float32)"),
     ("--strategy", "strategy", str, "with several processes (torchrun/accelerate launch -m deltatune train): ddp "
                                     "(default: each process holds the model, adapter gradients summed) or fsdp "

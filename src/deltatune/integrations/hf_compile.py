@@ -12,8 +12,8 @@ gradients are on and the layer's own forward otherwise (evaluation and generatio
 their growing key/value caches would recompile at every length). The layers share their code, so
 the model compiles once per variant of its input (the first layer's input is the embedding's
 dtype, the others' the residual stream's), with dynamic shapes: new batch sizes and lengths reuse
-the compiled code. Compiling costs time on a process's first step (seconds to a minute on two
-cores; Inductor keeps what it built in its cache directory, so the next process loads it) and
+the compiled code. Compiling costs time on a process's first step (30-60 s on two cores;
+Inductor keeps what it built in its cache directory, so the next process loads it) and
 needs a C++ compiler on the CPU, Triton on CUDA (:func:`compiler_available`). Should Inductor
 fail to build the code anyway (no working compiler after all, a kernel it cannot generate; the
 backward is built with the forward, on the first call), the layers fall back to their eager forward
