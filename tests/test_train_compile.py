@@ -210,14 +210,18 @@ def test_the_cli_compiles_when_asked_and_records_it_and_refuses_what_cannot_run(
                             for i in range(12)))
     base = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--batch-size", "4",
             "--eval-size", "2", "--ppl-size", "0", "--threads", "1", "--no-progress", "--no-plot"]
-    assert main(base + ["--out", str(tmp_path / "a"), "--torch-compile", "on"]) == 0
+    assert main(base + ["--out", str(tmp_path / "a"), "--torch-compile", "on", "--shared-prefix", "off"]) == 0
     out = capsys.readouterr().out
     assert len(switched) == 1 and "compiled layers" in out and "--torch-compile off skips it" in out
     assert hf_compile.compiled_calls() > 0  # the training calls went through the (stub) compiled forward
     assert json.load(open(tmp_path / "a" / "report.json"))["torch_compile"] is True
     assert restored == [2] and all("_deltatune_compiled" not in L.__dict__ for L in decoder_layers(switched[0]))
+    # with a shared prefix the calls carrying its cache stay eager, and the log says so
+    assert main(base + ["--out", str(tmp_path / "a2"), "--torch-compile", "on", "--shared-prefix", "on"]) == 0
+    out = capsys.readouterr().out
+    assert "shared prefix's key/value cache run eagerly" in out and "--shared-prefix off compiles every call" in out
     assert main(base + ["--out", str(tmp_path / "b")]) == 0  # auto, 2 steps: not compiled
-    assert len(switched) == 1 and "compiled layers" not in capsys.readouterr().out
+    assert len(switched) == 2 and "compiled layers" not in capsys.readouterr().out  # the two 'on' runs only
     assert json.load(open(tmp_path / "b" / "report.json"))["torch_compile"] is False
     monkeypatch.setattr("deltatune.train.fastpath.compiler_available", lambda d: False)
     assert main(base + ["--out", str(tmp_path / "c"), "--torch-compile", "on"]) == 2

@@ -450,12 +450,12 @@ def fit(run: Run, progress: Optional[bool] = None) -> Trainer:
                                    steps=trainer.total_steps - trainer.step, world=run.dist.world,
                                    cached_calls=shared)
     run.compiled = compiled and compile_layers(model) > 0
-    if run.compiled and shared:
-        _say(log, "note: --torch-compile on with a shared prefix compiles nothing (its calls carry a key/value cache "
-                  "and run eagerly); add --shared-prefix off to compile")
-    elif run.compiled:
+    if run.compiled:
         _say(log, "note: the first training step compiles the decoder layers (torch.compile: 30-60 s on 2 cores, less "
                   "once its cache holds them; counted in the run's time); --torch-compile off skips it")
+        if shared:
+            _say(log, "note: calls that carry the shared prefix's key/value cache run eagerly (on data whose examples "
+                      "share a system prompt, most of them); --shared-prefix off compiles every call")
     elif why == "no compiler for this device":
         _say(log, "note: decoder layers not compiled: no C++ compiler found for torch.compile (install g++ or clang++ "
                   "for faster long runs)")
