@@ -362,6 +362,21 @@ def model_folder(path, model, tokenizer=None) -> str:
     return str(path)
 
 
+def tiny_train_argv(tmp_path) -> list:
+    """``deltatune train`` arguments for a quick CLI run: the tiny Llama and tokenizer saved under
+    ``tmp_path / "tl"``, 12 one-turn chats in ``tmp_path / "d.jsonl"``, 2 steps of 4, one thread,
+    no progress bar or plot (add ``--out``)."""
+    import json
+
+    model_dir = model_folder(tmp_path / "tl", make_tl(), make_tt())
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"w{6 + i} w{7 + i}"},
+                                                    {"role": "assistant", "content": f"w{20 + i}"}]}) + "\n"
+                            for i in range(12)))
+    return ["train", "--model", model_dir, "--data", str(data), "--max-steps", "2", "--batch-size", "4",
+            "--eval-size", "2", "--ppl-size", "0", "--threads", "1", "--no-progress", "--no-plot"]
+
+
 def with_flags(argv: list, *extra) -> list:
     """``argv`` with ``extra`` flags: a flag of ``extra`` already in ``argv`` replaces its value there
     (the command line refuses a flag given twice); the others are appended."""

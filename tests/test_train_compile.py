@@ -191,7 +191,7 @@ def test_the_cli_compiles_when_asked_and_records_it_and_refuses_what_cannot_run(
     error before the model loads; a word that is not a setting is exit 2."""
     import json
 
-    from conftest import make_tt
+    from conftest import tiny_train_argv
     from deltatune.cli import main
     from deltatune.train import pipeline
 
@@ -201,15 +201,7 @@ def test_the_cli_compiles_when_asked_and_records_it_and_refuses_what_cannot_run(
     monkeypatch.setattr(pipeline, "compile_layers", lambda m: switched.append(m) or real_compile(m))
     monkeypatch.setattr(pipeline, "uncompile_layers", lambda m: restored.append(real_uncompile(m)))
     monkeypatch.setattr("deltatune.train.fastpath.compiler_available", lambda d: True)
-    model_dir = tmp_path / "tl"
-    make_tl().save_pretrained(model_dir)
-    make_tt().save_pretrained(model_dir)
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"w{6 + i} w{7 + i}"},
-                                                    {"role": "assistant", "content": f"w{20 + i}"}]}) + "\n"
-                            for i in range(12)))
-    base = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--batch-size", "4",
-            "--eval-size", "2", "--ppl-size", "0", "--threads", "1", "--no-progress", "--no-plot"]
+    base = tiny_train_argv(tmp_path)
     assert main(base + ["--out", str(tmp_path / "a"), "--torch-compile", "on", "--shared-prefix", "off"]) == 0
     out = capsys.readouterr().out
     assert len(switched) == 1 and "compiled layers" in out and "--torch-compile off skips it" in out

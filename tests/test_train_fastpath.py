@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import make_tg, make_tl, make_tt
+from conftest import make_tg, make_tl, tiny_train_argv
 from deltatune.train.data import collate
 from deltatune.train.loop import Trainer
 from deltatune.train.loss import head_cross_entropy, token_loss_sum
@@ -285,15 +285,7 @@ def test_precision_and_device_choices(monkeypatch):
 def test_cli_records_the_path_and_refuses_a_missing_gpu_and_a_bad_allocator_setting(tmp_path, capsys, monkeypatch):
     from deltatune.cli import main
 
-    model_dir = tmp_path / "tl"
-    make_tl().save_pretrained(model_dir)
-    make_tt().save_pretrained(model_dir)
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"w{6 + i} w{7 + i}"},
-                                                    {"role": "assistant", "content": f"w{20 + i}"}]}) + "\n"
-                            for i in range(12)))
-    base = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--batch-size", "4",
-            "--eval-size", "2", "--ppl-size", "0", "--threads", "1", "--no-progress", "--no-plot"]
+    base = tiny_train_argv(tmp_path)
     assert main(base + ["--out", str(tmp_path / "a"), "--precision", "fp32", "--packing", "off",
                         "--shared-prefix", "on"]) == 0
     rep = json.load(open(tmp_path / "a" / "report.json"))
